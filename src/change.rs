@@ -1,0 +1,307 @@
+//! The one event that flows from source to sink: a committed row change, and
+//! its Kafka form (key, envelope, headers).
+//!
+//! Values travel as PostgreSQL's own text form of each column (what pgoutput
+//! sends, with the canonical session settings of [`crate::db`]), so every type
+//! round-trips exactly: numeric digits, float NaN and infinities, microseconds,
+//! arrays, enums and JSON alike. The sink casts them back with the column's type.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pgoutput::{format_lsn, parse_lsn, Lsn};
+use crate::topology::TableName;
+
+/// Kafka header naming the master where the change was written.
+pub const HEADER_ORIGIN: &str = "mmsync-origin";
+/// Kafka header with the change's version stamp.
+pub const HEADER_VERSION: &str = "mmsync-version";
+
+/// Column name -> text value (`None` is SQL NULL).
+pub type Row = BTreeMap<String, Option<String>>;
+/// Primary key column name -> text value.
+pub type Key = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    /// Debezium's letter: c, u, d.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Op::Insert => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// Where and when a change was committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    /// Master whose log the change was read from.
+    pub master: String,
+    pub lsn: Lsn,
+    pub txid: u32,
+    pub commit_ms: i64,
+}
+
+/// A committed row change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub table: TableName,
+    pub op: Op,
+    pub key: Key,
+    /// The new row for inserts and updates, without mmsync's own columns and
+    /// without the columns in `unchanged`; `None` for deletes.
+    pub row: Option<Row>,
+    /// Columns an update did not touch whose (TOASTed) value was not sent:
+    /// the sink leaves them as they are.
+    pub unchanged: Vec<String>,
+    /// Master where this version of the row was written.
+    pub origin: String,
+    /// Version stamp; for deletes, the tombstone's.
+    pub version: i64,
+    pub position: Position,
+}
+
+/// The JSON value of a Kafka record, in the shape Debezium users know.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    op: String,
+    before: Option<Row>,
+    after: Option<Row>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unchanged: Vec<String>,
+    source: EnvelopeSource,
+    origin: String,
+    version: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvelopeSource {
+    master: String,
+    schema: String,
+    table: String,
+    lsn: String,
+    txid: u32,
+    ts_ms: i64,
+}
+
+/// Why a record could not be read as a change.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("record has no value")]
+    NoValue,
+    #[error("record value is not mmsync's JSON envelope: {0}")]
+    Envelope(String),
+    #[error("record key is not a JSON object of primary key text values: {0}")]
+    Key(String),
+    #[error("record op {0:?} is not c, u or d")]
+    Op(String),
+    #[error("record is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+impl Change {
+    /// The Kafka key: the primary key as a JSON object, columns in name order.
+    pub fn kafka_key(&self) -> String {
+        encode_key(&self.key)
+    }
+
+    /// The Kafka value: the JSON envelope.
+    pub fn kafka_value(&self) -> Vec<u8> {
+        let before = (self.op == Op::Delete).then(|| {
+            self.key
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect()
+        });
+        let envelope = Envelope {
+            op: self.op.letter().to_string(),
+            before,
+            after: self.row.clone(),
+            unchanged: self.unchanged.clone(),
+            source: EnvelopeSource {
+                master: self.position.master.clone(),
+                schema: self.table.schema.clone(),
+                table: self.table.name.clone(),
+                lsn: format_lsn(self.position.lsn),
+                txid: self.position.txid,
+                ts_ms: self.position.commit_ms,
+            },
+            origin: self.origin.clone(),
+            version: self.version,
+        };
+        serde_json::to_vec(&envelope).expect("an envelope of strings always serializes")
+    }
+
+    /// Reads a change back from a record's key and value.
+    pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, DecodeError> {
+        let value = value.ok_or(DecodeError::NoValue)?;
+        let env: Envelope =
+            serde_json::from_slice(value).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        let key: Key = serde_json::from_slice(key.unwrap_or_default())
+            .map_err(|e| DecodeError::Key(e.to_string()))?;
+        if key.is_empty() {
+            return Err(DecodeError::Key("no columns".into()));
+        }
+        let op = match env.op.as_str() {
+            "c" => Op::Insert,
+            "u" => Op::Update,
+            "d" => Op::Delete,
+            other => return Err(DecodeError::Op(other.to_string())),
+        };
+        match (&env.after, op) {
+            (None, Op::Insert | Op::Update) => {
+                return Err(DecodeError::Inconsistent(
+                    "an upsert without \"after\"".into(),
+                ))
+            }
+            (Some(_), Op::Delete) => {
+                return Err(DecodeError::Inconsistent("a delete with \"after\"".into()))
+            }
+            (Some(after), _) => {
+                for (column, value) in &key {
+                    if after.get(column) != Some(&Some(value.clone())) {
+                        return Err(DecodeError::Inconsistent(format!(
+                            "key column {column:?} differs from \"after\""
+                        )));
+                    }
+                }
+            }
+            (None, Op::Delete) => {}
+        }
+        let lsn = parse_lsn(&env.source.lsn).ok_or_else(|| {
+            DecodeError::Inconsistent(format!("source.lsn {:?} is not an LSN", env.source.lsn))
+        })?;
+        Ok(Change {
+            table: TableName {
+                schema: env.source.schema,
+                name: env.source.table,
+            },
+            op,
+            key,
+            row: env.after,
+            unchanged: env.unchanged,
+            origin: env.origin,
+            version: env.version,
+            position: Position {
+                master: env.source.master,
+                lsn,
+                txid: env.source.txid,
+                commit_ms: env.source.ts_ms,
+            },
+        })
+    }
+}
+
+/// Canonical JSON text of a key: the same key always gives the same bytes,
+/// so all changes of one row land in one partition, in order.
+pub fn encode_key(key: &Key) -> String {
+    serde_json::to_string(key).expect("a map of strings always serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(op: Op) -> Change {
+        let key: Key = [("id".to_string(), "7".to_string())].into();
+        let row = (op != Op::Delete).then(|| {
+            Row::from([
+                ("id".to_string(), Some("7".to_string())),
+                ("name".to_string(), Some("Ünïcode ✓ \"q\"".to_string())),
+                ("note".to_string(), None),
+            ])
+        });
+        Change {
+            table: TableName {
+                schema: "public".into(),
+                name: "Order Items".into(),
+            },
+            op,
+            key,
+            row,
+            unchanged: if op == Op::Update {
+                vec!["blob".into()]
+            } else {
+                vec![]
+            },
+            origin: "seoul".into(),
+            version: 1_700_000_000_000_001,
+            position: Position {
+                master: "seoul".into(),
+                lsn: 0x1_6B37_48,
+                txid: 42,
+                commit_ms: 1_700_000_000_000,
+            },
+        }
+    }
+
+    #[test]
+    fn round_trips_every_op() {
+        for op in [Op::Insert, Op::Update, Op::Delete] {
+            let c = sample(op);
+            let back =
+                Change::decode(Some(c.kafka_key().as_bytes()), Some(&c.kafka_value())).unwrap();
+            assert_eq!(back, c);
+        }
+    }
+
+    #[test]
+    fn envelope_has_debezium_shape() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&sample(Op::Update).kafka_value()).unwrap();
+        assert_eq!(v["op"], "u");
+        assert_eq!(v["after"]["note"], serde_json::Value::Null);
+        assert_eq!(v["source"]["lsn"], "0/16B3748");
+        assert_eq!(v["source"]["table"], "Order Items");
+        assert_eq!(v["unchanged"][0], "blob");
+        assert_eq!(sample(Op::Delete).kafka_key(), r#"{"id":"7"}"#);
+    }
+
+    #[test]
+    fn bad_records_are_errors() {
+        let c = sample(Op::Insert);
+        let (k, v) = (c.kafka_key(), c.kafka_value());
+        assert_eq!(
+            Change::decode(Some(k.as_bytes()), None),
+            Err(DecodeError::NoValue)
+        );
+        assert!(matches!(
+            Change::decode(Some(k.as_bytes()), Some(b"not json")),
+            Err(DecodeError::Envelope(_))
+        ));
+        assert!(matches!(
+            Change::decode(Some(b"[1]"), Some(&v)),
+            Err(DecodeError::Key(_))
+        ));
+        assert!(matches!(
+            Change::decode(Some(br#"{"id":"8"}"#), Some(&v)),
+            Err(DecodeError::Inconsistent(_))
+        ));
+        let bad_op = String::from_utf8(v)
+            .unwrap()
+            .replace(r#""op":"c""#, r#""op":"x""#);
+        assert!(matches!(
+            Change::decode(Some(k.as_bytes()), Some(bad_op.as_bytes())),
+            Err(DecodeError::Op(_))
+        ));
+    }
+}

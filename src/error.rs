@@ -1,0 +1,135 @@
+//! Errors of the running sync, each classed once as retry or fatal.
+
+use rdkafka::error::KafkaError;
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Transient (connection lost, broker down, serialization failure): retry with backoff.
+    Retry,
+    /// The operator must change something (config, schema, permissions): stop and say what.
+    Fatal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("master {master:?}: {context}: {source}")]
+    Db {
+        master: String,
+        context: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        context: String,
+        #[source]
+        source: KafkaError,
+    },
+    /// Something about a master or table that the operator has to fix.
+    #[error("master {master:?}: {problem}; {fix}")]
+    Setup {
+        master: String,
+        problem: String,
+        fix: String,
+    },
+    /// The replication stream held something mmsync cannot read.
+    #[error("master {master:?}: unreadable replication message at {lsn}: {reason}")]
+    Stream {
+        master: String,
+        lsn: String,
+        reason: String,
+    },
+    /// A bug in mmsync.
+    #[error("internal error: {0}; please report it with the log")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn db(master: &str, context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Error {
+        let (master, context) = (master.to_string(), context.into());
+        move |source| Error::Db {
+            master,
+            context,
+            source,
+        }
+    }
+
+    pub fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
+        let context = context.into();
+        move |source| Error::Kafka { context, source }
+    }
+
+    /// The single place where errors are classed.
+    pub fn class(&self) -> Class {
+        match self {
+            Error::Db { source, .. } => db_class(source),
+            Error::Kafka { source, .. } => match source.rdkafka_error_code() {
+                Some(code) if is_fatal_kafka(code) => Class::Fatal,
+                _ => Class::Retry,
+            },
+            Error::Setup { .. } | Error::Stream { .. } | Error::Internal(_) => Class::Fatal,
+        }
+    }
+}
+
+fn db_class(e: &sqlx::Error) -> Class {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // 28: authentication; 3D000: no such database; 42: undefined object or no permission.
+            Some(code) if code.starts_with("28") || code == "3D000" || code.starts_with("42") => {
+                Class::Fatal
+            }
+            _ => Class::Retry,
+        },
+        sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => Class::Fatal,
+        _ => Class::Retry,
+    }
+}
+
+fn is_fatal_kafka(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::InvalidConfig
+            | C::MessageSizeTooLarge
+            | C::InvalidArgument
+    )
+}
+
+/// Capped exponential backoff for retried connections.
+#[derive(Debug)]
+pub struct Backoff {
+    next: std::time::Duration,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+    const CAP: std::time::Duration = std::time::Duration::from_secs(10);
+
+    pub fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The delay before the next attempt; doubles up to the cap.
+    pub fn next_delay(&mut self) -> std::time::Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::CAP);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new()
+    }
+}

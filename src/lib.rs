@@ -1,0 +1,21 @@
+//! mmsync keeps two or more PostgreSQL masters in sync in both directions
+//! through Kafka.
+//!
+//! The path of one change: an application writes a row on master A; the
+//! trigger installed by [`schema::init`] stamps its origin and version;
+//! [`source`] reads it from A's slot (pgoutput) as a [`change::Change`],
+//! [`kafka`] produces it, and the [`sink`] of every other master applies it by
+//! last-writer-wins, storing the Kafka offset in the same transaction.
+
+pub mod change;
+pub mod db;
+pub mod error;
+pub mod kafka;
+pub mod metrics;
+pub mod pgoutput;
+pub mod run;
+pub mod schema;
+pub mod sink;
+pub mod source;
+pub mod testbed;
+pub mod topology;

@@ -1,0 +1,145 @@
+//! The `mmsync` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mmsync::topology::Topology;
+
+/// Exit code when a check fails or masters differ.
+const EXIT_FAILED: u8 = 1;
+/// Exit code for bad usage or a bad topology file (clap uses 2 as well).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "mmsync",
+    version,
+    about = "Keep two or more PostgreSQL masters in sync in both directions through Kafka.",
+    long_about = "Keep two or more PostgreSQL masters in sync in both directions through Kafka.\n\n\
+Every master takes writes. Each master's changes are read from its WAL (logical decoding, pgoutput), \
+produced to Kafka, and applied to every other master by last-writer-wins on a per-row version stamp. \
+Changes that arrived by replication are never captured again.\n\n\
+Typical use: `mmsync check`, then `mmsync init` once (and again after adding tables), then `mmsync run`.\n\n\
+Exit codes: 0 ok, 1 a failed check or a difference, 2 bad usage or a bad topology file."
+)]
+struct Cli {
+    /// The topology file: masters, tables and Kafka.
+    #[arg(long, global = true, env = "MMSYNC_TOPOLOGY", default_value = mmsync::topology::DEFAULT_PATH)]
+    topology: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the topology and every master's prerequisites (reachable,
+    /// wal_level = logical, free replication slots, tables with primary keys,
+    /// carriable column types) and that the Kafka brokers answer. Reports every
+    /// problem with its fix; exits 1 if there is any.
+    Check,
+    /// Install what sync needs on every master: mmsync's schema, an origin and
+    /// a version column and triggers on every synced table, a publication, a
+    /// replication slot, interleaved integer sequences, and the Kafka topics.
+    /// Idempotent: run it again after adding tables to [sync] tables.
+    Init,
+    /// Run the sync: a source and a sink for every master, until SIGINT or
+    /// SIGTERM (current batches finish and positions are stored first).
+    Run,
+    /// Show each link's source position, applied position, pending records and lag.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare the synced tables across all masters; exit 1 if they differ.
+    Verify {
+        /// Only this table (schema.table).
+        #[arg(long)]
+        table: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let topology = match Topology::load(&cli.topology) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Check => check(&topology).await,
+            Command::Init => init(&topology).await,
+            Command::Run => run(topology).await,
+            Command::Status { .. } | Command::Verify { .. } => {
+                eprintln!("not available yet in this version of mmsync");
+                ExitCode::from(EXIT_USAGE)
+            }
+        }
+    })
+}
+
+async fn check(topology: &Topology) -> ExitCode {
+    let mut ok = Vec::new();
+    let problems = mmsync::schema::check(topology, &mut ok).await;
+    for line in ok {
+        println!("{line}");
+    }
+    for p in &problems {
+        println!("problem: {p}");
+    }
+    if problems.is_empty() {
+        println!("check passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("check failed: {} problem(s)", problems.len());
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+async fn init(topology: &Topology) -> ExitCode {
+    match mmsync::schema::init(topology).await {
+        Ok(done) if done.is_empty() => {
+            println!("init: everything was already in place");
+            ExitCode::SUCCESS
+        }
+        Ok(done) => {
+            for line in done {
+                println!("init: {line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("init failed: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn run(topology: Topology) -> ExitCode {
+    if let Err(e) = mmsync::metrics::install(topology.metrics_listen) {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    match mmsync::run::run(topology, mmsync::run::signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("mmsync stopped: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}

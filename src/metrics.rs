@@ -1,0 +1,110 @@
+//! Every metric name and label key, described once, and the Prometheus exporter.
+//! Label values come from small fixed sets (master, table, op, outcome), never row data.
+
+use std::net::SocketAddr;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+// Label keys.
+pub const MASTER: &str = "master";
+pub const SOURCE: &str = "source";
+pub const TARGET: &str = "target";
+pub const TABLE: &str = "table";
+pub const OP: &str = "op";
+pub const KIND: &str = "kind";
+pub const STAGE: &str = "stage";
+
+// Capture.
+pub const CHANGES_CAPTURED: &str = "mmsync_changes_captured_total";
+pub const RECORDS_PRODUCED: &str = "mmsync_records_produced_total";
+pub const LOOP_SUPPRESSED: &str = "mmsync_loop_suppressed_total";
+pub const TRUNCATES_IGNORED: &str = "mmsync_truncates_ignored_total";
+pub const SLOT_CONFIRMED_LSN: &str = "mmsync_slot_confirmed_lsn_bytes";
+
+// Apply.
+pub const CHANGES_APPLIED: &str = "mmsync_changes_applied_total";
+pub const CHANGES_SKIPPED: &str = "mmsync_changes_skipped_total";
+pub const CONFLICTS: &str = "mmsync_conflicts_total";
+pub const DEAD_LETTERS: &str = "mmsync_dead_letters_total";
+pub const REPLICATION_LAG: &str = "mmsync_replication_lag_seconds";
+pub const REPLICATION_LAG_HISTOGRAM: &str = "mmsync_replication_lag_distribution_seconds";
+pub const APPLY_BATCH_SIZE: &str = "mmsync_apply_batch_changes";
+pub const APPLY_DURATION: &str = "mmsync_apply_duration_seconds";
+
+// Health.
+pub const MASTER_UP: &str = "mmsync_master_up";
+pub const ERRORS: &str = "mmsync_errors_total";
+
+/// Installs the Prometheus exporter on `listen` and describes every metric.
+/// Call once per process.
+pub fn install(listen: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(APPLY_BATCH_SIZE.into()),
+                &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
+            )
+        })
+        .and_then(|b| b.install())
+        .map_err(|e| {
+            format!(
+                "cannot serve metrics on {listen}: {e}; change [metrics] listen in topology.toml"
+            )
+        })?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(
+        CHANGES_CAPTURED,
+        "Row changes read from a master's slot that were written on that master."
+    );
+    describe_counter!(RECORDS_PRODUCED, "Records acknowledged by Kafka.");
+    describe_counter!(LOOP_SUPPRESSED, "Changes not forwarded because they came from another master (source) or from the target itself (sink).");
+    describe_counter!(
+        TRUNCATES_IGNORED,
+        "TRUNCATE statements seen on a master; they are not replicated."
+    );
+    describe_gauge!(
+        SLOT_CONFIRMED_LSN,
+        Unit::Bytes,
+        "Position up to which the master's slot has been advanced."
+    );
+    describe_counter!(CHANGES_APPLIED, "Changes applied to a target master.");
+    describe_counter!(CHANGES_SKIPPED, "Changes not applied because the target already held them or a newer version of the same origin.");
+    describe_counter!(CONFLICTS, "Changes that lost last-writer-wins to a write of another master (logged in mmsync.conflicts).");
+    describe_counter!(
+        DEAD_LETTERS,
+        "Records that could not be applied (kept in mmsync.dead_letters)."
+    );
+    describe_gauge!(
+        REPLICATION_LAG,
+        Unit::Seconds,
+        "Commit on the source to commit on the target, latest batch."
+    );
+    describe_histogram!(
+        REPLICATION_LAG_HISTOGRAM,
+        Unit::Seconds,
+        "Commit on the source to commit on the target."
+    );
+    describe_histogram!(APPLY_BATCH_SIZE, "Changes per applied batch.");
+    describe_histogram!(
+        APPLY_DURATION,
+        Unit::Seconds,
+        "Time to apply and commit one batch."
+    );
+    describe_gauge!(MASTER_UP, "1 while mmsync is connected to the master.");
+    describe_counter!(
+        ERRORS,
+        "Errors by stage (capture, apply) and kind (retry, fatal)."
+    );
+}

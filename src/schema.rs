@@ -1,0 +1,625 @@
+//! What mmsync needs on every master, and the checks before it: table shapes,
+//! `check`, and `init` (mmsync's schema, the origin and version columns, the
+//! stamping triggers, the publication, the slot, interleaved sequences).
+
+use sqlx::{PgConnection, Row as _};
+
+use crate::error::{Error, Result};
+use crate::topology::{
+    quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN,
+};
+
+/// Publication that holds the synced tables and `mmsync.tombstones`.
+pub const PUBLICATION: &str = "mmsync";
+
+/// Replication slot of a master: slots are per cluster, so the name carries the master's.
+pub fn slot_name(master: &str) -> String {
+    format!("mmsync_{master}")
+}
+
+/// Types whose values mean nothing on another server (object ids, system columns).
+const UNCARRIABLE_TYPES: &[&str] = &[
+    "regclass",
+    "regproc",
+    "regprocedure",
+    "regoper",
+    "regoperator",
+    "regtype",
+    "regconfig",
+    "regdictionary",
+    "regnamespace",
+    "regrole",
+    "regcollation",
+    "tid",
+    "xid",
+    "xid8",
+    "cid",
+    "oid",
+];
+
+/// A synced table as it is on one master.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub name: TableName,
+    pub oid: i64,
+    /// Columns in table order, generated columns excluded (pgoutput does not send them).
+    pub columns: Vec<ColumnInfo>,
+    /// Primary key columns in key order.
+    pub key: Vec<String>,
+    pub replica_identity: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// The type as SQL spells it, e.g. `numeric(10,2)`, `integer[]`, `public.mood`.
+    pub sql_type: String,
+    pub type_name: String,
+}
+
+impl TableInfo {
+    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Columns of the application, without mmsync's own two.
+    pub fn data_columns(&self) -> impl Iterator<Item = &ColumnInfo> {
+        self.columns
+            .iter()
+            .filter(|c| c.name != ORIGIN_COLUMN && c.name != VERSION_COLUMN)
+    }
+
+    /// SQL building the canonical key `{"col": "text", ...}` from a row alias.
+    pub fn key_json_sql(&self, alias: &str) -> String {
+        let parts: Vec<String> = self
+            .key
+            .iter()
+            .map(|k| format!("{}, {alias}.{}::text", quote_literal(k), quote_ident(k)))
+            .collect();
+        format!("jsonb_build_object({})", parts.join(", "))
+    }
+
+    /// Problems that stop this table from being synced, each with its fix.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.key.is_empty() {
+            out.push(format!(
+                "table {} has no primary key; add one (ALTER TABLE {} ADD PRIMARY KEY (...)): mmsync needs it to key changes and resolve conflicts",
+                self.name,
+                self.name.quoted()
+            ));
+        }
+        if self.replica_identity == "n" {
+            out.push(format!(
+                "table {} has REPLICA IDENTITY NOTHING; run ALTER TABLE {} REPLICA IDENTITY DEFAULT",
+                self.name,
+                self.name.quoted()
+            ));
+        }
+        for c in &self.columns {
+            if UNCARRIABLE_TYPES.contains(&c.type_name.as_str()) {
+                out.push(format!(
+                    "column {:?} of table {} has type {}, which mmsync cannot carry between servers (its values are local object ids); change it to text or drop it",
+                    c.name, self.name, c.sql_type
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Reads a table's shape, or `None` if it does not exist.
+pub async fn describe(
+    conn: &mut PgConnection,
+    master: &str,
+    table: &TableName,
+) -> Result<Option<TableInfo>> {
+    let row = sqlx::query(
+        "SELECT c.oid::int8, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+    )
+    .bind(&table.schema)
+    .bind(&table.name)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(Error::db(master, format!("looking up table {table}")))?;
+    let Some(row) = row else { return Ok(None) };
+    let oid: i64 = row.get(0);
+    let replica_identity: String = row.get(1);
+    let rows = sqlx::query(
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typname::text,
+                array_position(i.indkey::int2[], a.attnum)
+         FROM pg_attribute a
+         JOIN pg_type t ON t.oid = a.atttypid
+         LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+         WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+         ORDER BY a.attnum",
+    )
+    .bind(oid)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(Error::db(master, format!("reading the columns of {table}")))?;
+    let mut columns = Vec::new();
+    let mut key: Vec<(i32, String)> = Vec::new();
+    for r in rows {
+        let name: String = r.get(0);
+        if let Some(pos) = r.get::<Option<i32>, _>(3) {
+            key.push((pos, name.clone()));
+        }
+        columns.push(ColumnInfo {
+            name,
+            sql_type: r.get(1),
+            type_name: r.get(2),
+        });
+    }
+    key.sort();
+    Ok(Some(TableInfo {
+        name: table.clone(),
+        oid,
+        columns,
+        key: key.into_iter().map(|(_, n)| n).collect(),
+        replica_identity,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// check
+
+/// Checks every master's prerequisites and the broker. Returns every problem
+/// found (empty when all is well); prints what it checked to `out`.
+pub async fn check(topology: &Topology, out: &mut Vec<String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for master in &topology.masters {
+        match check_master(topology, master).await {
+            Ok((summary, mut p)) => {
+                if p.is_empty() {
+                    out.push(format!("master {:?}: ok ({summary})", master.name));
+                }
+                problems.append(&mut p);
+            }
+            Err(e) => problems.push(format!(
+                "master {:?}: cannot connect to {} ({}); check that the server is running and the url is right",
+                master.name,
+                master.url,
+                root_cause(&e)
+            )),
+        }
+    }
+    let kafka = topology.kafka.clone();
+    match tokio::task::spawn_blocking(move || crate::kafka::ping(&kafka)).await.expect("ping does not panic") {
+        Ok(()) => out.push(format!("kafka {}: ok", topology.kafka.brokers)),
+        Err(e) => problems.push(format!(
+            "kafka {}: the brokers do not answer ({e}); check [kafka] brokers and that the broker is running",
+            topology.kafka.brokers
+        )),
+    }
+    problems
+}
+
+fn root_cause(e: &Error) -> String {
+    match e {
+        Error::Db { source, .. } => source.to_string(),
+        other => other.to_string(),
+    }
+}
+
+async fn check_master(topology: &Topology, master: &Master) -> Result<(String, Vec<String>)> {
+    let mut conn = crate::db::connect(master).await?;
+    let name = &master.name;
+    let mut problems = Vec::new();
+    let setting = |rows: &[(String, String)], key: &str| {
+        rows.iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting FROM pg_settings WHERE name IN ('wal_level', 'max_replication_slots', 'max_wal_senders', 'server_version')",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(Error::db(name, "reading settings"))?;
+    let wal_level = setting(&settings, "wal_level");
+    if wal_level != "logical" {
+        problems.push(format!(
+            "master {name:?}: wal_level is {wal_level:?}; set wal_level = logical in postgresql.conf and restart"
+        ));
+    }
+    let (slots_used, own_slot): (i64, bool) = sqlx::query_as(
+        "SELECT count(*), coalesce(bool_or(slot_name = $1), false) FROM pg_replication_slots",
+    )
+    .bind(slot_name(name))
+    .fetch_one(&mut conn)
+    .await
+    .map_err(Error::db(name, "reading replication slots"))?;
+    let max_slots: i64 = setting(&settings, "max_replication_slots")
+        .parse()
+        .unwrap_or(0);
+    if !own_slot && slots_used >= max_slots {
+        problems.push(format!(
+            "master {name:?}: max_replication_slots is {max_slots} and {slots_used} are in use; raise max_replication_slots in postgresql.conf and restart"
+        ));
+    }
+    let max_senders: i64 = setting(&settings, "max_wal_senders").parse().unwrap_or(0);
+    if max_senders < 1 {
+        problems.push(format!(
+            "master {name:?}: max_wal_senders is {max_senders}; set it to at least 1 in postgresql.conf and restart"
+        ));
+    }
+    for table in &topology.tables {
+        match describe(&mut conn, name, table).await? {
+            None => problems.push(format!(
+                "master {name:?}: table {table} does not exist; create it on every master (same columns) or remove it from [sync] tables"
+            )),
+            Some(info) => problems.extend(info.problems().into_iter().map(|p| format!("master {name:?}: {p}"))),
+        }
+    }
+    let summary = format!(
+        "PostgreSQL {}, wal_level {wal_level}, {} table(s)",
+        setting(&settings, "server_version"),
+        topology.tables.len()
+    );
+    Ok((summary, problems))
+}
+
+// ---------------------------------------------------------------------------
+// init
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Installs everything sync needs on every master and creates the topics.
+/// Idempotent: returns one line per thing it changed, nothing on a second run.
+pub async fn init(topology: &Topology) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    // Every table must be syncable everywhere before anything is changed anywhere.
+    let mut conns = Vec::new();
+    for master in &topology.masters {
+        let mut conn = crate::db::connect(master).await?;
+        for table in &topology.tables {
+            let info = describe(&mut conn, &master.name, table)
+                .await?
+                .ok_or_else(|| Error::Setup {
+                    master: master.name.clone(),
+                    problem: format!("table {table} does not exist"),
+                    fix: "create it on every master (same columns) or remove it from [sync] tables"
+                        .into(),
+                })?;
+            if let Some(problem) = info.problems().into_iter().next() {
+                return Err(Error::Setup {
+                    master: master.name.clone(),
+                    problem,
+                    fix: "then run init again".into(),
+                });
+            }
+        }
+        conns.push((master, conn));
+    }
+    for (index, (master, conn)) in conns.iter_mut().enumerate() {
+        for line in init_master(topology, master, index, conn).await? {
+            done.push(format!("master {:?}: {line}", master.name));
+        }
+    }
+    for topic in crate::kafka::create_topics(topology).await? {
+        done.push(format!(
+            "kafka: created topic {topic} ({} partitions)",
+            topology.kafka.partitions
+        ));
+    }
+    Ok(done)
+}
+
+async fn exec(conn: &mut PgConnection, master: &str, what: &str, sql: &str) -> Result<()> {
+    sqlx::raw_sql(sql)
+        .execute(&mut *conn)
+        .await
+        .map_err(Error::db(master, what.to_string()))?;
+    Ok(())
+}
+
+async fn init_master(
+    topology: &Topology,
+    master: &Master,
+    index: usize,
+    conn: &mut PgConnection,
+) -> Result<Vec<String>> {
+    let name = master.name.as_str();
+    let mut done = Vec::new();
+
+    // mmsync's own schema, with sqlx's bookkeeping kept inside it.
+    let had_schema: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'mmsync')")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Error::db(name, "looking up schema mmsync"))?;
+    exec(
+        conn,
+        name,
+        "creating schema mmsync",
+        "CREATE SCHEMA IF NOT EXISTS mmsync; SET search_path TO mmsync",
+    )
+    .await?;
+    let migrated = MIGRATOR.run(&mut *conn).await;
+    exec(conn, name, "resetting search_path", "RESET search_path").await?;
+    migrated.map_err(|e| Error::Setup {
+        master: name.into(),
+        problem: format!("applying mmsync's migrations failed: {e}"),
+        fix: "check that the user may create schemas and tables in this database".into(),
+    })?;
+    if !had_schema {
+        done.push("created schema mmsync".to_string());
+    }
+    let current: Option<String> = sqlx::query_scalar(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'local_master' AND pronamespace = 'mmsync'::regnamespace",
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(Error::db(name, "reading mmsync.local_master"))?;
+    let body = format!(" SELECT {}::text ", quote_literal(name));
+    if current.as_deref() != Some(body.as_str()) {
+        exec(
+            conn,
+            name,
+            "creating mmsync.local_master",
+            &format!("CREATE OR REPLACE FUNCTION mmsync.local_master() RETURNS text LANGUAGE sql IMMUTABLE AS $${body}$$"),
+        )
+        .await?;
+        done.push(format!("this database is master {name:?}"));
+    }
+
+    for table in &topology.tables {
+        let info = describe(conn, name, table).await?.expect("checked above");
+        done.extend(install_table(conn, name, &info).await?);
+        done.extend(interleave_sequences(conn, name, &info, index, topology.masters.len()).await?);
+    }
+
+    // The publication: synced tables and the tombstones that carry deletes.
+    let published: Vec<(String, String)> = sqlx::query_as(
+        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+    )
+    .bind(PUBLICATION)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(Error::db(name, "reading the publication"))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(PUBLICATION)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Error::db(name, "looking up the publication"))?;
+    let mut wanted = vec![TableName {
+        schema: "mmsync".into(),
+        name: "tombstones".into(),
+    }];
+    wanted.extend(topology.tables.iter().cloned());
+    let missing: Vec<&TableName> = wanted
+        .iter()
+        .filter(|t| {
+            !published
+                .iter()
+                .any(|(s, n)| *s == t.schema && *n == t.name)
+        })
+        .collect();
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(|t| t.quoted()).collect();
+        let sql = if exists {
+            format!(
+                "ALTER PUBLICATION {} ADD TABLE {}",
+                quote_ident(PUBLICATION),
+                list.join(", ")
+            )
+        } else {
+            format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(PUBLICATION),
+                list.join(", ")
+            )
+        };
+        exec(conn, name, "creating the publication", &sql).await?;
+        let names: Vec<String> = missing.iter().map(|t| t.to_string()).collect();
+        done.push(format!(
+            "publication {PUBLICATION} now includes {}",
+            names.join(", ")
+        ));
+    }
+
+    // The slot, last: changes from here on are captured.
+    let slot = slot_name(name);
+    let has_slot: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+    )
+    .bind(&slot)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(Error::db(name, "looking up the slot"))?;
+    if !has_slot {
+        sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(&slot)
+            .execute(&mut *conn)
+            .await
+            .map_err(Error::db(name, format!("creating replication slot {slot}")))?;
+        done.push(format!("created replication slot {slot} (pgoutput)"));
+    }
+    Ok(done)
+}
+
+/// Adds the origin and version columns and the stamping triggers to one table.
+async fn install_table(
+    conn: &mut PgConnection,
+    master: &str,
+    info: &TableInfo,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let t = info.name.quoted();
+    if info.column(ORIGIN_COLUMN).is_none() || info.column(VERSION_COLUMN).is_none() {
+        // Rows that exist before init get an empty origin and version 0 on every
+        // master alike, so identical data stays identical.
+        exec(
+            conn,
+            master,
+            &format!("adding mmsync columns to {}", info.name),
+            &format!(
+                "ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {} text COLLATE \"C\" NOT NULL DEFAULT '', \
+                 ADD COLUMN IF NOT EXISTS {} bigint NOT NULL DEFAULT 0",
+                quote_ident(ORIGIN_COLUMN),
+                quote_ident(VERSION_COLUMN)
+            ),
+        )
+        .await?;
+        done.push(format!(
+            "added columns {ORIGIN_COLUMN}, {VERSION_COLUMN} to {}",
+            info.name
+        ));
+    }
+    let function = format!("mmsync.{}", quote_ident(&format!("stamp_{}", info.oid)));
+    let body = trigger_body(info);
+    let current: Option<String> = sqlx::query_scalar(
+        "SELECT prosrc FROM pg_proc WHERE proname = $1 AND pronamespace = 'mmsync'::regnamespace",
+    )
+    .bind(format!("stamp_{}", info.oid))
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(Error::db(master, "reading trigger functions"))?;
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::oid AND tgname IN ('mmsync_stamp', 'mmsync_tombstone')",
+    )
+    .bind(info.oid)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(Error::db(master, "reading triggers"))?;
+    if current.as_deref() != Some(body.as_str()) || triggers != 2 {
+        // The key text must not depend on the writer's session settings: the
+        // function pins the same ones as mmsync's own connections.
+        let sql = format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql \
+             SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres' SET timezone = 'UTC' \
+             SET extra_float_digits = 2 SET bytea_output = 'hex' AS $mmsync${body}$mmsync$;
+             CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
+             CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();"
+        );
+        exec(
+            conn,
+            master,
+            &format!("installing triggers on {}", info.name),
+            &sql,
+        )
+        .await?;
+        done.push(format!("installed triggers on {}", info.name));
+    }
+    Ok(done)
+}
+
+/// The trigger: a local write stamps origin = this master and a version that
+/// beats both the clock and what it replaces; a local delete records a
+/// tombstone. Writes of mmsync's applier (`mmsync.applier = on`) keep what the
+/// applier set.
+fn trigger_body(info: &TableInfo) -> String {
+    let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
+    let (schema, table) = (
+        quote_literal(&info.name.schema),
+        quote_literal(&info.name.name),
+    );
+    let new_key = info.key_json_sql("NEW");
+    let old_key = info.key_json_sql("OLD");
+    let key_changed: Vec<String> = info
+        .key
+        .iter()
+        .map(|k| format!("NEW.{0} IS DISTINCT FROM OLD.{0}", quote_ident(k)))
+        .collect();
+    format!(
+        r#"
+DECLARE
+    tombstone bigint;
+BEGIN
+    IF current_setting('mmsync.applier', true) = 'on' THEN
+        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        PERFORM mmsync.record_tombstone({schema}, {table}, {old_key}, mmsync.next_version(OLD.{v}), mmsync.local_master());
+        RETURN OLD;
+    END IF;
+    IF TG_OP = 'INSERT' OR ({key_changed}) THEN
+        SELECT version INTO tombstone FROM mmsync.tombstones
+         WHERE schema_name = {schema} AND table_name = {table} AND key = {new_key};
+    END IF;
+    NEW.{o} := mmsync.local_master();
+    IF TG_OP = 'INSERT' THEN
+        NEW.{v} := mmsync.next_version(tombstone);
+    ELSE
+        NEW.{v} := mmsync.next_version(greatest(OLD.{v}, tombstone));
+        IF {key_changed} THEN
+            -- the old key is gone: to the other masters that is a delete
+            PERFORM mmsync.record_tombstone({schema}, {table}, {old_key}, NEW.{v}, mmsync.local_master());
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+"#,
+        key_changed = key_changed.join(" OR ")
+    )
+}
+
+/// For integer keys fed by a sequence or identity: increment = number of
+/// masters, and a residue per master, so two masters never mint the same id.
+async fn interleave_sequences(
+    conn: &mut PgConnection,
+    master: &str,
+    info: &TableInfo,
+    index: usize,
+    masters: usize,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let n = masters as i64;
+    let residue = (index as i64 + 1) % n;
+    for key in &info.key {
+        let column = info.column(key).expect("key columns are columns");
+        if !["int2", "int4", "int8"].contains(&column.type_name.as_str()) {
+            continue;
+        }
+        let seq: Option<String> = sqlx::query_scalar("SELECT pg_get_serial_sequence($1, $2)")
+            .bind(info.name.quoted())
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Error::db(
+                master,
+                format!("looking up the sequence of {}.{key}", info.name),
+            ))?;
+        let Some(seq) = seq else { continue };
+        let (increment, last, start): (i64, Option<i64>, i64) = sqlx::query_as(
+            "SELECT seqincrement, pg_sequence_last_value($1::regclass), seqstart FROM pg_sequence WHERE seqrelid = $1::regclass",
+        )
+        .bind(&seq)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(master, format!("reading sequence {seq}")))?;
+        let next = last.unwrap_or(start);
+        if increment == n && next.rem_euclid(n) == residue {
+            continue;
+        }
+        let max_key: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT max({})::int8 FROM {}",
+            quote_ident(key),
+            info.name.quoted()
+        ))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(
+            master,
+            format!("reading max({key}) of {}", info.name),
+        ))?;
+        let base = max_key.unwrap_or(0).max(last.unwrap_or(0)) + 1;
+        let restart = base + (residue - base).rem_euclid(n);
+        exec(
+            conn,
+            master,
+            &format!("interleaving sequence {seq}"),
+            &format!("ALTER SEQUENCE {seq} INCREMENT BY {n} RESTART WITH {restart}"),
+        )
+        .await?;
+        done.push(format!(
+            "sequence {seq} of {}.{key}: increment {increment} -> {n}, next value {restart} (ids = {residue} mod {n} on this master)",
+            info.name
+        ));
+    }
+    Ok(done)
+}

@@ -1,0 +1,782 @@
+//! The sink of one master: consumes every other master's topics and applies
+//! the changes by last-writer-wins, one transaction per batch, with the
+//! consumed offsets stored in the same transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, gauge, histogram};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::{PgConnection, Row as _};
+use tokio::sync::watch;
+
+use crate::change::{encode_key, Change, Key, Op, HEADER_ORIGIN};
+use crate::error::{Class, Error, Result};
+use crate::metrics as m;
+use crate::schema::{describe, TableInfo};
+use crate::topology::{
+    quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN,
+};
+
+/// Runs the sink of `target` until `shutdown` turns true, reconnecting with
+/// capped backoff after transient errors.
+pub async fn run(
+    topology: Arc<Topology>,
+    target: Master,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut backoff = crate::error::Backoff::new();
+    let mut was_up = None;
+    loop {
+        let result = match Apply::connect(&topology, &target).await {
+            Ok(mut apply) => {
+                if was_up != Some(true) {
+                    tracing::info!(master = %target.name, "sink connected, applying {} topic(s)", apply.topics.len());
+                    was_up = Some(true);
+                }
+                backoff.reset();
+                apply.run(&topology, &mut shutdown).await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if e.class() == Class::Fatal => {
+                counter!(m::ERRORS, m::STAGE => "apply", m::KIND => "fatal").increment(1);
+                return Err(e);
+            }
+            Err(e) => {
+                counter!(m::ERRORS, m::STAGE => "apply", m::KIND => "retry").increment(1);
+                if was_up != Some(false) {
+                    tracing::warn!(master = %target.name, "sink paused, retrying with backoff: {e}");
+                    was_up = Some(false);
+                }
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Where a record was read from.
+#[derive(Debug, Clone)]
+struct RecordId {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// A change with the record it came in.
+struct Rec {
+    change: Change,
+    at: RecordId,
+}
+
+/// A record that cannot be applied, kept whole with the reason.
+struct DeadLetter {
+    at: RecordId,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    reason: String,
+}
+
+impl DeadLetter {
+    fn of(rec: Rec, reason: String) -> DeadLetter {
+        DeadLetter {
+            key: Some(rec.change.kafka_key().into_bytes()),
+            value: Some(rec.change.kafka_value()),
+            at: rec.at,
+            reason,
+        }
+    }
+}
+
+/// One consumed record, read: a change, or a dead letter.
+enum Incoming {
+    Change {
+        rec: Rec,
+        header_origin: Option<String>,
+    },
+    Unreadable(DeadLetter),
+}
+
+impl Incoming {
+    fn read(msg: &BorrowedMessage<'_>) -> Incoming {
+        let at = RecordId {
+            topic: msg.topic().to_string(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+        };
+        match Change::decode(msg.key(), msg.payload()) {
+            Ok(change) => {
+                let header_origin = msg.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == HEADER_ORIGIN)
+                        .and_then(|h| h.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                });
+                Incoming::Change {
+                    rec: Rec { change, at },
+                    header_origin,
+                }
+            }
+            Err(e) => Incoming::Unreadable(DeadLetter {
+                at,
+                key: msg.key().map(<[u8]>::to_vec),
+                value: msg.payload().map(<[u8]>::to_vec),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn at(&self) -> &RecordId {
+        match self {
+            Incoming::Change { rec, .. } => &rec.at,
+            Incoming::Unreadable(d) => &d.at,
+        }
+    }
+}
+
+/// A connected sink.
+struct Apply {
+    target: String,
+    conn: PgConnection,
+    consumer: StreamConsumer,
+    tables: HashMap<TableName, TableSql>,
+    topics: Vec<String>,
+}
+
+impl Apply {
+    async fn connect(topology: &Topology, target: &Master) -> Result<Apply> {
+        let mut conn = crate::db::connect(target).await?;
+        let mut tables = HashMap::new();
+        for t in &topology.tables {
+            let info = describe(&mut conn, &target.name, t)
+                .await?
+                .ok_or_else(|| Error::Setup {
+                    master: target.name.clone(),
+                    problem: format!("table {t} does not exist"),
+                    fix: "create it, then run `mmsync init`".into(),
+                })?;
+            tables.insert(t.clone(), TableSql::new(info));
+        }
+        let stored: Vec<(String, i32, i64)> =
+            sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
+                .fetch_all(&mut conn)
+                .await
+                .map_err(Error::db(
+                    &target.name,
+                    "reading applied offsets (has `mmsync init` run?)",
+                ))?;
+        let stored: HashMap<(String, i32), i64> =
+            stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+
+        let consumer: StreamConsumer =
+            crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}", target.name))?;
+        let mut tpl = TopicPartitionList::new();
+        let mut topics = Vec::new();
+        for (master, _, topic) in crate::kafka::all_topics(topology) {
+            if master == target.name {
+                continue;
+            }
+            let partitions = crate::kafka::partitions(&consumer, &topic)?.ok_or_else(|| Error::Setup {
+                master: target.name.clone(),
+                problem: format!("topic {topic} does not exist"),
+                fix: "run `mmsync init` (mmsync creates its topics; it never relies on auto-create)".into(),
+            })?;
+            for p in 0..partitions {
+                let offset = stored
+                    .get(&(topic.clone(), p))
+                    .map_or(Offset::Beginning, |&o| Offset::Offset(o));
+                tpl.add_partition_offset(&topic, p, offset)
+                    .map_err(Error::kafka("assigning partitions"))?;
+            }
+            topics.push(topic);
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(Error::kafka("assigning partitions"))?;
+        Ok(Apply {
+            target: target.name.clone(),
+            conn,
+            consumer,
+            tables,
+            topics,
+        })
+    }
+
+    async fn run(
+        &mut self,
+        topology: &Topology,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        loop {
+            // Shutdown first; a batch that has started is applied and committed.
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                msg = self.consumer.recv() => msg.map_err(Error::kafka("consuming"))?,
+            };
+            let mut batch = vec![Incoming::read(&first)];
+            drop(first);
+            let deadline = tokio::time::Instant::now() + topology.sync.batch_max_wait;
+            while batch.len() < topology.sync.batch_max_changes {
+                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                    Ok(msg) => batch.push(Incoming::read(&msg.map_err(Error::kafka("consuming"))?)),
+                    Err(_) => break,
+                }
+            }
+            self.apply_batch(batch).await?;
+        }
+    }
+
+    /// Applies one batch and stores its offsets, in one transaction.
+    async fn apply_batch(&mut self, batch: Vec<Incoming>) -> Result<()> {
+        let started = Instant::now();
+        let target = self.target.clone();
+        let db = |what: &str| Error::db(&target, what.to_string());
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut groups: BTreeMap<TableName, Vec<Rec>> = BTreeMap::new();
+        let mut dead: Vec<DeadLetter> = Vec::new();
+        for inc in batch {
+            let at = inc.at();
+            offsets.insert((at.topic.clone(), at.partition), at.offset + 1);
+            let (rec, header_origin) = match inc {
+                Incoming::Change { rec, header_origin } => (rec, header_origin),
+                Incoming::Unreadable(d) => {
+                    dead.push(d);
+                    continue;
+                }
+            };
+            if header_origin.as_deref() == Some(target.as_str()) || rec.change.origin == target {
+                counter!(m::LOOP_SUPPRESSED, m::MASTER => target.clone()).increment(1);
+                continue;
+            }
+            if !self.tables.contains_key(&rec.change.table) {
+                let reason = format!("table {} is not synced on this master", rec.change.table);
+                dead.push(DeadLetter::of(rec, reason));
+                continue;
+            }
+            groups
+                .entry(rec.change.table.clone())
+                .or_default()
+                .push(rec);
+        }
+
+        let mut tx = sqlx::Connection::begin(&mut self.conn)
+            .await
+            .map_err(db("beginning a transaction"))?;
+        sqlx::query("SET LOCAL mmsync.applier = 'on'")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("marking the applier session"))?;
+        let mut applied: Vec<Change> = Vec::new();
+        for (table, changes) in groups {
+            let sql = self.tables.get(&table).expect("grouped by known tables");
+            let (ok, refused) = sql.apply_isolated(&mut tx, &target, changes).await?;
+            applied.extend(ok);
+            dead.extend(refused);
+        }
+        for d in dead {
+            let RecordId {
+                topic,
+                partition,
+                offset,
+            } = d.at;
+            tracing::warn!(master = %target, "dead letter from {topic}[{partition}]@{offset}: {}", d.reason);
+            sqlx::query(
+                "INSERT INTO mmsync.dead_letters (topic, partition, kafka_offset, reason, record_key, record_value) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&topic)
+            .bind(partition)
+            .bind(offset)
+            .bind(&d.reason)
+            .bind(&d.key)
+            .bind(&d.value)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("writing a dead letter"))?;
+            counter!(m::DEAD_LETTERS, m::TARGET => target.clone()).increment(1);
+        }
+        let (topics, rest): (Vec<String>, Vec<(i32, i64)>) =
+            offsets.into_iter().map(|((t, p), o)| (t, (p, o))).unzip();
+        let (partitions, next): (Vec<i32>, Vec<i64>) = rest.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO mmsync.applied_offsets (topic, partition, next_offset)
+             SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
+             ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, applied_at = now()",
+        )
+        .bind(&topics)
+        .bind(&partitions)
+        .bind(&next)
+        .execute(&mut *tx)
+        .await
+        .map_err(db("storing offsets"))?;
+        tx.commit().await.map_err(db("committing a batch"))?;
+
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        histogram!(m::APPLY_DURATION, m::TARGET => target.clone())
+            .record(started.elapsed().as_secs_f64());
+        histogram!(m::APPLY_BATCH_SIZE, m::TARGET => target.clone()).record(applied.len() as f64);
+        let mut latest: HashMap<&str, i64> = HashMap::new();
+        for c in &applied {
+            counter!(m::CHANGES_APPLIED, m::SOURCE => c.origin.clone(), m::TARGET => target.clone(), m::TABLE => c.table.to_string(), m::OP => c.op.name())
+                .increment(1);
+            let lag = (now_ms - c.position.commit_ms).max(0) as f64 / 1000.0;
+            histogram!(m::REPLICATION_LAG_HISTOGRAM, m::SOURCE => c.origin.clone(), m::TARGET => target.clone()).record(lag);
+            let newest = latest
+                .entry(c.origin.as_str())
+                .or_insert(c.position.commit_ms);
+            *newest = (*newest).max(c.position.commit_ms);
+        }
+        for (source, commit_ms) in latest {
+            gauge!(m::REPLICATION_LAG, m::SOURCE => source.to_string(), m::TARGET => target.clone())
+                .set((now_ms - commit_ms).max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+}
+
+/// What applying a table's records did, by index into them.
+#[derive(Default)]
+struct Outcome {
+    applied: Vec<usize>,
+    dead: Vec<(usize, String)>,
+}
+
+/// A version stamp with its tie-breaker; compares like the SQL `(version, origin COLLATE "C")`.
+type Stamp = (i64, String);
+
+fn stamp(c: &Change) -> Stamp {
+    (c.version, c.origin.clone())
+}
+
+/// The statements of one table, built once per connection.
+struct TableSql {
+    info: TableInfo,
+    upsert: String,
+    delete: String,
+    tombstone: String,
+    lock_rows: String,
+    read_tombstones: String,
+}
+
+impl TableSql {
+    fn new(info: TableInfo) -> TableSql {
+        let t = info.name.quoted();
+        let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
+        let cast = |c: &str, from: &str| {
+            let ty = &info.column(c).expect("a column of the table").sql_type;
+            format!("({from}->>{})::{ty}", quote_literal(c))
+        };
+        let data: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
+        let cols: Vec<String> = data.iter().map(|c| quote_ident(c)).collect();
+        let values: Vec<String> = data.iter().map(|c| cast(c, "(e->'row')")).collect();
+        let keys: Vec<String> = info.key.iter().map(|k| quote_ident(k)).collect();
+        let mut set: Vec<String> = data
+            .iter()
+            .filter(|c| !info.key.contains(c))
+            .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(c)))
+            .collect();
+        set.push(format!("{o} = EXCLUDED.{o}"));
+        set.push(format!("{v} = EXCLUDED.{v}"));
+        let upsert = format!(
+            "INSERT INTO {t} AS t ({cols}, {o}, {v}) OVERRIDING SYSTEM VALUE
+             SELECT {values}, e->>'origin', (e->>'version')::int8 FROM jsonb_array_elements($1::jsonb) AS e
+             ON CONFLICT ({keys}) DO UPDATE SET {set}
+             WHERE (t.{v}, t.{o}) < (EXCLUDED.{v}, EXCLUDED.{o})",
+            cols = cols.join(", "),
+            values = values.join(", "),
+            keys = keys.join(", "),
+            set = set.join(", "),
+        );
+        let key_match: Vec<String> = info
+            .key
+            .iter()
+            .map(|k| format!("t.{} = {}", quote_ident(k), cast(k, "(e->'key')")))
+            .collect();
+        let delete = format!(
+            "DELETE FROM {t} AS t USING jsonb_array_elements($1::jsonb) AS e
+             WHERE {} AND (t.{v}, t.{o}) < ((e->>'version')::int8, (e->>'origin') COLLATE \"C\")",
+            key_match.join(" AND ")
+        );
+        let tombstone = format!(
+            "INSERT INTO mmsync.tombstones AS tb (schema_name, table_name, key, version, origin)
+             SELECT {}, {}, e->'key', (e->>'version')::int8, e->>'origin' FROM jsonb_array_elements($1::jsonb) AS e
+             ON CONFLICT (schema_name, table_name, key) DO UPDATE
+                SET version = EXCLUDED.version, origin = EXCLUDED.origin, deleted_at = now()
+                WHERE (tb.version, tb.origin) < (EXCLUDED.version, EXCLUDED.origin)",
+            quote_literal(&info.name.schema),
+            quote_literal(&info.name.name)
+        );
+        let key_casts: Vec<String> = info.key.iter().map(|k| cast(k, "e")).collect();
+        let t_keys: Vec<String> = info
+            .key
+            .iter()
+            .map(|k| format!("t.{}", quote_ident(k)))
+            .collect();
+        let lock_rows = format!(
+            "SELECT {}, t.{v}, t.{o}::text FROM {t} AS t
+             WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) FOR UPDATE",
+            info.key_json_sql("t"),
+            t_keys.join(", "),
+            key_casts.join(", ")
+        );
+        let read_tombstones = format!(
+            "SELECT key, version, origin::text FROM mmsync.tombstones
+             WHERE schema_name = {} AND table_name = {} AND key IN (SELECT e FROM jsonb_array_elements($1::jsonb) AS e)",
+            quote_literal(&info.name.schema),
+            quote_literal(&info.name.name)
+        );
+        TableSql {
+            info,
+            upsert,
+            delete,
+            tombstone,
+            lock_rows,
+            read_tombstones,
+        }
+    }
+
+    /// Applies a table's records in a savepoint. If the database refuses them
+    /// as data (a constraint, a value the column cannot take, a missing
+    /// column), each record is tried alone and the ones it still refuses
+    /// become dead letters, so one bad row never blocks its partition.
+    async fn apply_isolated(
+        &self,
+        conn: &mut PgConnection,
+        target: &str,
+        recs: Vec<Rec>,
+    ) -> Result<(Vec<Change>, Vec<DeadLetter>)> {
+        let outcome = match self.apply_in_savepoint(conn, target, &recs).await? {
+            Ok(outcome) => outcome,
+            Err(reason) if recs.len() == 1 => Outcome {
+                applied: Vec::new(),
+                dead: vec![(0, reason)],
+            },
+            Err(_) => {
+                let mut total = Outcome::default();
+                for i in 0..recs.len() {
+                    match self
+                        .apply_in_savepoint(conn, target, std::slice::from_ref(&recs[i]))
+                        .await?
+                    {
+                        Ok(o) => {
+                            total.applied.extend(o.applied.iter().map(|_| i));
+                            total.dead.extend(o.dead.into_iter().map(|(_, r)| (i, r)));
+                        }
+                        Err(reason) => total.dead.push((i, reason)),
+                    }
+                }
+                total
+            }
+        };
+        let mut recs: Vec<Option<Rec>> = recs.into_iter().map(Some).collect();
+        let applied = outcome
+            .applied
+            .iter()
+            .filter_map(|&i| recs[i].take())
+            .map(|r| r.change)
+            .collect();
+        let dead = outcome
+            .dead
+            .into_iter()
+            .filter_map(|(i, reason)| Some(DeadLetter::of(recs[i].take()?, reason)))
+            .collect();
+        Ok((applied, dead))
+    }
+
+    /// `Ok(Err(reason))` when the database refused the data; `Err` for everything else.
+    async fn apply_in_savepoint(
+        &self,
+        conn: &mut PgConnection,
+        target: &str,
+        recs: &[Rec],
+    ) -> Result<std::result::Result<Outcome, String>> {
+        savepoint(conn, target, "SAVEPOINT mmsync_table").await?;
+        match self.apply(conn, target, recs).await {
+            Ok(outcome) => {
+                savepoint(conn, target, "RELEASE SAVEPOINT mmsync_table").await?;
+                Ok(Ok(outcome))
+            }
+            Err(Error::Db { source, .. }) if is_data_error(&source) => {
+                savepoint(conn, target, "ROLLBACK TO SAVEPOINT mmsync_table").await?;
+                Ok(Err(source.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Last-writer-wins for one table's records.
+    async fn apply(&self, conn: &mut PgConnection, target: &str, recs: &[Rec]) -> Result<Outcome> {
+        let db = |what: &str| Error::db(target, format!("{what} of {}", self.info.name));
+        let mut outcome = Outcome::default();
+        let mut conflicts: Vec<serde_json::Value> = Vec::new();
+        let mut skipped = 0u64;
+
+        // One change per key: the highest stamp. What it beats within the batch
+        // is superseded (same origin) or a conflict it won (another origin).
+        let mut winners: HashMap<String, usize> = HashMap::new();
+        let mut losers: Vec<(usize, Stamp)> = Vec::new();
+        for (i, rec) in recs.iter().enumerate() {
+            let change = &rec.change;
+            if let Some(problem) = self.shape_problem(change) {
+                outcome.dead.push((i, problem));
+                continue;
+            }
+            match winners.entry(change.kafka_key()) {
+                std::collections::hash_map::Entry::Occupied(mut w) => {
+                    let (ws, s) = (stamp(&recs[*w.get()].change), stamp(change));
+                    if ws >= s {
+                        losers.push((i, ws));
+                    } else {
+                        losers.push((w.insert(i), s));
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+            }
+        }
+        if winners.is_empty() {
+            return Ok(outcome);
+        }
+
+        // The target's current state of those keys; existing rows are locked
+        // so that no local write slips between this read and the writes.
+        let keys: Vec<serde_json::Value> = winners
+            .values()
+            .map(|&i| serde_json::to_value(&recs[i].change.key).expect("strings"))
+            .collect();
+        let keys = serde_json::Value::Array(keys);
+        let mut rows: HashMap<String, Stamp> = HashMap::new();
+        for r in sqlx::query(&self.lock_rows)
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("locking rows"))?
+        {
+            rows.insert(key_text(r.get(0)), (r.get(1), r.get(2)));
+        }
+        let mut tombs: HashMap<String, Stamp> = HashMap::new();
+        for r in sqlx::query(&self.read_tombstones)
+            .bind(&keys)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("reading tombstones"))?
+        {
+            tombs.insert(key_text(r.get(0)), (r.get(1), r.get(2)));
+        }
+
+        let mut upserts = Vec::new();
+        let mut partial = Vec::new();
+        let mut deletes = Vec::new();
+        for (key, i) in winners {
+            let change = &recs[i].change;
+            let s = stamp(change);
+            let row = rows.get(&key);
+            if change.op == Op::Delete {
+                // The tombstone is recorded or raised whether or not the delete wins.
+                deletes.push(serde_json::json!({"key": change.key, "version": change.version, "origin": change.origin}));
+                match row {
+                    Some(r) if *r >= s => losers.push((i, r.clone())),
+                    _ => outcome.applied.push(i),
+                }
+                continue;
+            }
+            match [row, tombs.get(&key)].into_iter().flatten().max() {
+                Some(newest) if *newest >= s => losers.push((i, newest.clone())),
+                _ if change.unchanged.is_empty() => {
+                    upserts.push(self.row_json(change));
+                    outcome.applied.push(i);
+                }
+                _ if row.is_none() => outcome.dead.push((
+                    i,
+                    "an update that left TOASTed columns unchanged reached a row this master does not have; its full value is unknown here".into(),
+                )),
+                _ => partial.push(i),
+            }
+        }
+        for (i, winner) in losers {
+            let change = &recs[i].change;
+            if winner == stamp(change) || winner.1 == change.origin {
+                skipped += 1; // already applied, or superseded by a later write of the same master
+                continue;
+            }
+            let against = if tombs.get(&change.kafka_key()) == Some(&winner) {
+                "tombstone"
+            } else {
+                "row"
+            };
+            let kind = format!(
+                "{}_older_than_{against}",
+                if change.op == Op::Delete {
+                    "delete"
+                } else {
+                    "upsert"
+                }
+            );
+            counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string(), m::KIND => kind.clone()).increment(1);
+            conflicts.push(serde_json::json!({
+                "key": change.key, "kind": kind, "op": change.op.letter(),
+                "iv": change.version, "io": change.origin, "wv": winner.0, "wo": winner.1,
+            }));
+        }
+        if skipped > 0 {
+            counter!(m::CHANGES_SKIPPED, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string()).increment(skipped);
+        }
+
+        if !upserts.is_empty() {
+            sqlx::query(&self.upsert)
+                .bind(serde_json::Value::Array(upserts))
+                .execute(&mut *conn)
+                .await
+                .map_err(db("upserting rows"))?;
+        }
+        for i in partial {
+            self.update_present_columns(conn, &recs[i].change)
+                .await
+                .map_err(db("updating rows"))?;
+            outcome.applied.push(i);
+        }
+        if !deletes.is_empty() {
+            let deletes = serde_json::Value::Array(deletes);
+            sqlx::query(&self.delete)
+                .bind(&deletes)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("deleting rows"))?;
+            sqlx::query(&self.tombstone)
+                .bind(&deletes)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("recording tombstones"))?;
+        }
+        if !conflicts.is_empty() {
+            sqlx::query(
+                "INSERT INTO mmsync.conflicts (schema_name, table_name, key, kind, incoming_op, incoming_version, incoming_origin, winner_version, winner_origin)
+                 SELECT $1, $2, x.key, x.kind, x.op, x.iv, x.io, x.wv, x.wo
+                 FROM jsonb_to_recordset($3::jsonb) AS x(key jsonb, kind text, op text, iv int8, io text, wv int8, wo text)",
+            )
+            .bind(&self.info.name.schema)
+            .bind(&self.info.name.name)
+            .bind(serde_json::Value::Array(conflicts))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("logging conflicts"))?;
+        }
+        Ok(outcome)
+    }
+
+    /// Why an upsert's columns do not fit this table (schema drift), if they don't.
+    fn shape_problem(&self, change: &Change) -> Option<String> {
+        let row = change.row.as_ref()?;
+        let mut sent: Vec<&str> = row
+            .keys()
+            .map(String::as_str)
+            .chain(change.unchanged.iter().map(String::as_str))
+            .collect();
+        sent.sort_unstable();
+        let mut here: Vec<&str> = self.info.data_columns().map(|c| c.name.as_str()).collect();
+        here.sort_unstable();
+        if sent == here {
+            return None;
+        }
+        let missing: Vec<&&str> = sent.iter().filter(|c| !here.contains(c)).collect();
+        let extra: Vec<&&str> = here.iter().filter(|c| !sent.contains(c)).collect();
+        Some(format!(
+            "the columns of {} differ between masters: the record has {missing:?} that this master lacks, this master has {extra:?} that the record lacks; make the table the same on every master, then re-apply the dead letters",
+            self.info.name
+        ))
+    }
+
+    /// The JSON element for the upsert statement: the row plus the stamp.
+    fn row_json(&self, change: &Change) -> serde_json::Value {
+        serde_json::json!({"row": change.row, "origin": change.origin, "version": change.version})
+    }
+
+    /// An update that left some (TOASTed) columns out: set only what it sent.
+    async fn update_present_columns(
+        &self,
+        conn: &mut PgConnection,
+        change: &Change,
+    ) -> std::result::Result<(), sqlx::Error> {
+        let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
+        let row = change.row.as_ref().expect("updates have rows");
+        let mut set: Vec<String> = row
+            .keys()
+            .filter(|c| !self.info.key.contains(c))
+            .map(|c| {
+                let ty = &self.info.column(c).expect("shape checked").sql_type;
+                format!(
+                    "{} = ($1::jsonb->>{})::{ty}",
+                    quote_ident(c),
+                    quote_literal(c)
+                )
+            })
+            .collect();
+        set.push(format!("{o} = $2"));
+        set.push(format!("{v} = $3"));
+        let key_match: Vec<String> = self
+            .info
+            .key
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} = ($1::jsonb->>{})::{}",
+                    quote_ident(k),
+                    quote_literal(k),
+                    self.info.column(k).expect("key").sql_type
+                )
+            })
+            .collect();
+        let sql = format!(
+            "UPDATE {} SET {} WHERE {} AND ({v}, {o}) < ($3, $2 COLLATE \"C\")",
+            self.info.name.quoted(),
+            set.join(", "),
+            key_match.join(" AND ")
+        );
+        sqlx::query(&sql)
+            .bind(serde_json::to_value(row).expect("strings"))
+            .bind(&change.origin)
+            .bind(change.version)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn savepoint(conn: &mut PgConnection, target: &str, sql: &'static str) -> Result<()> {
+    // Executor::execute returns a boxed future; `raw_sql(..).execute` would trip
+    // rustc's higher-ranked Send check when the sink is spawned.
+    sqlx::Executor::execute(conn, sql)
+        .await
+        .map_err(Error::db(target, "savepoint"))?;
+    Ok(())
+}
+
+/// The canonical key text of a key object read back from the database.
+fn key_text(v: serde_json::Value) -> String {
+    let key: Key = serde_json::from_value(v).unwrap_or_default();
+    encode_key(&key)
+}
+
+/// Errors that mean "the database refuses this data", not "try again later":
+/// SQLSTATE classes 22 (data exception), 23 (integrity constraint) and 42 (a
+/// column or type that does not exist, schema drift).
+fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42")),
+        _ => false,
+    }
+}

@@ -1,0 +1,643 @@
+//! The test bed: real PostgreSQL clusters and a real tansu broker on loopback,
+//! started in temporary folders and removed when dropped. Shared by the
+//! integration tests, `loop-tests/`, the benchmarks and the demo
+//! (`mmsync-bed`).
+//!
+//! Each server can be killed with SIGKILL and started again on the same data
+//! and port, which the chaos tests need. When the bed runs as root (as CI
+//! does), PostgreSQL runs as the unprivileged `postgres` system user, since
+//! `initdb` and `postgres` refuse to run as root.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, PgConnection};
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+/// How long a server may take to start before the bed gives up.
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BedError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+    #[error("{what} did not start within {secs}s; its log ({log}) ends with:\n{tail}")]
+    NotStarted {
+        what: String,
+        secs: u64,
+        log: String,
+        tail: String,
+    },
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+type Result<T> = std::result::Result<T, BedError>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BedError {
+    let what = what.into();
+    move |source| BedError::Io { what, source }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("the loopback interface has a free port")
+}
+
+/// Polls `check` until it returns `Some`, or fails after `deadline`.
+/// The bed's and the tests' only way to wait: on a condition, never a fixed sleep.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The uid and gid of the `postgres` system user when we run as root.
+fn postgres_user() -> Result<Option<(u32, u32)>> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").map_err(io("reading /etc/passwd"))?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&"postgres") && f.len() > 3)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .map(Some)
+        .ok_or_else(|| {
+            BedError::Setup(
+                "running as root, but there is no 'postgres' system user to run PostgreSQL as; \
+                 install the postgresql package (scripts/setup does)"
+                    .into(),
+            )
+        })
+}
+
+/// The folder holding `initdb` and `postgres`: `$MMSYNC_PG_BIN`, else the
+/// newest `/usr/lib/postgresql/*/bin`, else the `PATH`.
+pub fn pg_bin_dir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("MMSYNC_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, p)| p.join("initdb").exists())
+        .collect();
+    dirs.sort();
+    if let Some((_, dir)) = dirs.pop() {
+        return Ok(dir);
+    }
+    which("initdb")
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .ok_or_else(|| {
+            BedError::Setup(
+                "initdb not found; run scripts/setup (it installs PostgreSQL) or set MMSYNC_PG_BIN"
+                    .into(),
+            )
+        })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn chown_tree(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(io(format!("chown {}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Options of a PostgreSQL cluster.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// `wal_level`; `logical` unless a test needs a broken master.
+    pub wal_level: String,
+    /// Port to listen on; a free one when `None`.
+    pub port: Option<u16>,
+    /// Extra lines for postgresql.conf.
+    pub extra_conf: Vec<String>,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            wal_level: "logical".into(),
+            port: None,
+            extra_conf: Vec::new(),
+        }
+    }
+}
+
+/// A PostgreSQL cluster made with `initdb` in a temporary folder.
+pub struct PgCluster {
+    dir: TempDir,
+    port: u16,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl PgCluster {
+    /// Makes and starts a cluster. Superuser `postgres`, trust authentication on 127.0.0.1.
+    pub async fn start(opts: PgOptions) -> Result<PgCluster> {
+        let bin = pg_bin_dir()?;
+        let owner = postgres_user()?;
+        let dir = tempfile::Builder::new()
+            .prefix("mmsync-pg-")
+            .tempdir()
+            .map_err(io("making a temporary folder"))?;
+        chown_tree(dir.path(), owner)?;
+        let data = dir.path().join("data");
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some((uid, gid)) = owner {
+            initdb.uid(uid).gid(gid);
+        }
+        let out = initdb
+            .output()
+            .await
+            .map_err(io(format!("running {}", bin.join("initdb").display())))?;
+        if !out.status.success() {
+            return Err(BedError::Setup(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let port = opts.port.unwrap_or_else(free_port);
+        let mut conf = vec![
+            format!("port = {port}"),
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("unix_socket_directories = '{}'", dir.path().display()),
+            format!("wal_level = {}", opts.wal_level),
+            "max_replication_slots = 20".into(),
+            "max_wal_senders = 20".into(),
+            "max_connections = 100".into(),
+            "shared_buffers = 64MB".into(),
+            // Process kills are what the chaos tests do; an OS crash is not, so
+            // skipping fsync loses nothing the tests look at and saves time.
+            "fsync = off".into(),
+            "full_page_writes = off".into(),
+            "log_min_messages = warning".into(),
+        ];
+        conf.extend(opts.extra_conf);
+        let conf_path = data.join("postgresql.conf");
+        let mut text =
+            std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
+        text.push_str("\n# mmsync test bed\n");
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text).map_err(io("writing postgresql.conf"))?;
+        let mut cluster = PgCluster {
+            dir,
+            port,
+            bin,
+            owner,
+            child: None,
+        };
+        cluster.launch().await?;
+        Ok(cluster)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// Starts the postmaster and waits until it accepts connections. After a
+    /// SIGKILL the old postmaster's children may hold the shared memory for a
+    /// moment: the start is tried again until the deadline.
+    async fn launch(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path())
+                .map_err(io("opening the postgres log"))?;
+            std::fs::set_permissions(self.log_path(), std::fs::Permissions::from_mode(0o666)).ok();
+            let mut cmd = Command::new(self.bin.join("postgres"));
+            cmd.arg("-D")
+                .arg(self.dir.path().join("data"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(io("log"))?)
+                .stderr(log)
+                .kill_on_drop(true);
+            if let Some((uid, gid)) = self.owner {
+                cmd.uid(uid).gid(gid);
+            }
+            let mut child = cmd.spawn().map_err(io("starting postgres"))?;
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited: maybe leftovers of a killed postmaster; try again
+                }
+                if self.connect("postgres").await.is_ok() {
+                    self.child = Some(child);
+                    return Ok(());
+                }
+                if start.elapsed() > START_DEADLINE {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if start.elapsed() > START_DEADLINE {
+                let _ = child.kill().await;
+                return Err(BedError::NotStarted {
+                    what: format!("postgres on port {}", self.port),
+                    secs: START_DEADLINE.as_secs(),
+                    log: self.log_path().display().to_string(),
+                    tail: log_tail(&self.log_path()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of a database on this cluster.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub async fn connect(&self, db: &str) -> std::result::Result<PgConnection, sqlx::Error> {
+        PgConnection::connect(&self.url(db)).await
+    }
+
+    /// Creates a database (no error if it exists).
+    pub async fn create_database(&self, db: &str) -> Result<()> {
+        let mut conn = self.connect("postgres").await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(db)
+                .fetch_one(&mut conn)
+                .await?;
+        if !exists {
+            sqlx::raw_sql(&format!(
+                "CREATE DATABASE {}",
+                crate::topology::quote_ident(db)
+            ))
+            .execute(&mut conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Kills the postmaster with SIGKILL, as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the cluster again on the same data and port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.launch().await
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// Where a broker keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerStorage {
+    /// Lost when the broker stops; the default.
+    Memory,
+    /// An SQLite file in the broker's folder: survives a kill.
+    Sqlite,
+}
+
+/// A tansu broker on a free loopback port.
+pub struct Broker {
+    dir: TempDir,
+    port: u16,
+    storage: BrokerStorage,
+    bin: PathBuf,
+    child: Option<Child>,
+}
+
+/// The tansu binary: `$MMSYNC_TANSU_BIN`, else `tansu` on the `PATH`, else `~/.cargo/bin/tansu`.
+pub fn tansu_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("MMSYNC_TANSU_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    which("tansu")
+        .or_else(|| {
+            let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
+            p.is_file().then_some(p)
+        })
+        .ok_or_else(|| BedError::Setup("tansu not found; run scripts/setup (it installs tansu 0.6.0) or set MMSYNC_TANSU_BIN".into()))
+}
+
+impl Broker {
+    pub async fn start(storage: BrokerStorage) -> Result<Broker> {
+        let dir = tempfile::Builder::new()
+            .prefix("mmsync-tansu-")
+            .tempdir()
+            .map_err(io("making a temporary folder"))?;
+        let mut broker = Broker {
+            dir,
+            port: free_port(),
+            storage,
+            bin: tansu_bin()?,
+            child: None,
+        };
+        broker.launch().await?;
+        Ok(broker)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("tansu.log")
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        let storage = match self.storage {
+            BrokerStorage::Memory => "memory://tansu/".to_string(),
+            BrokerStorage::Sqlite => "sqlite://tansu.db".to_string(),
+        };
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io("opening the tansu log"))?;
+        let child = Command::new(&self.bin)
+            .arg("broker")
+            .arg(format!("--storage-engine={storage}"))
+            .arg(format!("--advertised-listener-url={url}"))
+            .arg(format!("--listener-url={url}"))
+            .arg(format!(
+                "--prometheus-listener-url=tcp://127.0.0.1:{}",
+                free_port()
+            ))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io("log"))?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!("starting {}", self.bin.display())))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            let exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
+            if exited || start.elapsed() > START_DEADLINE {
+                self.kill().await;
+                return Err(BedError::NotStarted {
+                    what: format!("tansu on port {}", self.port),
+                    secs: START_DEADLINE.as_secs(),
+                    log: self.log_path().display().to_string(),
+                    tail: log_tail(&self.log_path()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `host:port` for `[kafka] brokers`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn storage(&self) -> BrokerStorage {
+        self.storage
+    }
+
+    /// Kills the broker with SIGKILL.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the broker again on the same port (and, with SQLite, the same data).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.launch().await
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+/// N masters (one database `app` each) and a broker, plus a topology file
+/// describing them.
+pub struct Bed {
+    pub masters: Vec<(String, PgCluster)>,
+    pub broker: Broker,
+    pub dir: TempDir,
+}
+
+/// Database name of every master in the bed.
+pub const BED_DATABASE: &str = "app";
+
+impl Bed {
+    /// Starts `names.len()` masters and a broker concurrently.
+    pub async fn start(names: &[&str], storage: BrokerStorage) -> Result<Bed> {
+        let dir = tempfile::Builder::new()
+            .prefix("mmsync-bed-")
+            .tempdir()
+            .map_err(io("making a temporary folder"))?;
+        let broker = Broker::start(storage);
+        let masters = async {
+            let mut started = Vec::new();
+            for name in names {
+                let cluster = PgCluster::start(PgOptions::default()).await?;
+                cluster.create_database(BED_DATABASE).await?;
+                started.push((name.to_string(), cluster));
+            }
+            Ok::<_, BedError>(started)
+        };
+        let (broker, masters) = tokio::join!(broker, masters);
+        Ok(Bed {
+            masters: masters?,
+            broker: broker?,
+            dir,
+        })
+    }
+
+    pub fn master(&self, name: &str) -> &PgCluster {
+        &self
+            .masters
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a master of this bed")
+            .1
+    }
+
+    pub fn master_mut(&mut self, name: &str) -> &mut PgCluster {
+        &mut self
+            .masters
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .expect("a master of this bed")
+            .1
+    }
+
+    /// Writes a topology for this bed with the given tables and extra `[sync]`
+    /// lines, and returns its path.
+    pub fn write_topology(&self, tables: &[&str], extra_sync: &str) -> PathBuf {
+        let mut text = format!(
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"mmsync\"\npartitions = 3\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n",
+            self.broker.address(),
+            free_port()
+        );
+        for (name, cluster) in &self.masters {
+            text.push_str(&format!(
+                "[[masters]]\nname = \"{name}\"\nurl = \"{}\"\n\n",
+                cluster.url(BED_DATABASE)
+            ));
+        }
+        let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
+        text.push_str(&format!(
+            "[sync]\ntables = [{}]\n{extra_sync}\n",
+            tables.join(", ")
+        ));
+        let path = self.dir.path().join("topology.toml");
+        std::fs::write(&path, text).expect("the bed folder is writable");
+        path
+    }
+
+    /// Runs SQL on every master.
+    pub async fn sql_everywhere(&self, sql: &str) -> Result<()> {
+        for (_, cluster) in &self.masters {
+            let mut conn = cluster.connect(BED_DATABASE).await?;
+            sqlx::raw_sql(sql).execute(&mut conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The `mmsync` binary as a child process, its output in a log file.
+pub struct MmsyncProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl MmsyncProcess {
+    /// Starts `mmsync --topology <topology> <args>`.
+    pub fn spawn(
+        bin: &Path,
+        topology: &Path,
+        args: &[&str],
+        log: PathBuf,
+    ) -> Result<MmsyncProcess> {
+        let file = std::fs::File::create(&log).map_err(io("creating the mmsync log"))?;
+        let child = Command::new(bin)
+            .arg("--topology")
+            .arg(topology)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().map_err(io("log"))?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!("starting {}", bin.display())))?;
+        Ok(MmsyncProcess { child, log })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) with a pid we own and a valid signal number.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        self.child.wait().await.expect("waiting for mmsync")
+    }
+
+    /// Kills with SIGKILL, as a crash would.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// The exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}

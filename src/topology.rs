@@ -1,0 +1,790 @@
+//! `topology.toml`: which masters, which tables, which Kafka. Parsed with serde
+//! (`deny_unknown_fields`, so a typo is an error) and validated once, before
+//! anything connects. Every problem is reported with its line and key path.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default file name, looked up in the working directory.
+pub const DEFAULT_PATH: &str = "topology.toml";
+
+/// Name of the column that holds the master where a row's current version was written.
+pub const ORIGIN_COLUMN: &str = "mmsync_origin";
+/// Name of the column that holds a row's version stamp.
+pub const VERSION_COLUMN: &str = "mmsync_version";
+
+// ---------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    kafka: KafkaFile,
+    #[serde(default)]
+    metrics: MetricsFile,
+    #[serde(default)]
+    masters: Vec<MasterFile>,
+    sync: SyncFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KafkaFile {
+    brokers: Spanned<String>,
+    #[serde(default = "default_topic_prefix")]
+    topic_prefix: Spanned<String>,
+    #[serde(default = "default_partitions")]
+    partitions: Spanned<i32>,
+    #[serde(default = "default_replication_factor")]
+    replication_factor: Spanned<i32>,
+    #[serde(default)]
+    client: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    #[serde(default = "default_metrics_listen")]
+    listen: Spanned<String>,
+}
+
+impl Default for MetricsFile {
+    fn default() -> Self {
+        MetricsFile {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MasterFile {
+    name: Spanned<String>,
+    url: Option<Spanned<String>>,
+    url_env: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SyncFile {
+    tables: Spanned<Vec<Spanned<String>>>,
+    #[serde(default = "default_batch_max_changes")]
+    batch_max_changes: Spanned<i64>,
+    #[serde(default = "default_batch_max_wait_ms")]
+    batch_max_wait_ms: Spanned<i64>,
+    #[serde(default = "default_capture_max_changes")]
+    capture_max_changes: Spanned<i64>,
+    #[serde(default = "default_capture_idle_ms")]
+    capture_idle_ms: Spanned<i64>,
+}
+
+fn unspanned<T>(v: T) -> Spanned<T> {
+    Spanned::new(0..0, v)
+}
+fn default_topic_prefix() -> Spanned<String> {
+    unspanned("mmsync".into())
+}
+fn default_partitions() -> Spanned<i32> {
+    unspanned(6)
+}
+fn default_replication_factor() -> Spanned<i32> {
+    unspanned(1)
+}
+fn default_metrics_listen() -> Spanned<String> {
+    unspanned("127.0.0.1:9464".into())
+}
+fn default_batch_max_changes() -> Spanned<i64> {
+    unspanned(1000)
+}
+fn default_batch_max_wait_ms() -> Spanned<i64> {
+    unspanned(50)
+}
+fn default_capture_max_changes() -> Spanned<i64> {
+    unspanned(10_000)
+}
+fn default_capture_idle_ms() -> Spanned<i64> {
+    unspanned(100)
+}
+
+// ---------------------------------------------------------------------------
+// The validated topology the rest of mmsync works with.
+
+/// A validated topology.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub kafka: Kafka,
+    pub metrics_listen: SocketAddr,
+    pub masters: Vec<Master>,
+    pub tables: Vec<TableName>,
+    pub sync: SyncSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Kafka {
+    pub brokers: String,
+    pub topic_prefix: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// librdkafka properties passed through as they are.
+    pub client: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Master {
+    pub name: String,
+    pub url: DbUrl,
+}
+
+/// Batching and polling settings, all with defaults.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// A sink applies at most this many changes per transaction.
+    pub batch_max_changes: usize,
+    /// A sink waits at most this long for a batch to fill.
+    pub batch_max_wait: Duration,
+    /// A source reads at most about this many messages from its slot per round.
+    pub capture_max_changes: usize,
+    /// A source sleeps this long when its slot had nothing new.
+    pub capture_idle: Duration,
+}
+
+/// A synced table, `schema.name`, as PostgreSQL spells it (case kept).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` with SQL identifier rules: bare parts fold to lower
+    /// case, `"Quoted"` parts are kept as written; a missing schema is `public`.
+    pub fn parse(s: &str) -> Result<TableName, String> {
+        let parts = split_identifier(s)?;
+        match parts.as_slice() {
+            [name] => Ok(TableName {
+                schema: "public".into(),
+                name: name.clone(),
+            }),
+            [schema, name] => Ok(TableName {
+                schema: schema.clone(),
+                name: name.clone(),
+            }),
+            _ => Err(format!(
+                "{s:?} has {} dotted parts; write schema.table",
+                parts.len()
+            )),
+        }
+    }
+
+    /// The name quoted for SQL: `"schema"."name"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an identifier for SQL, doubling embedded quotes.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL (for DDL, where bind parameters cannot go).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn split_identifier(s: &str) -> Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut chars = s.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => part.push(c),
+                    None => return Err(format!("{s:?} has an unclosed double quote")),
+                }
+            }
+            if part.is_empty() {
+                return Err(format!("{s:?} has an empty quoted name"));
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+            let valid = part
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+            if !valid {
+                return Err(format!(
+                    "{s:?}: {part:?} is not a plain identifier; put names with capitals, spaces or symbols in double quotes, e.g. 'public.\"Order Items\"'"
+                ));
+            }
+        }
+        parts.push(part);
+        match chars.next() {
+            None => return Ok(parts),
+            Some('.') => continue,
+            Some(c) => return Err(format!("{s:?}: unexpected {c:?} after a quoted name")),
+        }
+    }
+}
+
+/// A database URL whose password never prints: `Display` and `Debug` mask it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DbUrl(String);
+
+impl DbUrl {
+    pub fn new(url: impl Into<String>) -> DbUrl {
+        DbUrl(url.into())
+    }
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&mask_password(&self.0))
+    }
+}
+
+impl fmt::Debug for DbUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DbUrl({self})")
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` and of a
+/// `password=` query parameter with `***`.
+pub fn mask_password(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        if let Some(at) = out[rest_start..].rfind('@').map(|i| i + rest_start) {
+            if let Some(colon) = out[rest_start..at].find(':').map(|i| i + rest_start) {
+                out.replace_range(colon + 1..at, "***");
+            }
+        }
+    }
+    if let Some(p) = out.find("password=") {
+        let start = p + "password=".len();
+        let end = out[start..].find('&').map_or(out.len(), |i| i + start);
+        out.replace_range(start..end, "***");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Loading and validation.
+
+/// Everything wrong with a topology file, one problem per entry.
+#[derive(Debug, thiserror::Error)]
+pub struct TopologyError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// One problem: where (line, key) and what to do.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for TopologyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.path.display())?;
+            if let Some(line) = p.line {
+                write!(f, ":{line}")?;
+                if let Some(col) = p.column {
+                    write!(f, ":{col}")?;
+                }
+            }
+            if p.key.is_empty() {
+                write!(f, ": {}", p.message)?;
+            } else {
+                write!(f, ": {}: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Topology {
+    /// Reads and validates a topology file; environment variables named by
+    /// `url_env` are read from the process environment.
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
+            path: path.to_path_buf(),
+            problems: vec![Problem {
+                line: None,
+                column: None,
+                key: String::new(),
+                message: format!(
+                    "cannot read the topology file: {e}; pass --topology PATH or set MMSYNC_TOPOLOGY"
+                ),
+            }],
+        })?;
+        Topology::parse(&text, path, |name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates topology text. `env` looks up `url_env` variables.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Topology, TopologyError> {
+        let err = |problems| TopologyError {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let file: File = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((None, None), |s| {
+                let (l, c) = line_col(text, s.start);
+                (Some(l), Some(c))
+            });
+            err(vec![Problem {
+                line,
+                column,
+                key: String::new(),
+                message: e.message().trim().to_string(),
+            }])
+        })?;
+        let mut v = Validator {
+            text,
+            problems: Vec::new(),
+        };
+        let topology = v.validate(file, &env);
+        match topology {
+            Some(t) if v.problems.is_empty() => Ok(t),
+            _ => Err(err(v.problems)),
+        }
+    }
+
+    pub fn master(&self, name: &str) -> Option<&Master> {
+        self.masters.iter().find(|m| m.name == name)
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn problem<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let line = (at.span() != (0..0)).then(|| line_col(self.text, at.span().start).0);
+        self.problems.push(Problem {
+            line,
+            column: None,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn positive(&mut self, v: &Spanned<i64>, key: &str, max: i64) -> i64 {
+        let n = *v.get_ref();
+        if n < 1 || n > max {
+            self.problem(v, key, format!("must be between 1 and {max}, not {n}"));
+        }
+        n.clamp(1, max)
+    }
+
+    fn validate(&mut self, file: File, env: &impl Fn(&str) -> Option<String>) -> Option<Topology> {
+        // [kafka]
+        let k = &file.kafka;
+        if k.brokers.get_ref().trim().is_empty() {
+            self.problem(
+                &k.brokers,
+                "kafka.brokers",
+                "is empty; list the bootstrap brokers as \"host:port,host:port\"",
+            );
+        }
+        let prefix = k.topic_prefix.get_ref();
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            self.problem(
+                &k.topic_prefix,
+                "kafka.topic_prefix",
+                format!("{prefix:?} must be non-empty and use only letters, digits, '_' and '-'"),
+            );
+        }
+        if !(1..=10_000).contains(k.partitions.get_ref()) {
+            self.problem(
+                &k.partitions,
+                "kafka.partitions",
+                format!(
+                    "must be between 1 and 10000, not {}",
+                    k.partitions.get_ref()
+                ),
+            );
+        }
+        if !(1..=100).contains(k.replication_factor.get_ref()) {
+            self.problem(
+                &k.replication_factor,
+                "kafka.replication_factor",
+                format!(
+                    "must be between 1 and 100, not {}",
+                    k.replication_factor.get_ref()
+                ),
+            );
+        }
+        let mut client = BTreeMap::new();
+        for (key, value) in &k.client {
+            let value = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => {
+                    self.problems.push(Problem {
+                        line: None,
+                        column: None,
+                        key: format!("kafka.client.{key:?}"),
+                        message: format!(
+                            "must be a string, number or boolean, not a {}",
+                            other.type_str()
+                        ),
+                    });
+                    continue;
+                }
+            };
+            client.insert(key.clone(), value);
+        }
+
+        // [metrics]
+        let listen = match file.metrics.listen.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    &file.metrics.listen,
+                    "metrics.listen",
+                    format!(
+                        "{:?} is not an address like \"127.0.0.1:9464\"",
+                        file.metrics.listen.get_ref()
+                    ),
+                );
+                None
+            }
+        };
+
+        // [[masters]]
+        if file.masters.len() < 2 {
+            self.problems.push(Problem {
+                line: None,
+                column: None,
+                key: "masters".into(),
+                message: format!(
+                    "{} master(s) declared; declare at least two [[masters]] with a name and a url",
+                    file.masters.len()
+                ),
+            });
+        }
+        let mut names = HashSet::new();
+        let mut masters = Vec::new();
+        for (i, m) in file.masters.iter().enumerate() {
+            let key = format!("masters[{i}]");
+            let name = m.name.get_ref();
+            if name.is_empty()
+                || name.len() > 40
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                self.problem(
+                    &m.name,
+                    format!("{key}.name"),
+                    format!("{name:?} must be 1 to 40 characters of [a-z0-9_]"),
+                );
+            } else if !names.insert(name.clone()) {
+                self.problem(
+                    &m.name,
+                    format!("{key}.name"),
+                    format!("{name:?} is declared twice; every master needs its own name"),
+                );
+            }
+            let url = match (&m.url, &m.url_env) {
+                (Some(url), None) => Some(url.get_ref().clone()),
+                (None, Some(var)) => match env(var.get_ref()) {
+                    Some(url) => Some(url),
+                    None => {
+                        self.problem(var, format!("{key}.url_env"), format!("environment variable {:?} is not set; export it with the database URL of master {name:?}", var.get_ref()));
+                        None
+                    }
+                },
+                (Some(url), Some(_)) => {
+                    self.problem(url, key.clone(), "has both url and url_env; keep one");
+                    None
+                }
+                (None, None) => {
+                    self.problem(&m.name, key.clone(), format!("master {name:?} has no url; add url = \"postgres://...\" or url_env = \"VARIABLE\""));
+                    None
+                }
+            };
+            if let Some(url) = url {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    let at = m
+                        .url
+                        .as_ref()
+                        .or(m.url_env.as_ref())
+                        .expect("one of them is set");
+                    self.problem(
+                        at,
+                        format!("{key}.url"),
+                        format!("{} is not a postgres:// URL", mask_password(&url)),
+                    );
+                }
+                masters.push(Master {
+                    name: name.clone(),
+                    url: DbUrl(url),
+                });
+            }
+        }
+
+        // [sync]
+        let s = &file.sync;
+        if s.tables.get_ref().is_empty() {
+            self.problem(
+                &s.tables,
+                "sync.tables",
+                "is empty; list the tables to sync, e.g. [\"public.users\"]",
+            );
+        }
+        let mut tables = Vec::new();
+        for (i, t) in s.tables.get_ref().iter().enumerate() {
+            match TableName::parse(t.get_ref()) {
+                Ok(name) if tables.contains(&name) => self.problem(
+                    t,
+                    format!("sync.tables[{i}]"),
+                    format!("{name} is listed twice"),
+                ),
+                Ok(name) => tables.push(name),
+                Err(e) => self.problem(t, format!("sync.tables[{i}]"), e),
+            }
+        }
+        let sync = SyncSettings {
+            batch_max_changes: self.positive(
+                &s.batch_max_changes,
+                "sync.batch_max_changes",
+                1_000_000,
+            ) as usize,
+            batch_max_wait: Duration::from_millis(self.positive(
+                &s.batch_max_wait_ms,
+                "sync.batch_max_wait_ms",
+                600_000,
+            ) as u64),
+            capture_max_changes: self.positive(
+                &s.capture_max_changes,
+                "sync.capture_max_changes",
+                10_000_000,
+            ) as usize,
+            capture_idle: Duration::from_millis(self.positive(
+                &s.capture_idle_ms,
+                "sync.capture_idle_ms",
+                600_000,
+            ) as u64),
+        };
+
+        Some(Topology {
+            kafka: Kafka {
+                brokers: k.brokers.get_ref().clone(),
+                topic_prefix: prefix.clone(),
+                partitions: *k.partitions.get_ref(),
+                replication_factor: *k.replication_factor.get_ref(),
+                client,
+            },
+            metrics_listen: listen?,
+            masters,
+            tables,
+            sync,
+        })
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+topic_prefix = "mmsync"
+partitions = 6
+[kafka.client]
+"security.protocol" = "plaintext"
+
+[metrics]
+listen = "127.0.0.1:9464"
+
+[[masters]]
+name = "seoul"
+url = "postgres://postgres:secret@127.0.0.1:5433/chat"
+
+[[masters]]
+name = "busan"
+url_env = "BUSAN_URL"
+
+[sync]
+tables = ["public.users", "messages", 'public."Order Items"']
+"#;
+
+    fn parse(text: &str) -> Result<Topology, TopologyError> {
+        Topology::parse(text, Path::new("topology.toml"), |v| {
+            (v == "BUSAN_URL").then(|| "postgres://b@h/db".to_string())
+        })
+    }
+
+    fn problems(text: &str) -> String {
+        parse(text).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn good_file_parses_with_defaults() {
+        let t = parse(GOOD).unwrap();
+        assert_eq!(t.masters.len(), 2);
+        assert_eq!(t.masters[1].url.expose(), "postgres://b@h/db");
+        assert_eq!(
+            t.tables[1],
+            TableName {
+                schema: "public".into(),
+                name: "messages".into()
+            }
+        );
+        assert_eq!(t.tables[2].quoted(), r#""public"."Order Items""#);
+        assert_eq!(t.kafka.client["security.protocol"], "plaintext");
+        assert_eq!(t.sync.batch_max_changes, 1000);
+        assert_eq!(t.sync.batch_max_wait, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = GOOD.replace("partitions = 6", "partitions = 6\nbrokerz = 1");
+        let msg = problems(&text);
+        assert!(
+            msg.starts_with("topology.toml:6:1: unknown field `brokerz`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let msg = problems(&GOOD.replace("partitions = 6", "partitions = = 6"));
+        assert!(msg.starts_with("topology.toml:5:"), "{msg}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let text = GOOD
+            .replace("name = \"busan\"", "name = \"seoul\"")
+            .replace("\"messages\"", "\"users\"")
+            .replace("BUSAN_URL", "NOPE_URL");
+        let msg = problems(&text);
+        assert!(
+            msg.contains("topology.toml:17: masters[1].name: \"seoul\" is declared twice"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("masters[1].url_env: environment variable \"NOPE_URL\" is not set"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("sync.tables[1]: public.users is listed twice"),
+            "{msg}"
+        );
+        assert_eq!(msg.lines().count(), 3, "{msg}");
+    }
+
+    #[test]
+    fn one_master_is_not_enough() {
+        let text = GOOD
+            .split("[[masters]]\nname = \"busan\"")
+            .collect::<Vec<_>>()
+            .join("");
+        assert!(problems(&text).contains("masters: 1 master(s) declared; declare at least two"));
+    }
+
+    #[test]
+    fn bad_master_name() {
+        let msg = problems(&GOOD.replace("\"seoul\"", "\"Seoul-1\""));
+        assert!(
+            msg.contains("masters[0].name: \"Seoul-1\" must be 1 to 40 characters of [a-z0-9_]"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn table_names() {
+        assert_eq!(
+            TableName::parse("Public.Users").unwrap().to_string(),
+            "public.users"
+        );
+        assert_eq!(
+            TableName::parse(r#""My ""S"""."x""#).unwrap().quoted(),
+            r#""My ""S"""."x""#
+        );
+        assert!(TableName::parse("a.b.c").is_err());
+        assert!(TableName::parse("public.Order Items")
+            .unwrap_err()
+            .contains("double quotes"));
+        assert!(TableName::parse("\"open").is_err());
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            mask_password("postgres://u:pw@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        assert_eq!(
+            mask_password("postgres://u@h/db?password=pw&x=1"),
+            "postgres://u@h/db?password=***&x=1"
+        );
+        let t = parse(GOOD).unwrap();
+        assert!(!format!("{:?}", t).contains("secret"));
+        assert!(!format!("{}", t.masters[0].url).contains("secret"));
+    }
+}
