@@ -429,10 +429,6 @@ impl Broker {
             .arg(format!("--storage-engine={storage}"))
             .arg(format!("--advertised-listener-url={url}"))
             .arg(format!("--listener-url={url}"))
-            .arg(format!(
-                "--prometheus-listener-url=tcp://127.0.0.1:{}",
-                free_port()
-            ))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("log"))?)
