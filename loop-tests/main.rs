@@ -1,1 +1,7 @@
+//! End-to-end tests on the test bed: real PostgreSQL clusters, a real tansu
+//! broker and the real `mmsync` binary as a child process. One test binary
+//! (like etl's), one module per concern.
 
+mod apply;
+mod capture;
+mod common;

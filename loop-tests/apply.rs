@@ -1,0 +1,318 @@
+//! The sink and `mmsync run`: changes reach every other master, nothing
+//! echoes back, conflicts resolve to one winner everywhere.
+
+use std::time::Duration;
+
+use mmsync::testbed::{wait_for, BrokerStorage};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+
+use crate::common::{kv_state, lww_model, random_writes, seed, Synced, DEADLINE, KV};
+
+const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL, score int)";
+
+#[tokio::test]
+async fn a_row_written_on_one_master_appears_on_the_other() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        USERS,
+        &["public.users"],
+        "",
+    )
+    .await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql("INSERT INTO users (name, score) VALUES ('kim', 1), ('lee', 2)")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    let mut busan = s.conn("busan").await;
+    sqlx::raw_sql("INSERT INTO users (name, score) VALUES ('park', 3); UPDATE users SET score = 10 WHERE name = 'park'")
+        .execute(&mut busan)
+        .await
+        .unwrap();
+    let rows = s.converged("users").await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(
+        rows.iter().any(|r| r.contains("\"name\": \"park\"")
+            && r.contains("\"score\": 10")
+            && r.contains("\"mmsync_origin\": \"busan\"")),
+        "{rows:?}"
+    );
+    sqlx::raw_sql("DELETE FROM users WHERE name = 'kim'")
+        .execute(&mut busan)
+        .await
+        .unwrap();
+    let rows = s.converged("users").await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    s.stop().await;
+}
+
+/// End offsets of every topic, from a broker whose watermarks are right (SQLite storage).
+fn end_offsets(s: &Synced) -> Vec<(String, i32, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", s.bed.broker.address())
+        .create()
+        .unwrap();
+    let mut out = Vec::new();
+    for (_, _, topic) in mmsync::kafka::all_topics(&s.topology()) {
+        let partitions = mmsync::kafka::partitions(&consumer, &topic)
+            .unwrap()
+            .unwrap();
+        for p in 0..partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap();
+            out.push((topic.clone(), p, high));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn no_echo_once_writes_stop() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Sqlite,
+        USERS,
+        &["public.users"],
+        "",
+    )
+    .await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    // 1,000 changes: 600 inserts, 300 updates, 100 deletes.
+    sqlx::raw_sql(
+        "INSERT INTO users (name, score) SELECT 'u' || i, i FROM generate_series(1, 600) i;
+         UPDATE users SET score = score + 1 WHERE id IN (SELECT id FROM users ORDER BY id LIMIT 300);
+         DELETE FROM users WHERE id IN (SELECT id FROM users ORDER BY id DESC LIMIT 100);",
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    let rows = s.converged("users").await;
+    assert_eq!(rows.len(), 500);
+    // Every change is accounted for at busan: applied, or skipped because a
+    // later change of the same row in the same batch superseded it.
+    let handled = |text: &str| {
+        [
+            "mmsync_changes_applied_total",
+            "mmsync_changes_skipped_total",
+        ]
+        .map(|m| crate::common::metric_sum(text, m, &[("target", "busan")]))
+        .iter()
+        .sum::<f64>()
+    };
+    wait_for("busan to account for 1000 changes", DEADLINE, || async {
+        (handled(&s.metrics().await) >= 1000.0).then_some(())
+    })
+    .await;
+
+    // Each of the 500 rows busan holds was written there by the applier, and
+    // busan's source dropped that change instead of sending it back.
+    s.wait_metric(
+        "mmsync_loop_suppressed_total",
+        &[("master", "busan")],
+        500.0,
+    )
+    .await;
+
+    // Quiet now: nothing may move for well over ten batch intervals (50 ms each).
+    let counters = |text: &str| {
+        let sum = |m| crate::common::metric_sum(text, m, &[]);
+        [
+            sum("mmsync_changes_captured_total"),
+            sum("mmsync_records_produced_total"),
+            handled(text),
+        ]
+    };
+    let before = (
+        counters(&s.metrics().await),
+        end_offsets(&s),
+        s.metric("mmsync_loop_suppressed_total", &[]).await,
+    );
+    let busan_records: i64 = before
+        .1
+        .iter()
+        .filter(|(t, _, _)| t.starts_with("mmsync.busan."))
+        .map(|(_, _, h)| h)
+        .sum();
+    assert_eq!(
+        busan_records, 0,
+        "busan produced records of changes that came from seoul: {:?}",
+        before.1
+    );
+    let seoul_records: i64 = before.1.iter().map(|(_, _, h)| h).sum();
+    assert_eq!(seoul_records, 1000, "{:?}", before.1);
+    assert_eq!(
+        before.0,
+        [1000.0, 1000.0, 1000.0],
+        "captured, produced, applied or skipped"
+    );
+    let quiet_until = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < quiet_until {
+        let now = (
+            counters(&s.metrics().await),
+            end_offsets(&s),
+            s.metric("mmsync_loop_suppressed_total", &[]).await,
+        );
+        assert_eq!(now, before, "something moved after writes stopped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await;
+}
+
+/// Concurrent random writes on the same keys at every master; when quiet,
+/// every master equals the last-writer-wins model of all acknowledged writes.
+async fn converge_under_conflict(masters: &[&str], ops: usize) -> Synced {
+    let mut s = Synced::new(masters, BrokerStorage::Memory, KV, &["public.kv"], "").await;
+    s.start();
+    let seed = seed("converge_under_conflict");
+    let mut writers = Vec::new();
+    for (i, m) in masters.iter().enumerate() {
+        let mut conn = s.conn(m).await;
+        let master = m.to_string();
+        writers.push(tokio::spawn(async move {
+            random_writes(&mut conn, &master, seed + i as u64, ops, 200).await
+        }));
+    }
+    let mut writes = Vec::new();
+    for w in writers {
+        writes.extend(w.await.unwrap());
+    }
+    let expected = lww_model(&writes);
+    s.converged("kv").await;
+    for m in masters {
+        let actual = kv_state(&s, m).await;
+        assert!(actual == expected, "seed {seed}: {m} differs from the LWW model\nactual:   {actual:?}\nexpected: {expected:?}");
+    }
+    s
+}
+
+#[tokio::test]
+async fn two_masters_converge_under_conflict_to_the_lww_model() {
+    let mut s = converge_under_conflict(&["seoul", "busan"], 1500).await;
+    let conflicts = s.metric("mmsync_conflicts_total", &[]).await;
+    let mut conn = s.conn("seoul").await;
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.conflicts")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        conflicts > 0.0 && logged > 0,
+        "concurrent writes on 200 keys must conflict ({conflicts} counted, {logged} logged)"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn three_masters_converge_under_conflict_to_the_lww_model() {
+    let mut s = converge_under_conflict(&["seoul", "busan", "jeju"], 800).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn replaying_every_record_changes_no_row() {
+    let mut s = converge_under_conflict(&["seoul", "busan"], 600).await;
+    s.stop().await;
+    let before: Vec<Vec<String>> = vec![kv_state(&s, "seoul").await, kv_state(&s, "busan").await];
+    let mut applied = Vec::new();
+    for m in ["seoul", "busan"] {
+        let mut conn = s.conn(m).await;
+        let next: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(next > 0);
+        sqlx::raw_sql("DELETE FROM mmsync.applied_offsets")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        applied.push((m, next));
+    }
+    s.start();
+    for (m, next) in applied {
+        wait_for(
+            &format!("{m} to re-apply every record"),
+            DEADLINE,
+            || async {
+                let mut conn = s.conn(m).await;
+                let now: i64 = sqlx::query_scalar(
+                    "SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets",
+                )
+                .fetch_one(&mut conn)
+                .await
+                .ok()?;
+                (now >= next).then_some(())
+            },
+        )
+        .await;
+    }
+    let after: Vec<Vec<String>> = vec![kv_state(&s, "seoul").await, kv_state(&s, "busan").await];
+    assert_eq!(after, before, "replay changed rows");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn delete_versus_update_ends_by_the_versions_everywhere() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        KV,
+        &["public.kv"],
+        "",
+    )
+    .await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    let mut busan = s.conn("busan").await;
+    sqlx::raw_sql("INSERT INTO kv VALUES (1, 'one', 1), (2, 'two', 2)")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    assert_eq!(s.converged("kv").await.len(), 2);
+    s.stop().await;
+
+    // While the masters cannot see each other: key 1 is deleted on seoul and
+    // then updated on busan (the update is newer); key 2 is updated on busan
+    // and then deleted on seoul (the delete is newer).
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 1")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    sqlx::raw_sql("UPDATE kv SET val = 'one-busan' WHERE id = 1; UPDATE kv SET val = 'two-busan' WHERE id = 2")
+        .execute(&mut busan)
+        .await
+        .unwrap();
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 2")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    let tomb = |id: i32| {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT version FROM mmsync.tombstones WHERE table_name = 'kv' AND key = jsonb_build_object('id', $1::text)",
+        )
+        .bind(id)
+    };
+    let t1 = tomb(1).fetch_one(&mut seoul).await.unwrap();
+    let t2 = tomb(2).fetch_one(&mut seoul).await.unwrap();
+    let v: Vec<(i32, i64)> = sqlx::query_as("SELECT id, mmsync_version FROM kv ORDER BY id")
+        .fetch_all(&mut busan)
+        .await
+        .unwrap();
+    assert!(
+        v[0].1 > t1 && t2 > v[1].1,
+        "the clock order of this test: {v:?} vs tombstones {t1}, {t2}"
+    );
+
+    s.start();
+    let rows = s.converged("kv").await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].contains("\"val\": \"one-busan\""), "{rows:?}");
+    // The deleted key's tombstone keeps an older update from bringing it back.
+    assert_eq!(tomb(2).fetch_one(&mut busan).await.unwrap(), t2);
+    s.stop().await;
+}
