@@ -1,1 +1,369 @@
+//! `mmsync init` and the source: every committed change becomes a Kafka record
+//! with origin and version, nothing is lost, nothing loops.
 
+use mmsync::testbed::BrokerStorage;
+
+use crate::common::{mmsync, Synced};
+
+const TYPES: &str = r#"
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE types (
+    id int PRIMARY KEY,
+    i2 smallint, i4 integer, i8 bigint, num numeric, num_s numeric(40, 15), r4 real, r8 double precision,
+    t text, vc varchar(50), bin bytea, b boolean, d date, tm time, ts timestamp, tstz timestamptz,
+    iv interval, u uuid, j json, jb jsonb, arr int[], tarr text[], m mood
+);"#;
+
+const TYPE_ROWS: &str = r#"
+INSERT INTO types VALUES
+ (1, -32768, 2147483647, -9223372036854775808, 123456789012345678901234567890.123456789012345,
+  -98765432109876543210.123456789012345, 'NaN', 'Infinity', E'Ünïcödé 한국어 ✓ 𝄞 "q" \\ back\nline',
+  'varchar', '\x00ff10', true, '2024-02-29', '23:59:59.999999', '2024-02-29 12:34:56.789012',
+  '2024-02-29 12:34:56.789012+09', '-1 year 2 mons 3 days 04:05:06.789', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+  '{"b": 1,   "a": [1, 2]}', '{"b": 1, "a": [1, 2.50]}', '{1,NULL,3}', ARRAY['a b', 'c"d', NULL, ''], 'happy'),
+ (2, 0, 0, 0, 'NaN', 0, '-Infinity', 1e-300, '', '', '\x', false, '0044-03-15 BC', '00:00', 'infinity',
+  '-infinity', '0', '00000000-0000-0000-0000-000000000000', '[]', 'null', '{}', '{}', 'sad'),
+ (3, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+  NULL, NULL, NULL, NULL, NULL);
+UPDATE types SET i4 = i4 - 1, r8 = 0.1 WHERE id = 1;
+DELETE FROM types WHERE id = 2;
+"#;
+
+#[tokio::test]
+async fn every_type_becomes_records_with_origin_and_version_and_round_trips() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        TYPES,
+        &["public.types"],
+        "",
+    )
+    .await;
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql(TYPE_ROWS).execute(&mut seoul).await.unwrap();
+    s.start();
+
+    // The records: 3 inserts, 1 update, 1 delete, in commit order per key.
+    let mut records = s.records("mmsync.seoul.public.types", 5);
+    records.sort_by_key(|r| (r.partition, r.offset));
+    for r in &records {
+        let v = &r.value;
+        assert_eq!(r.headers["mmsync-origin"], "seoul", "{r:?}");
+        assert_eq!(
+            r.headers["mmsync-version"],
+            v["version"].to_string(),
+            "{r:?}"
+        );
+        assert_eq!(v["origin"], "seoul");
+        assert_eq!(v["source"]["master"], "seoul");
+        assert_eq!(
+            (
+                v["source"]["schema"].as_str(),
+                v["source"]["table"].as_str()
+            ),
+            (Some("public"), Some("types"))
+        );
+        assert!(v["source"]["lsn"].as_str().unwrap().contains('/'), "{v}");
+        assert!(
+            v["source"]["txid"].as_u64().unwrap() > 0
+                && v["source"]["ts_ms"].as_i64().unwrap() > 1_700_000_000_000,
+            "{v}"
+        );
+        assert!(
+            v["after"].get("mmsync_origin").is_none(),
+            "mmsync's columns travel as origin and version: {v}"
+        );
+    }
+    let ops = |key: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r.key == key)
+            .map(|r| r.value["op"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ops(r#"{"id":"1"}"#), ["c", "u"]);
+    assert_eq!(ops(r#"{"id":"2"}"#), ["c", "d"]);
+    assert_eq!(ops(r#"{"id":"3"}"#), ["c"]);
+
+    let insert1 = &records
+        .iter()
+        .find(|r| r.key == r#"{"id":"1"}"# && r.value["op"] == "c")
+        .unwrap()
+        .value["after"];
+    assert_eq!(
+        insert1["num"],
+        "123456789012345678901234567890.123456789012345"
+    );
+    assert_eq!(insert1["num_s"], "-98765432109876543210.123456789012345");
+    assert_eq!(insert1["i8"], "-9223372036854775808");
+    assert_eq!(
+        (insert1["r4"].as_str(), insert1["r8"].as_str()),
+        (Some("NaN"), Some("Infinity"))
+    );
+    assert_eq!(insert1["t"], "Ünïcödé 한국어 ✓ 𝄞 \"q\" \\ back\nline");
+    assert_eq!(insert1["bin"], "\\x00ff10");
+    assert_eq!(insert1["tm"], "23:59:59.999999");
+    assert_eq!(insert1["ts"], "2024-02-29 12:34:56.789012");
+    assert_eq!(insert1["tstz"], "2024-02-29 03:34:56.789012+00");
+    assert_eq!(insert1["j"], "{\"b\": 1,   \"a\": [1, 2]}");
+    assert_eq!(insert1["tarr"], "{\"a b\",\"c\\\"d\",NULL,\"\"}");
+    assert_eq!(insert1["m"], "happy");
+    let update1 = records.iter().find(|r| r.value["op"] == "u").unwrap();
+    assert_eq!(
+        (
+            update1.value["after"]["i4"].as_str(),
+            update1.value["after"]["r8"].as_str()
+        ),
+        (Some("2147483646"), Some("0.1"))
+    );
+    let insert1_version = records
+        .iter()
+        .find(|r| r.key == r#"{"id":"1"}"# && r.value["op"] == "c")
+        .unwrap()
+        .value["version"]
+        .as_i64();
+    assert!(
+        update1.value["version"].as_i64() > insert1_version,
+        "an update's version beats the one it replaced"
+    );
+    let row3 = &records
+        .iter()
+        .find(|r| r.key == r#"{"id":"3"}"#)
+        .unwrap()
+        .value["after"];
+    assert!(
+        row3.as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "id")
+            .all(|(_, v)| v.is_null()),
+        "{row3}"
+    );
+    let delete2 = records.iter().find(|r| r.value["op"] == "d").unwrap();
+    assert_eq!(delete2.value["before"], serde_json::json!({"id": "2"}));
+    assert!(delete2.value["after"].is_null());
+    let tombstone: i64 =
+        sqlx::query_scalar("SELECT version FROM mmsync.tombstones WHERE table_name = 'types'")
+            .fetch_one(&mut seoul)
+            .await
+            .unwrap();
+    assert_eq!(delete2.value["version"].as_i64(), Some(tombstone));
+
+    // And every value arrives on busan exactly: compare each row's text form.
+    s.converged("types").await;
+    let exact = "SELECT whole_row::text FROM types whole_row ORDER BY id";
+    let here: Vec<String> = sqlx::query_scalar(exact)
+        .fetch_all(&mut seoul)
+        .await
+        .unwrap();
+    let there: Vec<String> = sqlx::query_scalar(exact)
+        .fetch_all(&mut s.conn("busan").await)
+        .await
+        .unwrap();
+    assert_eq!(here, there);
+    assert_eq!(here.len(), 2);
+    s.stop().await;
+}
+
+const DOCS: &str = "CREATE TABLE docs (id int PRIMARY KEY, title text, body text)";
+const BIG: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 10000) i)";
+
+#[tokio::test]
+async fn an_update_that_leaves_a_toasted_value_alone_says_unchanged() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        DOCS,
+        &["public.docs"],
+        "",
+    )
+    .await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql(&format!("INSERT INTO docs VALUES (1, 'draft', {BIG})"))
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    s.converged("docs").await;
+    // Key 1: the update arrives after the insert was applied. Key 2: insert and
+    // update in one transaction, likely in one sink batch.
+    sqlx::raw_sql(&format!(
+        "UPDATE docs SET title = 'final' WHERE id = 1;
+         BEGIN; INSERT INTO docs VALUES (2, 'draft', {BIG}); COMMIT;
+         UPDATE docs SET title = 'final' WHERE id = 2;"
+    ))
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    let records = s.records("mmsync.seoul.public.docs", 4);
+    let updates: Vec<_> = records.iter().filter(|r| r.value["op"] == "u").collect();
+    assert_eq!(updates.len(), 2);
+    for u in updates {
+        assert_eq!(
+            u.value["unchanged"],
+            serde_json::json!(["body"]),
+            "{:?}",
+            u.value
+        );
+        assert!(u.value["after"].get("body").is_none(), "{:?}", u.value);
+        assert_eq!(u.value["after"]["title"], "final");
+    }
+    s.converged("docs").await;
+    let check = "SELECT id, title, md5(body), length(body) FROM docs ORDER BY id";
+    let here: Vec<(i32, String, String, i32)> =
+        sqlx::query_as(check).fetch_all(&mut seoul).await.unwrap();
+    let there: Vec<(i32, String, String, i32)> = sqlx::query_as(check)
+        .fetch_all(&mut s.conn("busan").await)
+        .await
+        .unwrap();
+    assert_eq!(here, there);
+    assert!(
+        here.iter()
+            .all(|(_, t, _, len)| t == "final" && *len == 320_000),
+        "{here:?}"
+    );
+    s.stop().await;
+}
+
+const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL)";
+
+#[tokio::test]
+async fn a_crash_between_produce_and_slot_advance_loses_nothing() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        USERS,
+        &["public.users"],
+        "",
+    )
+    .await;
+    let mut seoul = s.conn("seoul").await;
+    let slot = "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'mmsync_seoul'";
+    let before: String = sqlx::query_scalar(slot)
+        .fetch_one(&mut seoul)
+        .await
+        .unwrap();
+    sqlx::raw_sql("INSERT INTO users (name) SELECT 'u' || i FROM generate_series(1, 500) i")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+
+    // mmsync produces the round, Kafka acknowledges it, and mmsync dies before
+    // moving the slot.
+    s.start_with_env(&[("MMSYNC_TEST_CRASH_AFTER_PRODUCE", "1")]);
+    let (status, log) = s.exited().await;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{log}"
+    );
+    assert!(
+        log.contains("killing mmsync before the slot advances"),
+        "{log}"
+    );
+    let after: String = sqlx::query_scalar(slot)
+        .fetch_one(&mut seoul)
+        .await
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "the slot moved although mmsync died before advancing it"
+    );
+
+    // On restart the round is read and produced again: duplicates, no gap.
+    s.start();
+    let rows = s.converged("users").await;
+    assert_eq!(rows.len(), 500);
+    let records = s.records("mmsync.seoul.public.users", 1000);
+    let mut keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 500);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn init_twice_changes_nothing_and_adds_only_a_new_table() {
+    let s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        "CREATE TABLE users (id bigserial PRIMARY KEY, name text); CREATE TABLE extra (id uuid PRIMARY KEY, v text)",
+        &["public.users"],
+        "",
+    )
+    .await;
+    let (code, out) = mmsync(&s.topology, &["init"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.trim(), "init: everything was already in place");
+
+    let with_extra = s.bed.write_topology(&["public.users", "public.extra"], "");
+    let (code, out) = mmsync(&with_extra, &["init"]).await;
+    assert_eq!(code, 0, "{out}");
+    for m in ["seoul", "busan"] {
+        assert!(
+            out.contains(&format!(
+                "master \"{m}\": added columns mmsync_origin, mmsync_version to public.extra"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "master \"{m}\": installed triggers on public.extra"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "master \"{m}\": publication mmsync now includes public.extra"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("kafka: created topic mmsync.{m}.public.extra")),
+            "{out}"
+        );
+    }
+    assert!(
+        !out.contains("public.users"),
+        "init touched the table it had already set up:\n{out}"
+    );
+    let (code, out) = mmsync(&with_extra, &["init"]).await;
+    assert_eq!(
+        (code, out.trim()),
+        (0, "init: everything was already in place")
+    );
+}
+
+#[tokio::test]
+async fn sequences_of_two_masters_never_collide() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        USERS,
+        &["public.users"],
+        "",
+    )
+    .await;
+    s.start();
+    let insert = "INSERT INTO users (name) SELECT 'u' || i FROM generate_series(1, 10000) i";
+    let (mut seoul, mut busan) = (s.conn("seoul").await, s.conn("busan").await);
+    let (a, b) = tokio::join!(
+        sqlx::raw_sql(insert).execute(&mut seoul),
+        sqlx::raw_sql(insert).execute(&mut busan)
+    );
+    a.unwrap();
+    b.unwrap();
+    let rows = s.converged("users").await;
+    assert_eq!(rows.len(), 20_000);
+    let parity: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT mmsync_origin::text, min(id % 2), max(id % 2) FROM users GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&mut seoul)
+    .await
+    .unwrap();
+    assert_eq!(
+        parity,
+        [("busan".to_string(), 0, 0), ("seoul".to_string(), 1, 1)]
+    );
+    s.stop().await;
+}

@@ -69,6 +69,11 @@ impl Synced {
 
     /// Starts `mmsync run` in the background.
     pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    /// Starts `mmsync run` in the background with extra environment variables.
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.run.is_none(), "mmsync is already running");
         self.runs += 1;
         let log = self
@@ -81,6 +86,7 @@ impl Synced {
                 std::path::Path::new(env!("CARGO_BIN_EXE_mmsync")),
                 &self.topology,
                 &["run"],
+                env,
                 log,
             )
             .expect("mmsync starts"),
@@ -103,6 +109,21 @@ impl Synced {
         self.run.take().expect("mmsync is running").kill().await;
     }
 
+    /// Waits until mmsync exits by itself; returns its status and log.
+    pub async fn exited(&mut self) -> (std::process::ExitStatus, String) {
+        let run = self.run.take().expect("mmsync is running");
+        let log = run.log_path();
+        let status = tokio::time::timeout(DEADLINE, run.wait())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "mmsync did not exit; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        (status, std::fs::read_to_string(log).unwrap_or_default())
+    }
+
     pub fn log(&self) -> String {
         self.run.as_ref().map(|r| r.log()).unwrap_or_default()
     }
@@ -119,7 +140,7 @@ impl Synced {
     pub async fn rows(&self, master: &str, table: &str) -> Vec<String> {
         let mut conn = self.conn(master).await;
         sqlx::query_scalar(&format!(
-            "SELECT to_jsonb(t)::text FROM {table} t ORDER BY 1"
+            "SELECT to_jsonb(whole_row)::text FROM {table} whole_row ORDER BY 1"
         ))
         .fetch_all(&mut conn)
         .await

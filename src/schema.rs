@@ -585,14 +585,19 @@ async fn interleave_sequences(
                 format!("looking up the sequence of {}.{key}", info.name),
             ))?;
         let Some(seq) = seq else { continue };
-        let (increment, last, start): (i64, Option<i64>, i64) = sqlx::query_as(
-            "SELECT seqincrement, pg_sequence_last_value($1::regclass), seqstart FROM pg_sequence WHERE seqrelid = $1::regclass",
+        let increment: i64 = sqlx::query_scalar(
+            "SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass",
         )
         .bind(&seq)
         .fetch_one(&mut *conn)
         .await
         .map_err(Error::db(master, format!("reading sequence {seq}")))?;
-        let next = last.unwrap_or(start);
+        let (last, called): (i64, bool) =
+            sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(Error::db(master, format!("reading sequence {seq}")))?;
+        let next = if called { last + increment } else { last };
         if increment == n && next.rem_euclid(n) == residue {
             continue;
         }
@@ -607,7 +612,7 @@ async fn interleave_sequences(
             master,
             format!("reading max({key}) of {}", info.name),
         ))?;
-        let base = max_key.unwrap_or(0).max(last.unwrap_or(0)) + 1;
+        let base = max_key.unwrap_or(0).max(next - 1) + 1;
         let restart = base + (residue - base).rem_euclid(n);
         exec(
             conn,

@@ -526,6 +526,9 @@ impl TableSql {
         // is superseded (same origin) or a conflict it won (another origin).
         let mut winners: HashMap<String, usize> = HashMap::new();
         let mut losers: Vec<(usize, Stamp)> = Vec::new();
+        // Winners whose unchanged (TOASTed) columns were filled in from the
+        // change of the same master they directly follow in this batch.
+        let mut filled: HashMap<usize, Change> = HashMap::new();
         for (i, rec) in recs.iter().enumerate() {
             let change = &rec.change;
             if let Some(problem) = self.shape_problem(change) {
@@ -534,11 +537,17 @@ impl TableSql {
             }
             match winners.entry(change.kafka_key()) {
                 std::collections::hash_map::Entry::Occupied(mut w) => {
-                    let (ws, s) = (stamp(&recs[*w.get()].change), stamp(change));
+                    let older = *w.get();
+                    let (ws, s) = (stamp(&recs[older].change), stamp(change));
                     if ws >= s {
                         losers.push((i, ws));
-                    } else {
-                        losers.push((w.insert(i), s));
+                        continue;
+                    }
+                    w.insert(i);
+                    losers.push((older, s));
+                    let base = filled.get(&older).unwrap_or(&recs[older].change);
+                    if let Some(whole) = fill_unchanged(change, base) {
+                        filled.insert(i, whole);
                     }
                 }
                 std::collections::hash_map::Entry::Vacant(v) => {
@@ -580,7 +589,7 @@ impl TableSql {
         let mut partial = Vec::new();
         let mut deletes = Vec::new();
         for (key, i) in winners {
-            let change = &recs[i].change;
+            let change = filled.get(&i).unwrap_or(&recs[i].change);
             let s = stamp(change);
             let row = rows.get(&key);
             if change.op == Op::Delete {
@@ -752,6 +761,25 @@ impl TableSql {
             .await?;
         Ok(())
     }
+}
+
+/// `newer` with its unchanged columns taken from `older`, when `older` is the
+/// same master's previous version of the row and carries them.
+fn fill_unchanged(newer: &Change, older: &Change) -> Option<Change> {
+    if newer.unchanged.is_empty() || newer.origin != older.origin {
+        return None;
+    }
+    let old_row = older.row.as_ref()?;
+    let mut whole = newer.clone();
+    let row = whole.row.as_mut()?;
+    whole.unchanged.retain(|c| match old_row.get(c) {
+        Some(v) => {
+            row.insert(c.clone(), v.clone());
+            false
+        }
+        None => true,
+    });
+    Some(whole)
 }
 
 async fn savepoint(conn: &mut PgConnection, target: &str, sql: &'static str) -> Result<()> {

@@ -86,6 +86,10 @@ pub struct Capture {
     decoder: Decoder,
     /// Where the slot stands; it never moves backwards.
     confirmed: Lsn,
+    /// Test hook (`MMSYNC_TEST_CRASH_AFTER_PRODUCE`): SIGKILL this process
+    /// after Kafka acknowledged a round and before the slot moves, the one
+    /// moment where a crash must cost duplicates and never a gap.
+    crash_after_produce: bool,
 }
 
 impl Capture {
@@ -113,6 +117,7 @@ impl Capture {
             slot,
             decoder: Decoder::new(&master.name, topology),
             confirmed,
+            crash_after_produce: std::env::var_os("MMSYNC_TEST_CRASH_AFTER_PRODUCE").is_some(),
         })
     }
 
@@ -128,7 +133,16 @@ impl Capture {
                 return Ok(());
             }
             let round = self.read_round(topology.sync.capture_max_changes).await?;
+            tracing::debug!(master = %self.master.name, messages = round.messages, changes = round.changes.len(), suppressed = round.suppressed, "read a round");
+            let produced = !round.changes.is_empty();
             self.publish(topology, producer, round.changes).await?;
+            if produced && self.crash_after_produce {
+                tracing::warn!(
+                    "MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances"
+                );
+                // SAFETY: kill(2) on our own pid with a valid signal.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
             if let Some(lsn) = round.advance_to {
                 self.advance(lsn).await?;
             }

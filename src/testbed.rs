@@ -590,6 +590,7 @@ impl MmsyncProcess {
         bin: &Path,
         topology: &Path,
         args: &[&str],
+        env: &[(&str, &str)],
         log: PathBuf,
     ) -> Result<MmsyncProcess> {
         let file = std::fs::File::create(&log).map_err(io("creating the mmsync log"))?;
@@ -601,6 +602,7 @@ impl MmsyncProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().map_err(io("log"))?)
             .stderr(file)
@@ -612,6 +614,10 @@ impl MmsyncProcess {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
     }
 
     pub fn id(&self) -> Option<u32> {
@@ -632,8 +638,8 @@ impl MmsyncProcess {
         let _ = self.child.kill().await;
     }
 
-    /// The exit status, if it has exited.
-    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
+    /// Waits for the process to exit by itself.
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().await.expect("waiting for mmsync")
     }
 }
