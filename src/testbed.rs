@@ -394,13 +394,18 @@ pub fn tansu_bin() -> Result<PathBuf> {
 
 impl Broker {
     pub async fn start(storage: BrokerStorage) -> Result<Broker> {
+        Broker::start_on(storage, free_port()).await
+    }
+
+    /// Starts a broker on a given port.
+    pub async fn start_on(storage: BrokerStorage, port: u16) -> Result<Broker> {
         let dir = tempfile::Builder::new()
             .prefix("mmsync-tansu-")
             .tempdir()
             .map_err(io("making a temporary folder"))?;
         let mut broker = Broker {
             dir,
-            port: free_port(),
+            port,
             storage,
             bin: tansu_bin()?,
             child: None,
