@@ -342,6 +342,99 @@ pub struct Written {
 /// The table the conflict tests write to.
 pub const KV: &str = "CREATE TABLE kv (id int PRIMARY KEY, val text NOT NULL, n int NOT NULL)";
 
+/// A write whose outcome is unknown: the connection failed while it ran.
+#[derive(Debug, Clone)]
+pub struct Uncertain {
+    pub id: i32,
+    /// `None` for a delete.
+    pub val: Option<String>,
+}
+
+/// One random insert, update or delete on keys `0..keys`. `Ok(None)` when it
+/// changed nothing (an update or delete of a missing key).
+pub async fn write_once(
+    conn: &mut PgConnection,
+    master: &str,
+    i: usize,
+    rng: &mut Rng,
+    keys: u64,
+) -> Result<Option<Written>, Uncertain> {
+    let id = rng.below(keys) as i32;
+    let val = format!("{master}-{i}");
+    let n = rng.below(1000) as i32;
+    let kind = rng.below(10);
+    let uncertain = |val: Option<&String>| Uncertain {
+        id,
+        val: val.cloned(),
+    };
+    match kind {
+        0..=3 => {
+            let (version, origin): (i64, String) = sqlx::query_as(
+                "INSERT INTO kv VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET val = EXCLUDED.val, n = EXCLUDED.n
+                 RETURNING mmsync_version, mmsync_origin::text",
+            )
+            .bind(id)
+            .bind(&val)
+            .bind(n)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(|_| uncertain(Some(&val)))?;
+            Ok(Some(Written {
+                id,
+                version,
+                origin,
+                value: Some((val, n)),
+            }))
+        }
+        4..=7 => {
+            let stamp: Option<(i64, String)> =
+                sqlx::query_as("UPDATE kv SET val = $2, n = $3 WHERE id = $1 RETURNING mmsync_version, mmsync_origin::text")
+                    .bind(id)
+                    .bind(&val)
+                    .bind(n)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(|_| uncertain(Some(&val)))?;
+            Ok(stamp.map(|(version, origin)| Written {
+                id,
+                version,
+                origin,
+                value: Some((val, n)),
+            }))
+        }
+        _ => {
+            let mut tx = sqlx::Connection::begin(&mut *conn)
+                .await
+                .map_err(|_| uncertain(None))?;
+            let deleted: Option<i32> =
+                sqlx::query_scalar("DELETE FROM kv WHERE id = $1 RETURNING id")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|_| uncertain(None))?;
+            let mut written = None;
+            if deleted.is_some() {
+                let (version, origin): (i64, String) = sqlx::query_as(
+                    "SELECT version, origin::text FROM mmsync.tombstones
+                     WHERE schema_name = 'public' AND table_name = 'kv' AND key = jsonb_build_object('id', $1::text)",
+                )
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|_| uncertain(None))?;
+                written = Some(Written {
+                    id,
+                    version,
+                    origin,
+                    value: None,
+                });
+            }
+            tx.commit().await.map_err(|_| uncertain(None))?;
+            Ok(written)
+        }
+    }
+}
+
 /// Random inserts, updates and deletes on keys `0..keys`; returns every write
 /// the master acknowledged, with its version (for deletes, the tombstone's).
 pub async fn random_writes(
@@ -354,72 +447,11 @@ pub async fn random_writes(
     let mut rng = Rng::new(seed);
     let mut log = Vec::new();
     for i in 0..ops {
-        let id = rng.below(keys) as i32;
-        let val = format!("{master}-{i}");
-        let n = rng.below(1000) as i32;
-        match rng.below(10) {
-            0..=3 => {
-                let (version, origin): (i64, String) = sqlx::query_as(
-                    "INSERT INTO kv VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET val = EXCLUDED.val, n = EXCLUDED.n
-                     RETURNING mmsync_version, mmsync_origin::text",
-                )
-                .bind(id)
-                .bind(&val)
-                .bind(n)
-                .fetch_one(&mut *conn)
-                .await
-                .unwrap();
-                log.push(Written {
-                    id,
-                    version,
-                    origin,
-                    value: Some((val, n)),
-                });
-            }
-            4..=7 => {
-                let stamp: Option<(i64, String)> =
-                    sqlx::query_as("UPDATE kv SET val = $2, n = $3 WHERE id = $1 RETURNING mmsync_version, mmsync_origin::text")
-                        .bind(id)
-                        .bind(&val)
-                        .bind(n)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .unwrap();
-                if let Some((version, origin)) = stamp {
-                    log.push(Written {
-                        id,
-                        version,
-                        origin,
-                        value: Some((val, n)),
-                    });
-                }
-            }
-            _ => {
-                let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
-                let deleted: Option<i32> =
-                    sqlx::query_scalar("DELETE FROM kv WHERE id = $1 RETURNING id")
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .unwrap();
-                if deleted.is_some() {
-                    let (version, origin): (i64, String) = sqlx::query_as(
-                        "SELECT version, origin::text FROM mmsync.tombstones
-                         WHERE schema_name = 'public' AND table_name = 'kv' AND key = jsonb_build_object('id', $1::text)",
-                    )
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .unwrap();
-                    log.push(Written {
-                        id,
-                        version,
-                        origin,
-                        value: None,
-                    });
-                }
-                tx.commit().await.unwrap();
-            }
+        if let Some(w) = write_once(conn, master, i, &mut rng, keys)
+            .await
+            .expect("no faults here")
+        {
+            log.push(w);
         }
     }
     log

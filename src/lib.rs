@@ -19,3 +19,4 @@ pub mod sink;
 pub mod source;
 pub mod testbed;
 pub mod topology;
+pub mod verify;

@@ -19,17 +19,27 @@ pub async fn run(
     let (stop, stopped) = watch::channel(false);
     let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
     for master in &topology.masters {
-        let producer =
-            crate::kafka::producer(&topology.kafka, &format!("mmsync-source-{}", master.name))?;
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
         tasks.spawn(async move {
             (
                 format!("source {}", m.name),
-                crate::source::run(t, m, producer, rx).await,
+                crate::source::run(t, m, rx).await,
             )
         });
-        let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
-        tasks.spawn(async move { (format!("sink {}", m.name), crate::sink::run(t, m, rx).await) });
+        for table in &topology.tables {
+            let (t, m, rx, table) = (
+                topology.clone(),
+                master.clone(),
+                stopped.clone(),
+                table.clone(),
+            );
+            tasks.spawn(async move {
+                (
+                    format!("sink {} {table}", m.name),
+                    crate::sink::run(t, m, table, rx).await,
+                )
+            });
+        }
     }
     tracing::info!(
         masters = topology.masters.len(),

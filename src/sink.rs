@@ -21,20 +21,23 @@ use crate::topology::{
     quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN,
 };
 
-/// Runs the sink of `target` until `shutdown` turns true, reconnecting with
-/// capped backoff after transient errors.
+/// Runs the sink of one table on `target` until `shutdown` turns true,
+/// reconnecting with capped backoff after transient errors. Each table has its
+/// own sink (consumer, connection, transactions), so a slow or blocked table
+/// never holds the others back.
 pub async fn run(
     topology: Arc<Topology>,
     target: Master,
+    table: TableName,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut backoff = crate::error::Backoff::new();
     let mut was_up = None;
     loop {
-        let result = match Apply::connect(&topology, &target).await {
+        let result = match Apply::connect(&topology, &target, &table).await {
             Ok(mut apply) => {
                 if was_up != Some(true) {
-                    tracing::info!(master = %target.name, "sink connected, applying {} topic(s)", apply.topics.len());
+                    tracing::info!(master = %target.name, "sink of {table} connected, applying {} topic(s)", apply.topics.len());
                     was_up = Some(true);
                 }
                 backoff.reset();
@@ -51,7 +54,7 @@ pub async fn run(
             Err(e) => {
                 counter!(m::ERRORS, m::STAGE => "apply", m::KIND => "retry").increment(1);
                 if was_up != Some(false) {
-                    tracing::warn!(master = %target.name, "sink paused, retrying with backoff: {e}");
+                    tracing::warn!(master = %target.name, "sink of {table} paused, retrying with backoff: {e}");
                     was_up = Some(false);
                 }
             }
@@ -148,24 +151,21 @@ struct Apply {
     target: String,
     conn: PgConnection,
     consumer: StreamConsumer,
-    tables: HashMap<TableName, TableSql>,
+    sql: TableSql,
     topics: Vec<String>,
 }
 
 impl Apply {
-    async fn connect(topology: &Topology, target: &Master) -> Result<Apply> {
+    async fn connect(topology: &Topology, target: &Master, table: &TableName) -> Result<Apply> {
         let mut conn = crate::db::connect(target).await?;
-        let mut tables = HashMap::new();
-        for t in &topology.tables {
-            let info = describe(&mut conn, &target.name, t)
-                .await?
-                .ok_or_else(|| Error::Setup {
-                    master: target.name.clone(),
-                    problem: format!("table {t} does not exist"),
-                    fix: "create it, then run `mmsync init`".into(),
-                })?;
-            tables.insert(t.clone(), TableSql::new(info));
-        }
+        let info = describe(&mut conn, &target.name, table)
+            .await?
+            .ok_or_else(|| Error::Setup {
+                master: target.name.clone(),
+                problem: format!("table {table} does not exist"),
+                fix: "create it, then run `mmsync init`".into(),
+            })?;
+        let sql = TableSql::new(info);
         let stored: Vec<(String, i32, i64)> =
             sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
                 .fetch_all(&mut conn)
@@ -178,11 +178,11 @@ impl Apply {
             stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
 
         let consumer: StreamConsumer =
-            crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}", target.name))?;
+            crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}-{table}", target.name))?;
         let mut tpl = TopicPartitionList::new();
         let mut topics = Vec::new();
-        for (master, _, topic) in crate::kafka::all_topics(topology) {
-            if master == target.name {
+        for (master, t, topic) in crate::kafka::all_topics(topology) {
+            if master == target.name || t != *table {
                 continue;
             }
             let partitions = crate::kafka::partitions(&consumer, &topic)?.ok_or_else(|| Error::Setup {
@@ -206,7 +206,7 @@ impl Apply {
             target: target.name.clone(),
             conn,
             consumer,
-            tables,
+            sql,
             topics,
         })
     }
@@ -242,7 +242,7 @@ impl Apply {
         let target = self.target.clone();
         let db = |what: &str| Error::db(&target, what.to_string());
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
-        let mut groups: BTreeMap<TableName, Vec<Rec>> = BTreeMap::new();
+        let mut recs: Vec<Rec> = Vec::with_capacity(batch.len());
         let mut dead: Vec<DeadLetter> = Vec::new();
         for inc in batch {
             let at = inc.at();
@@ -258,15 +258,15 @@ impl Apply {
                 counter!(m::LOOP_SUPPRESSED, m::MASTER => target.clone()).increment(1);
                 continue;
             }
-            if !self.tables.contains_key(&rec.change.table) {
-                let reason = format!("table {} is not synced on this master", rec.change.table);
+            if rec.change.table != self.sql.info.name {
+                let reason = format!(
+                    "the record names table {}, but its topic carries {}",
+                    rec.change.table, self.sql.info.name
+                );
                 dead.push(DeadLetter::of(rec, reason));
                 continue;
             }
-            groups
-                .entry(rec.change.table.clone())
-                .or_default()
-                .push(rec);
+            recs.push(rec);
         }
 
         let mut tx = sqlx::Connection::begin(&mut self.conn)
@@ -277,9 +277,8 @@ impl Apply {
             .await
             .map_err(db("marking the applier session"))?;
         let mut applied: Vec<Change> = Vec::new();
-        for (table, changes) in groups {
-            let sql = self.tables.get(&table).expect("grouped by known tables");
-            let (ok, refused) = sql.apply_isolated(&mut tx, &target, changes).await?;
+        if !recs.is_empty() {
+            let (ok, refused) = self.sql.apply_isolated(&mut tx, &target, recs).await?;
             applied.extend(ok);
             dead.extend(refused);
         }

@@ -36,15 +36,18 @@ pub struct Round {
 pub async fn run(
     topology: Arc<Topology>,
     master: Master,
-    producer: FutureProducer,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut backoff = crate::error::Backoff::new();
     let mut was_up = None;
     loop {
-        let result = Capture::connect(&topology, &master).await;
-        let result = match result {
-            Ok(mut capture) => {
+        // A fresh producer per attempt: an idempotent producer that hit a fatal
+        // error (a broker that lost its state, say) cannot be used again.
+        let producer =
+            crate::kafka::producer(&topology.kafka, &format!("mmsync-source-{}", master.name));
+        let result = match (producer, Capture::connect(&topology, &master).await) {
+            (Err(e), _) | (_, Err(e)) => Err(e),
+            (Ok(producer), Ok(mut capture)) => {
                 gauge!(m::MASTER_UP, m::MASTER => master.name.clone()).set(1.0);
                 if was_up != Some(true) {
                     tracing::info!(master = %master.name, "source connected, capturing from slot {}", slot_name(&master.name));
@@ -53,7 +56,6 @@ pub async fn run(
                 backoff.reset();
                 capture.run(&topology, &producer, &mut shutdown).await
             }
-            Err(e) => Err(e),
         };
         match result {
             Ok(()) => return Ok(()),
@@ -132,27 +134,35 @@ impl Capture {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            let round = self.read_round(topology.sync.capture_max_changes).await?;
-            tracing::debug!(master = %self.master.name, messages = round.messages, changes = round.changes.len(), suppressed = round.suppressed, "read a round");
-            let produced = !round.changes.is_empty();
-            self.publish(topology, producer, round.changes).await?;
-            if produced && self.crash_after_produce {
-                tracing::warn!(
-                    "MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances"
-                );
-                // SAFETY: kill(2) on our own pid with a valid signal.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-            }
-            if let Some(lsn) = round.advance_to {
-                self.advance(lsn).await?;
-            }
-            if round.messages == 0 {
+            let messages = self.round(topology, producer).await?;
+            if messages == 0 {
                 tokio::select! {
                     _ = shutdown.wait_for(|s| *s) => return Ok(()),
                     _ = tokio::time::sleep(topology.sync.capture_idle) => {}
                 }
             }
         }
+    }
+
+    /// One round: read the slot, produce this master's changes, wait for every
+    /// acknowledgement, then advance the slot. Returns the messages read (0
+    /// when the slot had nothing new).
+    pub async fn round(&mut self, topology: &Topology, producer: &FutureProducer) -> Result<usize> {
+        let round = self.read_round(topology.sync.capture_max_changes).await?;
+        tracing::debug!(master = %self.master.name, messages = round.messages, changes = round.changes.len(), suppressed = round.suppressed, "read a round");
+        let produced = !round.changes.is_empty();
+        self.publish(topology, producer, round.changes).await?;
+        if produced && self.crash_after_produce {
+            tracing::warn!(
+                "MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances"
+            );
+            // SAFETY: kill(2) on our own pid with a valid signal.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        if let Some(lsn) = round.advance_to {
+            self.advance(lsn).await?;
+        }
+        Ok(round.messages)
     }
 
     /// Peeks (does not consume) up to about `max` messages from the slot.
