@@ -12,17 +12,13 @@ use std::time::{Duration, Instant};
 use mmsync::testbed::{wait_for, Bed, BrokerStorage, BED_DATABASE};
 use mmsync::topology::Topology;
 
-const SCHEMA: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2), at timestamptz)";
+const SCHEMA: &str =
+    "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2), at timestamptz)";
 
 #[tokio::main]
 async fn main() {
-    let n: i64 = std::env::var("MMSYNC_BENCH_CHANGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let bed = Bed::start(&["a", "b"], BrokerStorage::Memory)
-        .await
-        .expect("bed");
+    let n: i64 = std::env::var("MMSYNC_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let bed = Bed::start(&["a", "b"], BrokerStorage::Memory).await.expect("bed");
     bed.sql_everywhere(SCHEMA).await.unwrap();
     let path = bed.write_topology(&["public.bench"], "");
     let topology = Topology::load(&path).unwrap();
@@ -36,30 +32,24 @@ async fn main() {
     let mut done = 0;
     while done < inserts {
         let upto = (done + 1000).min(inserts);
-        sqlx::query("INSERT INTO bench SELECT i, 'name ' || i, i * 1.25, now() FROM generate_series($1::int8, $2::int8) i")
-            .bind(done + 1)
-            .bind(upto)
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO bench SELECT i, 'name ' || i, i * 1.25, now() FROM generate_series($1::int8, $2::int8) i",
+        )
+        .bind(done + 1)
+        .bind(upto)
+        .execute(&mut conn)
+        .await
+        .unwrap();
         done = upto;
     }
     for (sql, count) in [
-        (
-            "UPDATE bench SET amount = amount + 1 WHERE id BETWEEN $1 AND $2",
-            updates,
-        ),
+        ("UPDATE bench SET amount = amount + 1 WHERE id BETWEEN $1 AND $2", updates),
         ("DELETE FROM bench WHERE id BETWEEN $1 AND $2", deletes),
     ] {
         let mut done = 0;
         while done < count {
             let upto = (done + 1000).min(count);
-            sqlx::query(sql)
-                .bind(done + 1)
-                .bind(upto)
-                .execute(&mut conn)
-                .await
-                .unwrap();
+            sqlx::query(sql).bind(done + 1).bind(upto).execute(&mut conn).await.unwrap();
             done = upto;
         }
     }
@@ -67,9 +57,7 @@ async fn main() {
     // Capture: one source, alone.
     let master = topology.master("a").unwrap().clone();
     let producer = mmsync::kafka::producer(&topology.kafka, "bench").unwrap();
-    let mut capture = mmsync::source::Capture::connect(&topology, &master)
-        .await
-        .unwrap();
+    let mut capture = mmsync::source::Capture::connect(&topology, &master).await.unwrap();
     let started = Instant::now();
     while capture.round(&topology, &producer).await.unwrap() > 0 {}
     let capture_secs = started.elapsed().as_secs_f64();
@@ -84,15 +72,9 @@ async fn main() {
     let b = bed.master("b");
     wait_for("b to hold every row", Duration::from_secs(1800), || async {
         let mut b = b.connect(BED_DATABASE).await.ok()?;
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM bench")
-            .fetch_one(&mut b)
-            .await
-            .ok()?;
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM bench").fetch_one(&mut b).await.ok()?;
         let updated: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM bench WHERE amount <> id * 1.25")
-                .fetch_one(&mut b)
-                .await
-                .ok()?;
+            sqlx::query_scalar("SELECT count(*) FROM bench WHERE amount <> id * 1.25").fetch_one(&mut b).await.ok()?;
         (count == rows && updated == updates - deletes).then_some(())
     })
     .await;
@@ -105,18 +87,12 @@ async fn main() {
     println!("| stage | changes | seconds | changes/s |");
     println!("|---|---:|---:|---:|");
     println!("| capture + produce (one source) | {n} | {capture_secs:.2} | {capture_rate:.0} |");
-    println!(
-        "| consume + apply (one sink, from Kafka) | {n} | {apply_secs:.2} | {apply_rate:.0} |"
-    );
+    println!("| consume + apply (one sink, from Kafka) | {n} | {apply_secs:.2} | {apply_rate:.0} |");
     let json = serde_json::json!({
         "changes": n,
         "capture": {"seconds": capture_secs, "changes_per_second": capture_rate},
         "apply": {"seconds": apply_secs, "changes_per_second": apply_rate},
     });
     std::fs::create_dir_all("target/bench").unwrap();
-    std::fs::write(
-        "target/bench/throughput.json",
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
+    std::fs::write("target/bench/throughput.json", serde_json::to_string_pretty(&json).unwrap()).unwrap();
 }

@@ -13,25 +13,17 @@ const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT
 
 #[tokio::test]
 async fn a_row_written_on_one_master_appears_on_the_other() {
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        USERS,
-        &["public.users"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, USERS, &["public.users"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
-    sqlx::raw_sql("INSERT INTO users (name, score) VALUES ('kim', 1), ('lee', 2)")
-        .execute(&mut seoul)
-        .await
-        .unwrap();
+    sqlx::raw_sql("INSERT INTO users (name, score) VALUES ('kim', 1), ('lee', 2)").execute(&mut seoul).await.unwrap();
     let mut busan = s.conn("busan").await;
-    sqlx::raw_sql("INSERT INTO users (name, score) VALUES ('park', 3); UPDATE users SET score = 10 WHERE name = 'park'")
-        .execute(&mut busan)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO users (name, score) VALUES ('park', 3); UPDATE users SET score = 10 WHERE name = 'park'",
+    )
+    .execute(&mut busan)
+    .await
+    .unwrap();
     let rows = s.converged("users").await;
     assert_eq!(rows.len(), 3, "{rows:?}");
     assert!(
@@ -40,10 +32,7 @@ async fn a_row_written_on_one_master_appears_on_the_other() {
             && r.contains("\"mmsync_origin\": \"busan\"")),
         "{rows:?}"
     );
-    sqlx::raw_sql("DELETE FROM users WHERE name = 'kim'")
-        .execute(&mut busan)
-        .await
-        .unwrap();
+    sqlx::raw_sql("DELETE FROM users WHERE name = 'kim'").execute(&mut busan).await.unwrap();
     let rows = s.converged("users").await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     s.stop().await;
@@ -51,19 +40,12 @@ async fn a_row_written_on_one_master_appears_on_the_other() {
 
 /// End offsets of every topic, from a broker whose watermarks are right (SQLite storage).
 fn end_offsets(s: &Synced) -> Vec<(String, i32, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", s.bed.broker.address())
-        .create()
-        .unwrap();
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
     let mut out = Vec::new();
     for (_, _, topic) in mmsync::kafka::all_topics(&s.topology()) {
-        let partitions = mmsync::kafka::partitions(&consumer, &topic)
-            .unwrap()
-            .unwrap();
+        let partitions = mmsync::kafka::partitions(&consumer, &topic).unwrap().unwrap();
         for p in 0..partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .unwrap();
+            let (_, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).unwrap();
             out.push((topic.clone(), p, high));
         }
     }
@@ -72,12 +54,14 @@ fn end_offsets(s: &Synced) -> Vec<(String, i32, i64)> {
 
 #[tokio::test]
 async fn no_echo_once_writes_stop() {
+    // Heartbeats are changes too; here they would blur "nothing moves", so
+    // they beat once at start and not again during the test.
     let mut s = Synced::new(
         &["seoul", "busan"],
         BrokerStorage::Sqlite,
         USERS,
         &["public.users"],
-        "",
+        "heartbeat_interval_ms = 3600000",
     )
     .await;
     s.start();
@@ -96,13 +80,10 @@ async fn no_echo_once_writes_stop() {
     // Every change is accounted for at busan: applied, or skipped because a
     // later change of the same row in the same batch superseded it.
     let handled = |text: &str| {
-        [
-            "mmsync_changes_applied_total",
-            "mmsync_changes_skipped_total",
-        ]
-        .map(|m| crate::common::metric_sum(text, m, &[("target", "busan")]))
-        .iter()
-        .sum::<f64>()
+        ["mmsync_changes_applied_total", "mmsync_changes_skipped_total"]
+            .map(|m| crate::common::metric_sum(text, m, &[("target", "busan"), ("table", "public.users")]))
+            .iter()
+            .sum::<f64>()
     };
     wait_for("busan to account for 1000 changes", DEADLINE, || async {
         (handled(&s.metrics().await) >= 1000.0).then_some(())
@@ -111,52 +92,41 @@ async fn no_echo_once_writes_stop() {
 
     // Each of the 500 rows busan holds was written there by the applier, and
     // busan's source dropped that change instead of sending it back.
-    s.wait_metric(
-        "mmsync_loop_suppressed_total",
-        &[("master", "busan")],
-        500.0,
-    )
+    s.wait_metric("mmsync_loop_suppressed_total", &[("master", "busan")], 500.0).await;
+    // ... and busan's source has read everything the applier wrote.
+    let mut busan = s.conn("busan").await;
+    let written: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut busan).await.unwrap();
+    wait_for("busan's slot to pass the applied changes", DEADLINE, || async {
+        let mut busan = s.conn("busan").await;
+        sqlx::query_scalar::<_, bool>(
+            "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = 'mmsync_busan'",
+        )
+        .bind(&written)
+        .fetch_one(&mut busan)
+        .await
+        .ok()?
+        .then_some(())
+    })
     .await;
 
     // Quiet now: nothing may move for well over ten batch intervals (50 ms each).
     let counters = |text: &str| {
-        let sum = |m| crate::common::metric_sum(text, m, &[]);
+        let sum = |m, l: &[(&str, &str)]| crate::common::metric_sum(text, m, l);
         [
-            sum("mmsync_changes_captured_total"),
-            sum("mmsync_records_produced_total"),
+            sum("mmsync_changes_captured_total", &[("table", "public.users")]),
+            sum("mmsync_records_produced_total", &[]),
             handled(text),
         ]
     };
-    let before = (
-        counters(&s.metrics().await),
-        end_offsets(&s),
-        s.metric("mmsync_loop_suppressed_total", &[]).await,
-    );
-    let busan_records: i64 = before
-        .1
-        .iter()
-        .filter(|(t, _, _)| t.starts_with("mmsync.busan."))
-        .map(|(_, _, h)| h)
-        .sum();
-    assert_eq!(
-        busan_records, 0,
-        "busan produced records of changes that came from seoul: {:?}",
-        before.1
-    );
-    let seoul_records: i64 = before.1.iter().map(|(_, _, h)| h).sum();
-    assert_eq!(seoul_records, 1000, "{:?}", before.1);
-    assert_eq!(
-        before.0,
-        [1000.0, 1000.0, 1000.0],
-        "captured, produced, applied or skipped"
-    );
+    let before = (counters(&s.metrics().await), end_offsets(&s), s.metric("mmsync_loop_suppressed_total", &[]).await);
+    let records =
+        |prefix: &str| -> i64 { before.1.iter().filter(|(t, _, _)| t.starts_with(prefix)).map(|(_, _, h)| h).sum() };
+    assert_eq!(records("mmsync.busan.public."), 0, "busan produced records of seoul's changes: {:?}", before.1);
+    assert_eq!(records("mmsync.seoul.public.users"), 1000, "{:?}", before.1);
+    assert_eq!([before.0[0], before.0[2]], [1000.0, 1000.0], "captured, applied or skipped");
     let quiet_until = std::time::Instant::now() + Duration::from_millis(1500);
     while std::time::Instant::now() < quiet_until {
-        let now = (
-            counters(&s.metrics().await),
-            end_offsets(&s),
-            s.metric("mmsync_loop_suppressed_total", &[]).await,
-        );
+        let now = (counters(&s.metrics().await), end_offsets(&s), s.metric("mmsync_loop_suppressed_total", &[]).await);
         assert_eq!(now, before, "something moved after writes stopped");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -173,9 +143,7 @@ async fn converge_under_conflict(masters: &[&str], ops: usize) -> Synced {
     for (i, m) in masters.iter().enumerate() {
         let mut conn = s.conn(m).await;
         let master = m.to_string();
-        writers.push(tokio::spawn(async move {
-            random_writes(&mut conn, &master, seed + i as u64, ops, 200).await
-        }));
+        writers.push(tokio::spawn(async move { random_writes(&mut conn, &master, seed + i as u64, ops, 200).await }));
     }
     let mut writes = Vec::new();
     for w in writers {
@@ -185,7 +153,10 @@ async fn converge_under_conflict(masters: &[&str], ops: usize) -> Synced {
     s.converged("kv").await;
     for m in masters {
         let actual = kv_state(&s, m).await;
-        assert!(actual == expected, "seed {seed}: {m} differs from the LWW model\nactual:   {actual:?}\nexpected: {expected:?}");
+        assert!(
+            actual == expected,
+            "seed {seed}: {m} differs from the LWW model\nactual:   {actual:?}\nexpected: {expected:?}"
+        );
     }
     s
 }
@@ -195,10 +166,7 @@ async fn two_masters_converge_under_conflict_to_the_lww_model() {
     let mut s = converge_under_conflict(&["seoul", "busan"], 1500).await;
     let conflicts = s.metric("mmsync_conflicts_total", &[]).await;
     let mut conn = s.conn("seoul").await;
-    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.conflicts")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.conflicts").fetch_one(&mut conn).await.unwrap();
     assert!(
         conflicts > 0.0 && logged > 0,
         "concurrent writes on 200 keys must conflict ({conflicts} counted, {logged} logged)"
@@ -220,35 +188,24 @@ async fn replaying_every_record_changes_no_row() {
     let mut applied = Vec::new();
     for m in ["seoul", "busan"] {
         let mut conn = s.conn(m).await;
-        let next: i64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        assert!(next > 0);
-        sqlx::raw_sql("DELETE FROM mmsync.applied_offsets")
-            .execute(&mut conn)
+        let next: i64 = sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets")
+            .fetch_one(&mut conn)
             .await
             .unwrap();
+        assert!(next > 0);
+        sqlx::raw_sql("DELETE FROM mmsync.applied_offsets").execute(&mut conn).await.unwrap();
         applied.push((m, next));
     }
     s.start();
     for (m, next) in applied {
-        wait_for(
-            &format!("{m} to re-apply every record"),
-            DEADLINE,
-            || async {
-                let mut conn = s.conn(m).await;
-                let now: i64 = sqlx::query_scalar(
-                    "SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets",
-                )
+        wait_for(&format!("{m} to re-apply every record"), DEADLINE, || async {
+            let mut conn = s.conn(m).await;
+            let now: i64 = sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets")
                 .fetch_one(&mut conn)
                 .await
                 .ok()?;
-                (now >= next).then_some(())
-            },
-        )
+            (now >= next).then_some(())
+        })
         .await;
     }
     let after: Vec<Vec<String>> = vec![kv_state(&s, "seoul").await, kv_state(&s, "busan").await];
@@ -258,39 +215,23 @@ async fn replaying_every_record_changes_no_row() {
 
 #[tokio::test]
 async fn delete_versus_update_ends_by_the_versions_everywhere() {
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        KV,
-        &["public.kv"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, KV, &["public.kv"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     let mut busan = s.conn("busan").await;
-    sqlx::raw_sql("INSERT INTO kv VALUES (1, 'one', 1), (2, 'two', 2)")
-        .execute(&mut seoul)
-        .await
-        .unwrap();
+    sqlx::raw_sql("INSERT INTO kv VALUES (1, 'one', 1), (2, 'two', 2)").execute(&mut seoul).await.unwrap();
     assert_eq!(s.converged("kv").await.len(), 2);
     s.stop().await;
 
     // While the masters cannot see each other: key 1 is deleted on seoul and
     // then updated on busan (the update is newer); key 2 is updated on busan
     // and then deleted on seoul (the delete is newer).
-    sqlx::raw_sql("DELETE FROM kv WHERE id = 1")
-        .execute(&mut seoul)
-        .await
-        .unwrap();
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 1").execute(&mut seoul).await.unwrap();
     sqlx::raw_sql("UPDATE kv SET val = 'one-busan' WHERE id = 1; UPDATE kv SET val = 'two-busan' WHERE id = 2")
         .execute(&mut busan)
         .await
         .unwrap();
-    sqlx::raw_sql("DELETE FROM kv WHERE id = 2")
-        .execute(&mut seoul)
-        .await
-        .unwrap();
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 2").execute(&mut seoul).await.unwrap();
     let tomb = |id: i32| {
         sqlx::query_scalar::<_, i64>(
             "SELECT version FROM mmsync.tombstones WHERE table_name = 'kv' AND key = jsonb_build_object('id', $1::text)",
@@ -299,14 +240,9 @@ async fn delete_versus_update_ends_by_the_versions_everywhere() {
     };
     let t1 = tomb(1).fetch_one(&mut seoul).await.unwrap();
     let t2 = tomb(2).fetch_one(&mut seoul).await.unwrap();
-    let v: Vec<(i32, i64)> = sqlx::query_as("SELECT id, mmsync_version FROM kv ORDER BY id")
-        .fetch_all(&mut busan)
-        .await
-        .unwrap();
-    assert!(
-        v[0].1 > t1 && t2 > v[1].1,
-        "the clock order of this test: {v:?} vs tombstones {t1}, {t2}"
-    );
+    let v: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT id, mmsync_version FROM kv ORDER BY id").fetch_all(&mut busan).await.unwrap();
+    assert!(v[0].1 > t1 && t2 > v[1].1, "the clock order of this test: {v:?} vs tombstones {t1}, {t2}");
 
     s.start();
     let rows = s.converged("kv").await;

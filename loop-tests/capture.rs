@@ -31,14 +31,7 @@ DELETE FROM types WHERE id = 2;
 
 #[tokio::test]
 async fn every_type_becomes_records_with_origin_and_version_and_round_trips() {
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        TYPES,
-        &["public.types"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, TYPES, &["public.types"], "").await;
     let mut seoul = s.conn("seoul").await;
     sqlx::raw_sql(TYPE_ROWS).execute(&mut seoul).await.unwrap();
     s.start();
@@ -49,57 +42,29 @@ async fn every_type_becomes_records_with_origin_and_version_and_round_trips() {
     for r in &records {
         let v = &r.value;
         assert_eq!(r.headers["mmsync-origin"], "seoul", "{r:?}");
-        assert_eq!(
-            r.headers["mmsync-version"],
-            v["version"].to_string(),
-            "{r:?}"
-        );
+        assert_eq!(r.headers["mmsync-version"], v["version"].to_string(), "{r:?}");
         assert_eq!(v["origin"], "seoul");
         assert_eq!(v["source"]["master"], "seoul");
-        assert_eq!(
-            (
-                v["source"]["schema"].as_str(),
-                v["source"]["table"].as_str()
-            ),
-            (Some("public"), Some("types"))
-        );
+        assert_eq!((v["source"]["schema"].as_str(), v["source"]["table"].as_str()), (Some("public"), Some("types")));
         assert!(v["source"]["lsn"].as_str().unwrap().contains('/'), "{v}");
         assert!(
-            v["source"]["txid"].as_u64().unwrap() > 0
-                && v["source"]["ts_ms"].as_i64().unwrap() > 1_700_000_000_000,
+            v["source"]["txid"].as_u64().unwrap() > 0 && v["source"]["ts_ms"].as_i64().unwrap() > 1_700_000_000_000,
             "{v}"
         );
-        assert!(
-            v["after"].get("mmsync_origin").is_none(),
-            "mmsync's columns travel as origin and version: {v}"
-        );
+        assert!(v["after"].get("mmsync_origin").is_none(), "mmsync's columns travel as origin and version: {v}");
     }
     let ops = |key: &str| -> Vec<String> {
-        records
-            .iter()
-            .filter(|r| r.key == key)
-            .map(|r| r.value["op"].as_str().unwrap().to_string())
-            .collect()
+        records.iter().filter(|r| r.key == key).map(|r| r.value["op"].as_str().unwrap().to_string()).collect()
     };
     assert_eq!(ops(r#"{"id":"1"}"#), ["c", "u"]);
     assert_eq!(ops(r#"{"id":"2"}"#), ["c", "d"]);
     assert_eq!(ops(r#"{"id":"3"}"#), ["c"]);
 
-    let insert1 = &records
-        .iter()
-        .find(|r| r.key == r#"{"id":"1"}"# && r.value["op"] == "c")
-        .unwrap()
-        .value["after"];
-    assert_eq!(
-        insert1["num"],
-        "123456789012345678901234567890.123456789012345"
-    );
+    let insert1 = &records.iter().find(|r| r.key == r#"{"id":"1"}"# && r.value["op"] == "c").unwrap().value["after"];
+    assert_eq!(insert1["num"], "123456789012345678901234567890.123456789012345");
     assert_eq!(insert1["num_s"], "-98765432109876543210.123456789012345");
     assert_eq!(insert1["i8"], "-9223372036854775808");
-    assert_eq!(
-        (insert1["r4"].as_str(), insert1["r8"].as_str()),
-        (Some("NaN"), Some("Infinity"))
-    );
+    assert_eq!((insert1["r4"].as_str(), insert1["r8"].as_str()), (Some("NaN"), Some("Infinity")));
     assert_eq!(insert1["t"], "Ünïcödé 한국어 ✓ 𝄞 \"q\" \\ back\nline");
     assert_eq!(insert1["bin"], "\\x00ff10");
     assert_eq!(insert1["tm"], "23:59:59.999999");
@@ -110,56 +75,28 @@ async fn every_type_becomes_records_with_origin_and_version_and_round_trips() {
     assert_eq!(insert1["m"], "happy");
     let update1 = records.iter().find(|r| r.value["op"] == "u").unwrap();
     assert_eq!(
-        (
-            update1.value["after"]["i4"].as_str(),
-            update1.value["after"]["r8"].as_str()
-        ),
+        (update1.value["after"]["i4"].as_str(), update1.value["after"]["r8"].as_str()),
         (Some("2147483646"), Some("0.1"))
     );
-    let insert1_version = records
-        .iter()
-        .find(|r| r.key == r#"{"id":"1"}"# && r.value["op"] == "c")
-        .unwrap()
-        .value["version"]
-        .as_i64();
-    assert!(
-        update1.value["version"].as_i64() > insert1_version,
-        "an update's version beats the one it replaced"
-    );
-    let row3 = &records
-        .iter()
-        .find(|r| r.key == r#"{"id":"3"}"#)
-        .unwrap()
-        .value["after"];
-    assert!(
-        row3.as_object()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| *k != "id")
-            .all(|(_, v)| v.is_null()),
-        "{row3}"
-    );
+    let insert1_version =
+        records.iter().find(|r| r.key == r#"{"id":"1"}"# && r.value["op"] == "c").unwrap().value["version"].as_i64();
+    assert!(update1.value["version"].as_i64() > insert1_version, "an update's version beats the one it replaced");
+    let row3 = &records.iter().find(|r| r.key == r#"{"id":"3"}"#).unwrap().value["after"];
+    assert!(row3.as_object().unwrap().iter().filter(|(k, _)| *k != "id").all(|(_, v)| v.is_null()), "{row3}");
     let delete2 = records.iter().find(|r| r.value["op"] == "d").unwrap();
     assert_eq!(delete2.value["before"], serde_json::json!({"id": "2"}));
     assert!(delete2.value["after"].is_null());
-    let tombstone: i64 =
-        sqlx::query_scalar("SELECT version FROM mmsync.tombstones WHERE table_name = 'types'")
-            .fetch_one(&mut seoul)
-            .await
-            .unwrap();
+    let tombstone: i64 = sqlx::query_scalar("SELECT version FROM mmsync.tombstones WHERE table_name = 'types'")
+        .fetch_one(&mut seoul)
+        .await
+        .unwrap();
     assert_eq!(delete2.value["version"].as_i64(), Some(tombstone));
 
     // And every value arrives on busan exactly: compare each row's text form.
     s.converged("types").await;
     let exact = "SELECT whole_row::text FROM types whole_row ORDER BY id";
-    let here: Vec<String> = sqlx::query_scalar(exact)
-        .fetch_all(&mut seoul)
-        .await
-        .unwrap();
-    let there: Vec<String> = sqlx::query_scalar(exact)
-        .fetch_all(&mut s.conn("busan").await)
-        .await
-        .unwrap();
+    let here: Vec<String> = sqlx::query_scalar(exact).fetch_all(&mut seoul).await.unwrap();
+    let there: Vec<String> = sqlx::query_scalar(exact).fetch_all(&mut s.conn("busan").await).await.unwrap();
     assert_eq!(here, there);
     assert_eq!(here.len(), 2);
     s.stop().await;
@@ -170,20 +107,10 @@ const BIG: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 
 
 #[tokio::test]
 async fn an_update_that_leaves_a_toasted_value_alone_says_unchanged() {
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        DOCS,
-        &["public.docs"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, DOCS, &["public.docs"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
-    sqlx::raw_sql(&format!("INSERT INTO docs VALUES (1, 'draft', {BIG})"))
-        .execute(&mut seoul)
-        .await
-        .unwrap();
+    sqlx::raw_sql(&format!("INSERT INTO docs VALUES (1, 'draft', {BIG})")).execute(&mut seoul).await.unwrap();
     s.converged("docs").await;
     // Key 1: the update arrives after the insert was applied. Key 2: insert and
     // update in one transaction, likely in one sink batch.
@@ -199,29 +126,17 @@ async fn an_update_that_leaves_a_toasted_value_alone_says_unchanged() {
     let updates: Vec<_> = records.iter().filter(|r| r.value["op"] == "u").collect();
     assert_eq!(updates.len(), 2);
     for u in updates {
-        assert_eq!(
-            u.value["unchanged"],
-            serde_json::json!(["body"]),
-            "{:?}",
-            u.value
-        );
+        assert_eq!(u.value["unchanged"], serde_json::json!(["body"]), "{:?}", u.value);
         assert!(u.value["after"].get("body").is_none(), "{:?}", u.value);
         assert_eq!(u.value["after"]["title"], "final");
     }
     s.converged("docs").await;
     let check = "SELECT id, title, md5(body), length(body) FROM docs ORDER BY id";
-    let here: Vec<(i32, String, String, i32)> =
-        sqlx::query_as(check).fetch_all(&mut seoul).await.unwrap();
-    let there: Vec<(i32, String, String, i32)> = sqlx::query_as(check)
-        .fetch_all(&mut s.conn("busan").await)
-        .await
-        .unwrap();
+    let here: Vec<(i32, String, String, i32)> = sqlx::query_as(check).fetch_all(&mut seoul).await.unwrap();
+    let there: Vec<(i32, String, String, i32)> =
+        sqlx::query_as(check).fetch_all(&mut s.conn("busan").await).await.unwrap();
     assert_eq!(here, there);
-    assert!(
-        here.iter()
-            .all(|(_, t, _, len)| t == "final" && *len == 320_000),
-        "{here:?}"
-    );
+    assert!(here.iter().all(|(_, t, _, len)| t == "final" && *len == 320_000), "{here:?}");
     s.stop().await;
 }
 
@@ -229,20 +144,10 @@ const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT
 
 #[tokio::test]
 async fn a_crash_between_produce_and_slot_advance_loses_nothing() {
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        USERS,
-        &["public.users"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, USERS, &["public.users"], "").await;
     let mut seoul = s.conn("seoul").await;
     let slot = "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'mmsync_seoul'";
-    let before: String = sqlx::query_scalar(slot)
-        .fetch_one(&mut seoul)
-        .await
-        .unwrap();
+    let before: String = sqlx::query_scalar(slot).fetch_one(&mut seoul).await.unwrap();
     sqlx::raw_sql("INSERT INTO users (name) SELECT 'u' || i FROM generate_series(1, 500) i")
         .execute(&mut seoul)
         .await
@@ -252,33 +157,26 @@ async fn a_crash_between_produce_and_slot_advance_loses_nothing() {
     // moving the slot.
     s.start_with_env(&[("MMSYNC_TEST_CRASH_AFTER_PRODUCE", "1")]);
     let (status, log) = s.exited().await;
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9),
-        "{log}"
-    );
-    assert!(
-        log.contains("killing mmsync before the slot advances"),
-        "{log}"
-    );
-    let after: String = sqlx::query_scalar(slot)
-        .fetch_one(&mut seoul)
-        .await
-        .unwrap();
-    assert_eq!(
-        after, before,
-        "the slot moved although mmsync died before advancing it"
-    );
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "{log}");
+    assert!(log.contains("killing mmsync before the slot advances"), "{log}");
+    let after: String = sqlx::query_scalar(slot).fetch_one(&mut seoul).await.unwrap();
+    assert_eq!(after, before, "the slot moved although mmsync died before advancing it");
 
     // On restart the round is read and produced again: duplicates, no gap.
+    // On restart the round is read and produced again: duplicates, no gap.
+    // (The records themselves may or may not be doubled on the topic: tansu
+    // 0.6 with memory storage can hand the new producer a used producer id and
+    // then drops its records as duplicate sequences. What counts is that the
+    // new process produced them all again.)
     s.start();
     let rows = s.converged("users").await;
     assert_eq!(rows.len(), 500);
-    let records = s.records("mmsync.seoul.public.users", 1000);
-    let mut keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
-    keys.sort();
-    keys.dedup();
-    assert_eq!(keys.len(), 500);
+    s.wait_metric("mmsync_changes_captured_total", &[("master", "seoul"), ("table", "public.users")], 500.0).await;
+    let distinct = |records: &[crate::common::Record]| {
+        records.iter().map(|r| r.key.as_str()).collect::<std::collections::BTreeSet<_>>().len()
+    };
+    let records = s.records_until("mmsync.seoul.public.users", "500 distinct keys", |r| distinct(r) >= 500);
+    assert_eq!(distinct(&records), 500);
     s.stop().await;
 }
 
@@ -301,69 +199,34 @@ async fn init_twice_changes_nothing_and_adds_only_a_new_table() {
     assert_eq!(code, 0, "{out}");
     for m in ["seoul", "busan"] {
         assert!(
-            out.contains(&format!(
-                "master \"{m}\": added columns mmsync_origin, mmsync_version to public.extra"
-            )),
+            out.contains(&format!("master \"{m}\": added columns mmsync_origin, mmsync_version to public.extra")),
             "{out}"
         );
-        assert!(
-            out.contains(&format!(
-                "master \"{m}\": installed triggers on public.extra"
-            )),
-            "{out}"
-        );
-        assert!(
-            out.contains(&format!(
-                "master \"{m}\": publication mmsync now includes public.extra"
-            )),
-            "{out}"
-        );
-        assert!(
-            out.contains(&format!("kafka: created topic mmsync.{m}.public.extra")),
-            "{out}"
-        );
+        assert!(out.contains(&format!("master \"{m}\": installed triggers on public.extra")), "{out}");
+        assert!(out.contains(&format!("master \"{m}\": publication mmsync now includes public.extra")), "{out}");
+        assert!(out.contains(&format!("kafka: created topic mmsync.{m}.public.extra")), "{out}");
     }
-    assert!(
-        !out.contains("public.users"),
-        "init touched the table it had already set up:\n{out}"
-    );
+    assert!(!out.contains("public.users"), "init touched the table it had already set up:\n{out}");
     let (code, out) = mmsync(&with_extra, &["init"]).await;
-    assert_eq!(
-        (code, out.trim()),
-        (0, "init: everything was already in place")
-    );
+    assert_eq!((code, out.trim()), (0, "init: everything was already in place"));
 }
 
 #[tokio::test]
 async fn sequences_of_two_masters_never_collide() {
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        USERS,
-        &["public.users"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, USERS, &["public.users"], "").await;
     s.start();
     let insert = "INSERT INTO users (name) SELECT 'u' || i FROM generate_series(1, 10000) i";
     let (mut seoul, mut busan) = (s.conn("seoul").await, s.conn("busan").await);
-    let (a, b) = tokio::join!(
-        sqlx::raw_sql(insert).execute(&mut seoul),
-        sqlx::raw_sql(insert).execute(&mut busan)
-    );
+    let (a, b) = tokio::join!(sqlx::raw_sql(insert).execute(&mut seoul), sqlx::raw_sql(insert).execute(&mut busan));
     a.unwrap();
     b.unwrap();
     let rows = s.converged("users").await;
     assert_eq!(rows.len(), 20_000);
-    let parity: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT mmsync_origin::text, min(id % 2), max(id % 2) FROM users GROUP BY 1 ORDER BY 1",
-    )
-    .fetch_all(&mut seoul)
-    .await
-    .unwrap();
-    assert_eq!(
-        parity,
-        [("busan".to_string(), 0, 0), ("seoul".to_string(), 1, 1)]
-    );
+    let parity: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT mmsync_origin::text, min(id % 2), max(id % 2) FROM users GROUP BY 1 ORDER BY 1")
+            .fetch_all(&mut seoul)
+            .await
+            .unwrap();
+    assert_eq!(parity, [("busan".to_string(), 0, 0), ("seoul".to_string(), 1, 1)]);
     s.stop().await;
 }

@@ -12,18 +12,13 @@ use mmsync::testbed::{wait_for, BrokerStorage, BED_DATABASE};
 use sqlx::{Connection, PgConnection};
 use tokio::task::JoinHandle;
 
-use crate::common::{
-    kv_state, mmsync, seed, write_once, Rng, Synced, Uncertain, Written, DEADLINE, KV,
-};
+use crate::common::{kv_state, mmsync, seed, write_once, Rng, Synced, Uncertain, Written, DEADLINE, KV};
 
 /// Keys the writers fight over.
 const KEYS: u64 = 300;
 
 fn cycles() -> usize {
-    std::env::var("MMSYNC_CHAOS_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+    std::env::var("MMSYNC_CHAOS_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
 }
 
 /// Writers on every master, each reconnecting after its master died.
@@ -71,30 +66,15 @@ impl Load {
                 (written, uncertain)
             }));
         }
-        Load {
-            stop,
-            progress,
-            writers,
-        }
+        Load { stop, progress, writers }
     }
 
     /// Waits until each of `masters` acknowledged `more` further writes.
     async fn progress(&self, masters: &[&str], more: usize) {
-        let from: Vec<usize> = masters
-            .iter()
-            .map(|m| self.progress[*m].load(Ordering::Relaxed))
-            .collect();
-        wait_for(
-            &format!("{more} more writes on {masters:?}"),
-            DEADLINE,
-            || async {
-                masters
-                    .iter()
-                    .zip(&from)
-                    .all(|(m, f)| self.progress[*m].load(Ordering::Relaxed) >= f + more)
-                    .then_some(())
-            },
-        )
+        let from: Vec<usize> = masters.iter().map(|m| self.progress[*m].load(Ordering::Relaxed)).collect();
+        wait_for(&format!("{more} more writes on {masters:?}"), DEADLINE, || async {
+            masters.iter().zip(&from).all(|(m, f)| self.progress[*m].load(Ordering::Relaxed) >= f + more).then_some(())
+        })
         .await;
     }
 
@@ -122,12 +102,7 @@ struct Figures {
 /// Waits for `mmsync verify` to pass, then checks every key against the
 /// last-writer-wins model of the acknowledged writes. A row newer than the
 /// model's winner must be a write whose acknowledgement was lost to a fault.
-async fn converged_without_loss(
-    s: &Synced,
-    seed: u64,
-    written: &[Written],
-    uncertain: &[Uncertain],
-) {
+async fn converged_without_loss(s: &Synced, seed: u64, written: &[Written], uncertain: &[Uncertain]) {
     let started = Instant::now();
     loop {
         let (code, out) = mmsync(&s.topology, &["verify"]).await;
@@ -143,10 +118,7 @@ async fn converged_without_loss(
     }
     let mut model: BTreeMap<i32, &Written> = BTreeMap::new();
     for w in written {
-        if model
-            .get(&w.id)
-            .is_none_or(|m| (w.version, &w.origin) > (m.version, &m.origin))
-        {
+        if model.get(&w.id).is_none_or(|m| (w.version, &w.origin) > (m.version, &m.origin)) {
             model.insert(w.id, w);
         }
     }
@@ -158,11 +130,7 @@ async fn converged_without_loss(
             (f[0].parse().unwrap(), f)
         })
         .collect();
-    let maybe = |id: i32, val: Option<&str>| {
-        uncertain
-            .iter()
-            .any(|u| u.id == id && u.val.as_deref() == val)
-    };
+    let maybe = |id: i32, val: Option<&str>| uncertain.iter().any(|u| u.id == id && u.val.as_deref() == val);
     for id in 0..KEYS as i32 {
         let row = actual.get(&id);
         let stamp = row.map(|f| (f[3].parse::<i64>().unwrap(), f[4].clone()));
@@ -203,14 +171,7 @@ fn report(test: &str, seed: u64, f: &Figures) {
 #[tokio::test]
 async fn a_master_killed_mid_load_catches_up_and_verify_sees_a_planted_difference() {
     let seed = seed("a_master_killed_mid_load");
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        KV,
-        &["public.kv"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, KV, &["public.kv"], "").await;
     s.start();
     let load = Load::start(&s, seed);
     let mut f = Figures::default();
@@ -231,25 +192,16 @@ async fn a_master_killed_mid_load_catches_up_and_verify_sees_a_planted_differenc
     // A row changed by hand on busan with the triggers off: verify must say so.
     let mut busan = s.conn("busan").await;
     let (id, version): (i32, i64) =
-        sqlx::query_as("SELECT id, mmsync_version FROM kv ORDER BY id LIMIT 1")
-            .fetch_one(&mut busan)
-            .await
-            .unwrap();
-    sqlx::raw_sql(&format!(
-        "SET session_replication_role = replica; UPDATE kv SET val = 'planted' WHERE id = {id}"
-    ))
-    .execute(&mut busan)
-    .await
-    .unwrap();
+        sqlx::query_as("SELECT id, mmsync_version FROM kv ORDER BY id LIMIT 1").fetch_one(&mut busan).await.unwrap();
+    sqlx::raw_sql(&format!("SET session_replication_role = replica; UPDATE kv SET val = 'planted' WHERE id = {id}"))
+        .execute(&mut busan)
+        .await
+        .unwrap();
     let (code, out) = mmsync(&s.topology, &["verify"]).await;
     assert_eq!(code, 1, "{out}");
+    assert!(out.contains("public.kv: DIFFERENT, 1 key(s) differ"), "{out}");
     assert!(
-        out.contains("public.kv: DIFFERENT, 1 key(s) differ"),
-        "{out}"
-    );
-    assert!(
-        out.contains(&format!("{{\"id\": \"{id}\"}}"))
-            && out.contains(&format!("busan: version {version}")),
+        out.contains(&format!("{{\"id\": \"{id}\"}}")) && out.contains(&format!("busan: version {version}")),
         "{out}"
     );
     s.stop().await;
@@ -259,23 +211,14 @@ async fn a_master_killed_mid_load_catches_up_and_verify_sees_a_planted_differenc
 async fn mmsync_killed_at_random_moments_loses_nothing() {
     let seed = seed("mmsync_killed");
     let mut rng = Rng::new(seed);
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        KV,
-        &["public.kv"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, KV, &["public.kv"], "").await;
     s.start();
     let load = Load::start(&s, seed);
     let mut f = Figures::default();
     for _ in 0..cycles() {
-        load.progress(&["seoul", "busan"], 20 + rng.below(200) as usize)
-            .await;
+        load.progress(&["seoul", "busan"], 20 + rng.below(200) as usize).await;
         s.kill().await;
-        load.progress(&["seoul", "busan"], 20 + rng.below(100) as usize)
-            .await;
+        load.progress(&["seoul", "busan"], 20 + rng.below(100) as usize).await;
         s.start();
         f.cycles += 1;
         f.faults += 1;
@@ -291,14 +234,7 @@ async fn mmsync_killed_at_random_moments_loses_nothing() {
 #[tokio::test]
 async fn the_broker_killed_and_restarted_loses_nothing() {
     let seed = seed("broker_killed");
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Sqlite,
-        KV,
-        &["public.kv"],
-        "",
-    )
-    .await;
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Sqlite, KV, &["public.kv"], "").await;
     s.start();
     let load = Load::start(&s, seed);
     let mut f = Figures::default();

@@ -33,11 +33,7 @@ pub async fn mmsync(topology: &std::path::Path, args: &[&str]) -> (i32, String) 
         .output()
         .await
         .expect("mmsync runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -55,12 +51,7 @@ impl Synced {
         let topology = bed.write_topology(tables, extra_sync);
         let (code, out) = mmsync(&topology, &["init"]).await;
         assert_eq!(code, 0, "init failed: {out}");
-        Synced {
-            bed,
-            topology,
-            run: None,
-            runs: 0,
-        }
+        Synced { bed, topology, run: None, runs: 0 }
     }
 
     pub fn topology(&self) -> Topology {
@@ -76,11 +67,7 @@ impl Synced {
     pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.run.is_none(), "mmsync is already running");
         self.runs += 1;
-        let log = self
-            .bed
-            .dir
-            .path()
-            .join(format!("mmsync-run-{}.log", self.runs));
+        let log = self.bed.dir.path().join(format!("mmsync-run-{}.log", self.runs));
         self.run = Some(
             MmsyncProcess::spawn(
                 std::path::Path::new(env!("CARGO_BIN_EXE_mmsync")),
@@ -98,10 +85,7 @@ impl Synced {
         let run = self.run.take().expect("mmsync is running");
         let log_path = run.log();
         let status = run.terminate().await;
-        assert!(
-            status.success(),
-            "mmsync run exited with {status}; log:\n{log_path}"
-        );
+        assert!(status.success(), "mmsync run exited with {status}; log:\n{log_path}");
     }
 
     /// SIGKILL, as a crash would.
@@ -113,14 +97,9 @@ impl Synced {
     pub async fn exited(&mut self) -> (std::process::ExitStatus, String) {
         let run = self.run.take().expect("mmsync is running");
         let log = run.log_path();
-        let status = tokio::time::timeout(DEADLINE, run.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "mmsync did not exit; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
+        let status = tokio::time::timeout(DEADLINE, run.wait()).await.unwrap_or_else(|_| {
+            panic!("mmsync did not exit; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
         (status, std::fs::read_to_string(log).unwrap_or_default())
     }
 
@@ -129,22 +108,16 @@ impl Synced {
     }
 
     pub async fn conn(&self, master: &str) -> PgConnection {
-        self.bed
-            .master(master)
-            .connect(BED_DATABASE)
-            .await
-            .expect("master answers")
+        self.bed.master(master).connect(BED_DATABASE).await.expect("master answers")
     }
 
     /// Every row of a table as JSON text, ordered by its primary key text.
     pub async fn rows(&self, master: &str, table: &str) -> Vec<String> {
         let mut conn = self.conn(master).await;
-        sqlx::query_scalar(&format!(
-            "SELECT to_jsonb(whole_row)::text FROM {table} whole_row ORDER BY 1"
-        ))
-        .fetch_all(&mut conn)
-        .await
-        .expect("rows")
+        sqlx::query_scalar(&format!("SELECT to_jsonb(whole_row)::text FROM {table} whole_row ORDER BY 1"))
+            .fetch_all(&mut conn)
+            .await
+            .expect("rows")
     }
 
     /// Waits until every master holds the same rows of `table`; returns them.
@@ -169,10 +142,7 @@ impl Synced {
         match result {
             Ok(rows) => rows,
             Err(_) => {
-                let diff: Vec<String> = last
-                    .iter()
-                    .map(|(n, r)| format!("{n}: {} rows", r.len()))
-                    .collect();
+                let diff: Vec<String> = last.iter().map(|(n, r)| format!("{n}: {} rows", r.len())).collect();
                 panic!("masters did not converge on {table} within {DEADLINE:?}: {diff:?}\nmmsync log:\n{}", self.log())
             }
         }
@@ -181,13 +151,8 @@ impl Synced {
     /// The metrics endpoint's text.
     pub async fn metrics(&self) -> String {
         let addr = self.topology().metrics_listen;
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .expect("metrics endpoint answers");
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: mmsync\r\n\r\n")
-            .await
-            .unwrap();
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint answers");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: mmsync\r\n\r\n").await.unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).await.unwrap();
         text
@@ -199,55 +164,55 @@ impl Synced {
     }
 
     pub async fn wait_metric(&self, name: &str, labels: &[(&str, &str)], at_least: f64) -> f64 {
-        wait_for(
-            &format!("{name}{labels:?} >= {at_least}"),
-            DEADLINE,
-            || async {
-                let addr = self.topology().metrics_listen;
-                tokio::net::TcpStream::connect(addr).await.ok()?;
-                let v = self.metric(name, labels).await;
-                (v >= at_least).then_some(v)
-            },
-        )
+        wait_for(&format!("{name}{labels:?} >= {at_least}"), DEADLINE, || async {
+            let addr = self.topology().metrics_listen;
+            tokio::net::TcpStream::connect(addr).await.ok()?;
+            let v = self.metric(name, labels).await;
+            (v >= at_least).then_some(v)
+        })
         .await
     }
 
     /// Every record of a topic, read from the beginning until `count` arrived.
     pub fn records(&self, topic: &str, count: usize) -> Vec<Record> {
+        self.records_until(topic, &format!("{count} records"), |r| r.len() >= count)
+    }
+
+    /// Records of a topic from the beginning, until `enough` says so.
+    pub fn records_until(&self, topic: &str, what: &str, enough: impl Fn(&[Record]) -> bool) -> Vec<Record> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bed.broker.address())
             .set("group.id", "loop-tests")
             .set("fetch.wait.max.ms", "20")
             .create()
             .unwrap();
-        let partitions = mmsync::kafka::partitions(&consumer, topic)
-            .unwrap()
-            .expect("topic exists");
+        let partitions = mmsync::kafka::partitions(&consumer, topic).unwrap().expect("topic exists");
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         consumer.assign(&tpl).unwrap();
-        let mut out = Vec::new();
+        let mut out: Vec<Record> = Vec::new();
         let start = std::time::Instant::now();
-        while out.len() < count {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "only {} of {count} records on {topic}",
-                out.len()
-            );
+        while !enough(&out) {
+            if start.elapsed() > DEADLINE {
+                let mut last: BTreeMap<i32, (usize, i64)> = BTreeMap::new();
+                for r in &out {
+                    let e = last.entry(r.partition).or_insert((0, -1));
+                    *e = (e.0 + 1, e.1.max(r.offset));
+                }
+                panic!(
+                    "waited in vain for {what} on {topic}: {} records; per partition (count, last offset): {last:?}",
+                    out.len()
+                );
+            }
             if let Some(Ok(msg)) = consumer.poll(Duration::from_millis(100)) {
                 let headers = msg
                     .headers()
                     .map(|h| {
                         h.iter()
                             .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
+                                (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
                             })
                             .collect()
                     })
@@ -256,8 +221,7 @@ impl Synced {
                     partition: msg.partition(),
                     offset: msg.offset(),
                     key: String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned(),
-                    value: serde_json::from_slice(msg.payload().unwrap_or_default())
-                        .expect("JSON envelope"),
+                    value: serde_json::from_slice(msg.payload().unwrap_or_default()).expect("JSON envelope"),
                     headers,
                 });
             }
@@ -286,10 +250,7 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             if metric != name {
                 return None;
             }
-            labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-                .then(|| value.parse::<f64>().ok())?
+            labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))).then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }
@@ -316,15 +277,9 @@ impl Rng {
 /// A seed from the environment (`MMSYNC_SEED`) or the clock, printed so a
 /// failure can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("MMSYNC_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = std::env::var("MMSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
     eprintln!("{test}: MMSYNC_SEED={seed}");
     seed
 }
@@ -363,10 +318,7 @@ pub async fn write_once(
     let val = format!("{master}-{i}");
     let n = rng.below(1000) as i32;
     let kind = rng.below(10);
-    let uncertain = |val: Option<&String>| Uncertain {
-        id,
-        val: val.cloned(),
-    };
+    let uncertain = |val: Option<&String>| Uncertain { id, val: val.cloned() };
     match kind {
         0..=3 => {
             let (version, origin): (i64, String) = sqlx::query_as(
@@ -379,39 +331,27 @@ pub async fn write_once(
             .fetch_one(&mut *conn)
             .await
             .map_err(|_| uncertain(Some(&val)))?;
-            Ok(Some(Written {
-                id,
-                version,
-                origin,
-                value: Some((val, n)),
-            }))
+            Ok(Some(Written { id, version, origin, value: Some((val, n)) }))
         }
         4..=7 => {
-            let stamp: Option<(i64, String)> =
-                sqlx::query_as("UPDATE kv SET val = $2, n = $3 WHERE id = $1 RETURNING mmsync_version, mmsync_origin::text")
-                    .bind(id)
-                    .bind(&val)
-                    .bind(n)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(|_| uncertain(Some(&val)))?;
-            Ok(stamp.map(|(version, origin)| Written {
-                id,
-                version,
-                origin,
-                value: Some((val, n)),
-            }))
+            let stamp: Option<(i64, String)> = sqlx::query_as(
+                "UPDATE kv SET val = $2, n = $3 WHERE id = $1 RETURNING mmsync_version, mmsync_origin::text",
+            )
+            .bind(id)
+            .bind(&val)
+            .bind(n)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|_| uncertain(Some(&val)))?;
+            Ok(stamp.map(|(version, origin)| Written { id, version, origin, value: Some((val, n)) }))
         }
         _ => {
-            let mut tx = sqlx::Connection::begin(&mut *conn)
+            let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|_| uncertain(None))?;
+            let deleted: Option<i32> = sqlx::query_scalar("DELETE FROM kv WHERE id = $1 RETURNING id")
+                .bind(id)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(|_| uncertain(None))?;
-            let deleted: Option<i32> =
-                sqlx::query_scalar("DELETE FROM kv WHERE id = $1 RETURNING id")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(|_| uncertain(None))?;
             let mut written = None;
             if deleted.is_some() {
                 let (version, origin): (i64, String) = sqlx::query_as(
@@ -422,12 +362,7 @@ pub async fn write_once(
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(|_| uncertain(None))?;
-                written = Some(Written {
-                    id,
-                    version,
-                    origin,
-                    value: None,
-                });
+                written = Some(Written { id, version, origin, value: None });
             }
             tx.commit().await.map_err(|_| uncertain(None))?;
             Ok(written)
@@ -437,20 +372,11 @@ pub async fn write_once(
 
 /// Random inserts, updates and deletes on keys `0..keys`; returns every write
 /// the master acknowledged, with its version (for deletes, the tombstone's).
-pub async fn random_writes(
-    conn: &mut PgConnection,
-    master: &str,
-    seed: u64,
-    ops: usize,
-    keys: u64,
-) -> Vec<Written> {
+pub async fn random_writes(conn: &mut PgConnection, master: &str, seed: u64, ops: usize, keys: u64) -> Vec<Written> {
     let mut rng = Rng::new(seed);
     let mut log = Vec::new();
     for i in 0..ops {
-        if let Some(w) = write_once(conn, master, i, &mut rng, keys)
-            .await
-            .expect("no faults here")
-        {
+        if let Some(w) = write_once(conn, master, i, &mut rng, keys).await.expect("no faults here") {
             log.push(w);
         }
     }
@@ -463,30 +389,22 @@ pub async fn random_writes(
 pub fn lww_model(writes: &[Written]) -> Vec<String> {
     let mut winners: BTreeMap<i32, &Written> = BTreeMap::new();
     for w in writes {
-        let better = winners
-            .get(&w.id)
-            .is_none_or(|cur| (w.version, &w.origin) > (cur.version, &cur.origin));
+        let better = winners.get(&w.id).is_none_or(|cur| (w.version, &w.origin) > (cur.version, &cur.origin));
         if better {
             winners.insert(w.id, w);
         }
     }
     winners
         .values()
-        .filter_map(|w| {
-            w.value
-                .as_ref()
-                .map(|(val, n)| format!("{}|{val}|{n}|{}|{}", w.id, w.version, w.origin))
-        })
+        .filter_map(|w| w.value.as_ref().map(|(val, n)| format!("{}|{val}|{n}|{}|{}", w.id, w.version, w.origin)))
         .collect()
 }
 
 /// The kv table of a master in the model's form.
 pub async fn kv_state(s: &Synced, master: &str) -> Vec<String> {
     let mut conn = s.conn(master).await;
-    sqlx::query_scalar(
-        "SELECT concat_ws('|', id, val, n, mmsync_version, mmsync_origin) FROM kv ORDER BY id",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .unwrap()
+    sqlx::query_scalar("SELECT concat_ws('|', id, val, n, mmsync_version, mmsync_origin) FROM kv ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
 }

@@ -126,12 +126,8 @@ impl Change {
 
     /// The Kafka value: the JSON envelope.
     pub fn kafka_value(&self) -> Vec<u8> {
-        let before = (self.op == Op::Delete).then(|| {
-            self.key
-                .iter()
-                .map(|(k, v)| (k.clone(), Some(v.clone())))
-                .collect()
-        });
+        let before =
+            (self.op == Op::Delete).then(|| self.key.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect());
         let envelope = Envelope {
             op: self.op.letter().to_string(),
             before,
@@ -154,10 +150,8 @@ impl Change {
     /// Reads a change back from a record's key and value.
     pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, DecodeError> {
         let value = value.ok_or(DecodeError::NoValue)?;
-        let env: Envelope =
-            serde_json::from_slice(value).map_err(|e| DecodeError::Envelope(e.to_string()))?;
-        let key: Key = serde_json::from_slice(key.unwrap_or_default())
-            .map_err(|e| DecodeError::Key(e.to_string()))?;
+        let env: Envelope = serde_json::from_slice(value).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        let key: Key = serde_json::from_slice(key.unwrap_or_default()).map_err(|e| DecodeError::Key(e.to_string()))?;
         if key.is_empty() {
             return Err(DecodeError::Key("no columns".into()));
         }
@@ -169,44 +163,29 @@ impl Change {
         };
         match (&env.after, op) {
             (None, Op::Insert | Op::Update) => {
-                return Err(DecodeError::Inconsistent(
-                    "an upsert without \"after\"".into(),
-                ))
+                return Err(DecodeError::Inconsistent("an upsert without \"after\"".into()))
             }
-            (Some(_), Op::Delete) => {
-                return Err(DecodeError::Inconsistent("a delete with \"after\"".into()))
-            }
+            (Some(_), Op::Delete) => return Err(DecodeError::Inconsistent("a delete with \"after\"".into())),
             (Some(after), _) => {
                 for (column, value) in &key {
                     if after.get(column) != Some(&Some(value.clone())) {
-                        return Err(DecodeError::Inconsistent(format!(
-                            "key column {column:?} differs from \"after\""
-                        )));
+                        return Err(DecodeError::Inconsistent(format!("key column {column:?} differs from \"after\"")));
                     }
                 }
             }
             (None, Op::Delete) => {}
         }
-        let lsn = parse_lsn(&env.source.lsn).ok_or_else(|| {
-            DecodeError::Inconsistent(format!("source.lsn {:?} is not an LSN", env.source.lsn))
-        })?;
+        let lsn = parse_lsn(&env.source.lsn)
+            .ok_or_else(|| DecodeError::Inconsistent(format!("source.lsn {:?} is not an LSN", env.source.lsn)))?;
         Ok(Change {
-            table: TableName {
-                schema: env.source.schema,
-                name: env.source.table,
-            },
+            table: TableName { schema: env.source.schema, name: env.source.table },
             op,
             key,
             row: env.after,
             unchanged: env.unchanged,
             origin: env.origin,
             version: env.version,
-            position: Position {
-                master: env.source.master,
-                lsn,
-                txid: env.source.txid,
-                commit_ms: env.source.ts_ms,
-            },
+            position: Position { master: env.source.master, lsn, txid: env.source.txid, commit_ms: env.source.ts_ms },
         })
     }
 }
@@ -231,26 +210,14 @@ mod tests {
             ])
         });
         Change {
-            table: TableName {
-                schema: "public".into(),
-                name: "Order Items".into(),
-            },
+            table: TableName { schema: "public".into(), name: "Order Items".into() },
             op,
             key,
             row,
-            unchanged: if op == Op::Update {
-                vec!["blob".into()]
-            } else {
-                vec![]
-            },
+            unchanged: if op == Op::Update { vec!["blob".into()] } else { vec![] },
             origin: "seoul".into(),
             version: 1_700_000_000_000_001,
-            position: Position {
-                master: "seoul".into(),
-                lsn: 0x1_6B37_48,
-                txid: 42,
-                commit_ms: 1_700_000_000_000,
-            },
+            position: Position { master: "seoul".into(), lsn: 0x1_6B37_48, txid: 42, commit_ms: 1_700_000_000_000 },
         }
     }
 
@@ -258,16 +225,14 @@ mod tests {
     fn round_trips_every_op() {
         for op in [Op::Insert, Op::Update, Op::Delete] {
             let c = sample(op);
-            let back =
-                Change::decode(Some(c.kafka_key().as_bytes()), Some(&c.kafka_value())).unwrap();
+            let back = Change::decode(Some(c.kafka_key().as_bytes()), Some(&c.kafka_value())).unwrap();
             assert_eq!(back, c);
         }
     }
 
     #[test]
     fn envelope_has_debezium_shape() {
-        let v: serde_json::Value =
-            serde_json::from_slice(&sample(Op::Update).kafka_value()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&sample(Op::Update).kafka_value()).unwrap();
         assert_eq!(v["op"], "u");
         assert_eq!(v["after"]["note"], serde_json::Value::Null);
         assert_eq!(v["source"]["lsn"], "0/16B3748");
@@ -280,28 +245,11 @@ mod tests {
     fn bad_records_are_errors() {
         let c = sample(Op::Insert);
         let (k, v) = (c.kafka_key(), c.kafka_value());
-        assert_eq!(
-            Change::decode(Some(k.as_bytes()), None),
-            Err(DecodeError::NoValue)
-        );
-        assert!(matches!(
-            Change::decode(Some(k.as_bytes()), Some(b"not json")),
-            Err(DecodeError::Envelope(_))
-        ));
-        assert!(matches!(
-            Change::decode(Some(b"[1]"), Some(&v)),
-            Err(DecodeError::Key(_))
-        ));
-        assert!(matches!(
-            Change::decode(Some(br#"{"id":"8"}"#), Some(&v)),
-            Err(DecodeError::Inconsistent(_))
-        ));
-        let bad_op = String::from_utf8(v)
-            .unwrap()
-            .replace(r#""op":"c""#, r#""op":"x""#);
-        assert!(matches!(
-            Change::decode(Some(k.as_bytes()), Some(bad_op.as_bytes())),
-            Err(DecodeError::Op(_))
-        ));
+        assert_eq!(Change::decode(Some(k.as_bytes()), None), Err(DecodeError::NoValue));
+        assert!(matches!(Change::decode(Some(k.as_bytes()), Some(b"not json")), Err(DecodeError::Envelope(_))));
+        assert!(matches!(Change::decode(Some(b"[1]"), Some(&v)), Err(DecodeError::Key(_))));
+        assert!(matches!(Change::decode(Some(br#"{"id":"8"}"#), Some(&v)), Err(DecodeError::Inconsistent(_))));
+        let bad_op = String::from_utf8(v).unwrap().replace(r#""op":"c""#, r#""op":"x""#);
+        assert!(matches!(Change::decode(Some(k.as_bytes()), Some(bad_op.as_bytes())), Err(DecodeError::Op(_))));
     }
 }

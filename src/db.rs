@@ -14,8 +14,7 @@ use crate::topology::Master;
 /// Settings sqlx does not already pin (it sets DateStyle ISO, TimeZone UTC,
 /// client_encoding UTF8 and extra_float_digits 2). The trigger functions that
 /// build tombstone keys pin the same ones.
-pub const CANONICAL_SETTINGS: &[(&str, &str)] =
-    &[("intervalstyle", "postgres"), ("bytea_output", "hex")];
+pub const CANONICAL_SETTINGS: &[(&str, &str)] = &[("intervalstyle", "postgres"), ("bytea_output", "hex")];
 
 /// How long to wait for a master to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,13 +35,7 @@ pub fn options(master: &Master) -> Result<PgConnectOptions> {
 pub async fn connect(master: &Master) -> Result<PgConnection> {
     let opts = options(master)?;
     match tokio::time::timeout(CONNECT_TIMEOUT, opts.connect()).await {
-        Ok(conn) => conn.map_err(Error::db(
-            &master.name,
-            format!("connecting to {}", master.url),
-        )),
-        Err(_) => Err(Error::db(
-            &master.name,
-            format!("connecting to {}", master.url),
-        )(sqlx::Error::PoolTimedOut)),
+        Ok(conn) => conn.map_err(Error::db(&master.name, format!("connecting to {}", master.url))),
+        Err(_) => Err(Error::db(&master.name, format!("connecting to {}", master.url))(sqlx::Error::PoolTimedOut)),
     }
 }

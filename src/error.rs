@@ -28,18 +28,10 @@ pub enum Error {
     },
     /// Something about a master or table that the operator has to fix.
     #[error("master {master:?}: {problem}; {fix}")]
-    Setup {
-        master: String,
-        problem: String,
-        fix: String,
-    },
+    Setup { master: String, problem: String, fix: String },
     /// The replication stream held something mmsync cannot read.
     #[error("master {master:?}: unreadable replication message at {lsn}: {reason}")]
-    Stream {
-        master: String,
-        lsn: String,
-        reason: String,
-    },
+    Stream { master: String, lsn: String, reason: String },
     /// A bug in mmsync.
     #[error("internal error: {0}; please report it with the log")]
     Internal(String),
@@ -50,11 +42,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub fn db(master: &str, context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> Error {
         let (master, context) = (master.to_string(), context.into());
-        move |source| Error::Db {
-            master,
-            context,
-            source,
-        }
+        move |source| Error::Db { master, context, source }
     }
 
     pub fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
@@ -79,9 +67,7 @@ fn db_class(e: &sqlx::Error) -> Class {
     match e {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // 28: authentication; 3D000: no such database; 42: undefined object or no permission.
-            Some(code) if code.starts_with("28") || code == "3D000" || code.starts_with("42") => {
-                Class::Fatal
-            }
+            Some(code) if code.starts_with("28") || code == "3D000" || code.starts_with("42") => Class::Fatal,
             _ => Class::Retry,
         },
         sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => Class::Fatal,

@@ -23,11 +23,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Schema and table names are escaped so that any PostgreSQL name gives a legal,
 /// distinct topic name: letters, digits and `_` stay, every other byte becomes `-` and two hex digits.
 pub fn topic_name(prefix: &str, master: &str, table: &TableName) -> String {
-    format!(
-        "{prefix}.{master}.{}.{}",
-        escape(&table.schema),
-        escape(&table.name)
-    )
+    format!("{prefix}.{master}.{}.{}", escape(&table.schema), escape(&table.name))
 }
 
 fn escape(name: &str) -> String {
@@ -46,12 +42,9 @@ fn escape(name: &str) -> String {
 pub fn all_topics(topology: &Topology) -> Vec<(String, TableName, String)> {
     let mut out = Vec::new();
     for m in &topology.masters {
-        for t in &topology.tables {
-            out.push((
-                m.name.clone(),
-                t.clone(),
-                topic_name(&topology.kafka.topic_prefix, &m.name, t),
-            ));
+        for t in topology.synced_tables() {
+            let topic = topic_name(&topology.kafka.topic_prefix, &m.name, &t);
+            out.push((m.name.clone(), t, topic));
         }
     }
     out
@@ -105,37 +98,24 @@ pub fn consumer<C: FromClientConfig>(kafka: &Kafka, group: &str) -> Result<C> {
 /// Creates every topic the topology needs; existing ones are left alone.
 /// Returns the names of the topics it created.
 pub async fn create_topics(topology: &Topology) -> Result<Vec<String>> {
-    let admin: AdminClient<DefaultClientContext> = client_config(&topology.kafka)
-        .create()
-        .map_err(Error::kafka("creating the admin client"))?;
-    let names: Vec<String> = all_topics(topology)
-        .into_iter()
-        .map(|(_, _, t)| t)
-        .collect();
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&topology.kafka).create().map_err(Error::kafka("creating the admin client"))?;
+    let names: Vec<String> = all_topics(topology).into_iter().map(|(_, _, t)| t).collect();
     let new: Vec<NewTopic> = names
         .iter()
         .map(|n| {
-            NewTopic::new(
-                n,
-                topology.kafka.partitions,
-                TopicReplication::Fixed(topology.kafka.replication_factor),
-            )
+            NewTopic::new(n, topology.kafka.partitions, TopicReplication::Fixed(topology.kafka.replication_factor))
         })
         .collect();
     let opts = AdminOptions::new().request_timeout(Some(REQUEST_TIMEOUT));
-    let results = admin
-        .create_topics(&new, &opts)
-        .await
-        .map_err(Error::kafka("creating topics"))?;
+    let results = admin.create_topics(&new, &opts).await.map_err(Error::kafka("creating topics"))?;
     let mut created = Vec::new();
     for r in results {
         match r {
             Ok(topic) => created.push(topic),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(Error::kafka(format!("creating topic {topic}"))(
-                    KafkaError::AdminOp(code),
-                ));
+                return Err(Error::kafka(format!("creating topic {topic}"))(KafkaError::AdminOp(code)));
             }
         }
     }
@@ -157,11 +137,7 @@ pub fn partitions(consumer: &impl Consumer, topic: &str) -> Result<Option<i32>> 
 /// Produces one round of changes and waits until Kafka has acknowledged every
 /// one. Any failed delivery fails the round: the caller then must not advance
 /// its slot, and will produce the round again (duplicates, never a gap).
-pub async fn produce_all(
-    producer: &FutureProducer,
-    prefix: &str,
-    changes: &[Change],
-) -> Result<()> {
+pub async fn produce_all(producer: &FutureProducer, prefix: &str, changes: &[Change]) -> Result<()> {
     let mut pending: std::collections::VecDeque<DeliveryFuture> = std::collections::VecDeque::new();
     for change in changes {
         let topic = topic_name(prefix, &change.origin, &change.table);
@@ -169,18 +145,9 @@ pub async fn produce_all(
         let value = change.kafka_value();
         let version = change.version.to_string();
         let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_ORIGIN,
-                value: Some(change.origin.as_str()),
-            })
-            .insert(Header {
-                key: HEADER_VERSION,
-                value: Some(version.as_str()),
-            });
-        let mut record = FutureRecord::to(&topic)
-            .key(&key)
-            .payload(&value)
-            .headers(headers);
+            .insert(Header { key: HEADER_ORIGIN, value: Some(change.origin.as_str()) })
+            .insert(Header { key: HEADER_VERSION, value: Some(version.as_str()) });
+        let mut record = FutureRecord::to(&topic).key(&key).payload(&value).headers(headers);
         loop {
             match producer.send_result(record) {
                 Ok(fut) => {
@@ -215,10 +182,7 @@ async fn await_delivery(fut: DeliveryFuture) -> Result<()> {
 /// Whether the brokers answer a metadata request.
 pub fn ping(kafka: &Kafka) -> std::result::Result<(), String> {
     let consumer: BaseConsumer = client_config(kafka).create().map_err(|e| e.to_string())?;
-    consumer
-        .fetch_metadata(None, REQUEST_TIMEOUT)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    consumer.fetch_metadata(None, REQUEST_TIMEOUT).map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -227,25 +191,10 @@ mod tests {
 
     #[test]
     fn topic_names_are_escaped_and_distinct() {
-        let t = |s: &str, n: &str| TableName {
-            schema: s.into(),
-            name: n.into(),
-        };
-        assert_eq!(
-            topic_name("mmsync", "seoul", &t("public", "users")),
-            "mmsync.seoul.public.users"
-        );
-        assert_eq!(
-            topic_name("p", "m", &t("public", "Order Items")),
-            "p.m.public.Order-20Items"
-        );
-        assert_ne!(
-            topic_name("p", "m", &t("a.b", "c")),
-            topic_name("p", "m", &t("a", "b.c"))
-        );
-        assert_ne!(
-            topic_name("p", "m", &t("s", "a-20")),
-            topic_name("p", "m", &t("s", "a "))
-        );
+        let t = |s: &str, n: &str| TableName { schema: s.into(), name: n.into() };
+        assert_eq!(topic_name("mmsync", "seoul", &t("public", "users")), "mmsync.seoul.public.users");
+        assert_eq!(topic_name("p", "m", &t("public", "Order Items")), "p.m.public.Order-20Items");
+        assert_ne!(topic_name("p", "m", &t("a.b", "c")), topic_name("p", "m", &t("a", "b.c")));
+        assert_ne!(topic_name("p", "m", &t("s", "a-20")), topic_name("p", "m", &t("s", "a ")));
     }
 }

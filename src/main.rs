@@ -89,9 +89,7 @@ fn main() -> ExitCode {
             Command::Check => check(&topology).await,
             Command::Init => init(&topology).await,
             Command::Run => run(topology).await,
-            Command::Verify { table, max_keys } => {
-                verify(&topology, table.as_deref(), max_keys).await
-            }
+            Command::Verify { table, max_keys } => verify(&topology, table.as_deref(), max_keys).await,
             Command::Status { .. } => {
                 eprintln!("not available yet in this version of mmsync");
                 ExitCode::from(EXIT_USAGE)
@@ -160,12 +158,7 @@ async fn verify(topology: &Topology, table: Option<&str>, max_keys: usize) -> Ex
             continue;
         }
         identical = false;
-        println!(
-            "{}: DIFFERENT, {} key(s) differ (rows: {})",
-            r.table,
-            r.differing_keys,
-            rows.join(", ")
-        );
+        println!("{}: DIFFERENT, {} key(s) differ (rows: {})", r.table, r.differing_keys, rows.join(", "));
         for d in &r.differences {
             let held: Vec<String> = d
                 .masters

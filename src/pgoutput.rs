@@ -135,23 +135,13 @@ pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
             end_lsn: r.u64("commit end LSN")?,
             commit_time_us: r.i64("commit timestamp")?,
         },
-        b'O' => Message::Origin {
-            commit_lsn: r.u64("origin commit LSN")?,
-            name: r.cstr("origin name")?,
-        },
+        b'O' => Message::Origin { commit_lsn: r.u64("origin commit LSN")?, name: r.cstr("origin name")? },
         b'R' => Message::Relation(relation(&mut r)?),
-        b'Y' => Message::Type {
-            oid: r.u32("type OID")?,
-            schema: r.cstr("type schema")?,
-            name: r.cstr("type name")?,
-        },
+        b'Y' => Message::Type { oid: r.u32("type OID")?, schema: r.cstr("type schema")?, name: r.cstr("type name")? },
         b'I' => {
             let relation = r.u32("insert relation OID")?;
             match r.u8("insert tuple marker")? {
-                b'N' => Message::Insert {
-                    relation,
-                    new: tuple(&mut r)?,
-                },
+                b'N' => Message::Insert { relation, new: tuple(&mut r)? },
                 other => return Err(ParseError::UnknownTupleKind(other)),
             }
         }
@@ -164,28 +154,19 @@ pub fn parse(data: &[u8]) -> Result<Message, ParseError> {
             if marker != b'N' {
                 return Err(ParseError::UnknownTupleKind(marker));
             }
-            Message::Update {
-                relation,
-                old,
-                new: tuple(&mut r)?,
-            }
+            Message::Update { relation, old, new: tuple(&mut r)? }
         }
         b'D' => {
             let relation = r.u32("delete relation OID")?;
             match r.u8("delete tuple marker")? {
-                b'K' | b'O' => Message::Delete {
-                    relation,
-                    old: tuple(&mut r)?,
-                },
+                b'K' | b'O' => Message::Delete { relation, old: tuple(&mut r)? },
                 other => return Err(ParseError::UnknownTupleKind(other)),
             }
         }
         b'T' => {
             let count = r.len("truncate relation count")?;
             let options = r.u8("truncate options")?;
-            let relations = (0..count)
-                .map(|_| r.u32("truncate relation OID"))
-                .collect::<Result<_, _>>()?;
+            let relations = (0..count).map(|_| r.u32("truncate relation OID")).collect::<Result<_, _>>()?;
             Message::Truncate { options, relations }
         }
         b'M' => Message::LogicalMessage {
@@ -217,13 +198,7 @@ fn relation(r: &mut Reader<'_>) -> Result<Relation, ParseError> {
             })
         })
         .collect::<Result<_, ParseError>>()?;
-    Ok(Relation {
-        oid,
-        schema,
-        name,
-        replica_identity,
-        columns,
-    })
+    Ok(Relation { oid, schema, name, replica_identity, columns })
 }
 
 /// TupleData: Int16 column count, then one kind byte (plus payload) per column.
@@ -237,9 +212,7 @@ fn tuple(r: &mut Reader<'_>) -> Result<Vec<Value>, ParseError> {
                 let bytes = r.counted("text column value")?;
                 std::str::from_utf8(bytes)
                     .map(|s| Value::Text(s.to_owned()))
-                    .map_err(|_| ParseError::InvalidUtf8 {
-                        what: "text column value",
-                    })
+                    .map_err(|_| ParseError::InvalidUtf8 { what: "text column value" })
             }
             b'b' => Ok(Value::Binary(r.counted("binary column value")?.to_vec())),
             other => Err(ParseError::UnknownColumnKind(other)),
@@ -254,19 +227,13 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], ParseError> {
-        let (head, rest) = self
-            .buf
-            .split_at_checked(n)
-            .ok_or(ParseError::Truncated { what })?;
+        let (head, rest) = self.buf.split_at_checked(n).ok_or(ParseError::Truncated { what })?;
         self.buf = rest;
         Ok(head)
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ParseError> {
-        let (head, rest) = self
-            .buf
-            .split_first_chunk::<N>()
-            .ok_or(ParseError::Truncated { what })?;
+        let (head, rest) = self.buf.split_first_chunk::<N>().ok_or(ParseError::Truncated { what })?;
         self.buf = rest;
         Ok(*head)
     }
@@ -309,16 +276,10 @@ impl<'a> Reader<'a> {
 
     /// NUL-terminated UTF-8 string.
     fn cstr(&mut self, what: &'static str) -> Result<String, ParseError> {
-        let nul = self
-            .buf
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(ParseError::Truncated { what })?;
+        let nul = self.buf.iter().position(|&b| b == 0).ok_or(ParseError::Truncated { what })?;
         let bytes = self.take(nul, what)?;
         self.take(1, what)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| ParseError::InvalidUtf8 { what })
+        std::str::from_utf8(bytes).map(str::to_owned).map_err(|_| ParseError::InvalidUtf8 { what })
     }
 
     fn finish(self) -> Result<(), ParseError> {
@@ -414,39 +375,20 @@ mod tests {
     /// Test-only encoder, the inverse of `parse`.
     fn encode(msg: &Message) -> Vec<u8> {
         let b = match msg {
-            Message::Begin {
-                final_lsn,
-                commit_time_us,
-                xid,
-            } => Buf::tag(b'B')
-                .u64(*final_lsn)
-                .i64(*commit_time_us)
-                .u32(*xid),
-            Message::Commit {
-                flags,
-                commit_lsn,
-                end_lsn,
-                commit_time_us,
-            } => Buf::tag(b'C')
-                .u8(*flags)
-                .u64(*commit_lsn)
-                .u64(*end_lsn)
-                .i64(*commit_time_us),
+            Message::Begin { final_lsn, commit_time_us, xid } => {
+                Buf::tag(b'B').u64(*final_lsn).i64(*commit_time_us).u32(*xid)
+            }
+            Message::Commit { flags, commit_lsn, end_lsn, commit_time_us } => {
+                Buf::tag(b'C').u8(*flags).u64(*commit_lsn).u64(*end_lsn).i64(*commit_time_us)
+            }
             Message::Origin { commit_lsn, name } => Buf::tag(b'O').u64(*commit_lsn).cstr(name),
             Message::Relation(rel) => {
                 let count = u16::try_from(rel.columns.len()).expect("test relation fits in u16");
-                let head = Buf::tag(b'R')
-                    .u32(rel.oid)
-                    .cstr(&rel.schema)
-                    .cstr(&rel.name)
-                    .u8(rel.replica_identity)
-                    .u16(count);
-                rel.columns.iter().fold(head, |b, c| {
-                    b.u8(u8::from(c.is_key))
-                        .cstr(&c.name)
-                        .u32(c.type_oid)
-                        .i32(c.type_modifier)
-                })
+                let head =
+                    Buf::tag(b'R').u32(rel.oid).cstr(&rel.schema).cstr(&rel.name).u8(rel.replica_identity).u16(count);
+                rel.columns
+                    .iter()
+                    .fold(head, |b, c| b.u8(u8::from(c.is_key)).cstr(&c.name).u32(c.type_oid).i32(c.type_modifier))
             }
             Message::Type { oid, schema, name } => Buf::tag(b'Y').u32(*oid).cstr(schema).cstr(name),
             Message::Insert { relation, new } => Buf::tag(b'I').u32(*relation).u8(b'N').tuple(new),
@@ -461,20 +403,11 @@ mod tests {
             Message::Delete { relation, old } => Buf::tag(b'D').u32(*relation).u8(b'K').tuple(old),
             Message::Truncate { options, relations } => {
                 let count = i32::try_from(relations.len()).expect("test data fits in i32");
-                relations
-                    .iter()
-                    .fold(Buf::tag(b'T').i32(count).u8(*options), |b, r| b.u32(*r))
+                relations.iter().fold(Buf::tag(b'T').i32(count).u8(*options), |b, r| b.u32(*r))
             }
-            Message::LogicalMessage {
-                flags,
-                lsn,
-                prefix,
-                content,
-            } => Buf::tag(b'M')
-                .u8(*flags)
-                .u64(*lsn)
-                .cstr(prefix)
-                .counted(content),
+            Message::LogicalMessage { flags, lsn, prefix, content } => {
+                Buf::tag(b'M').u8(*flags).u64(*lsn).cstr(prefix).counted(content)
+            }
         };
         b.0
     }
@@ -490,18 +423,8 @@ mod tests {
             name: "users".into(),
             replica_identity: b'd',
             columns: vec![
-                Column {
-                    is_key: true,
-                    name: "id".into(),
-                    type_oid: 23,
-                    type_modifier: -1,
-                },
-                Column {
-                    is_key: false,
-                    name: "name".into(),
-                    type_oid: 1043,
-                    type_modifier: 68,
-                },
+                Column { is_key: true, name: "id".into(), type_oid: 23, type_modifier: -1 },
+                Column { is_key: false, name: "name".into(), type_oid: 1043, type_modifier: 68 },
             ],
         }
     }
@@ -509,110 +432,52 @@ mod tests {
     /// One valid sample of every message kind.
     fn samples() -> Vec<Message> {
         vec![
-            Message::Begin {
-                final_lsn: 0x16B_3748,
-                commit_time_us: 700_000_000_123_456,
-                xid: 735,
-            },
+            Message::Begin { final_lsn: 0x16B_3748, commit_time_us: 700_000_000_123_456, xid: 735 },
             Message::Commit {
                 flags: 0,
                 commit_lsn: 0x16B_3748,
                 end_lsn: 0x16B_3778,
                 commit_time_us: 700_000_000_123_456,
             },
-            Message::Origin {
-                commit_lsn: 0x1_0000_0010,
-                name: "pg_16390".into(),
-            },
+            Message::Origin { commit_lsn: 0x1_0000_0010, name: "pg_16390".into() },
             Message::Relation(users_relation()),
-            Message::Type {
-                oid: 16400,
-                schema: "public".into(),
-                name: "mood".into(),
-            },
-            Message::Insert {
-                relation: 16385,
-                new: vec![text("1"), text("ünï")],
-            },
+            Message::Type { oid: 16400, schema: "public".into(), name: "mood".into() },
+            Message::Insert { relation: 16385, new: vec![text("1"), text("ünï")] },
             Message::Update {
                 relation: 16385,
                 old: Some(vec![text("1"), Value::Null]),
                 new: vec![text("1"), Value::Unchanged],
             },
-            Message::Update {
-                relation: 16385,
-                old: None,
-                new: vec![text("2"), Value::Null],
-            },
-            Message::Delete {
-                relation: 16385,
-                old: vec![text("1"), Value::Null],
-            },
-            Message::Truncate {
-                options: 3,
-                relations: vec![16385, 16390],
-            },
-            Message::LogicalMessage {
-                flags: 1,
-                lsn: 0x2A,
-                prefix: "mmsync".into(),
-                content: vec![0, 1, 2, 255],
-            },
-            Message::Insert {
-                relation: 7,
-                new: vec![Value::Binary(vec![0, 0, 0, 42])],
-            },
+            Message::Update { relation: 16385, old: None, new: vec![text("2"), Value::Null] },
+            Message::Delete { relation: 16385, old: vec![text("1"), Value::Null] },
+            Message::Truncate { options: 3, relations: vec![16385, 16390] },
+            Message::LogicalMessage { flags: 1, lsn: 0x2A, prefix: "mmsync".into(), content: vec![0, 1, 2, 255] },
+            Message::Insert { relation: 7, new: vec![Value::Binary(vec![0, 0, 0, 42])] },
         ]
     }
 
     #[test]
     fn begin_literal_bytes() {
-        let data =
-            b"B\x00\x00\x00\x00\x01\x6B\x37\x48\x00\x02\x7C\xA5\x7F\xCA\x68\x40\x00\x00\x02\xDF";
+        let data = b"B\x00\x00\x00\x00\x01\x6B\x37\x48\x00\x02\x7C\xA5\x7F\xCA\x68\x40\x00\x00\x02\xDF";
         let msg = parse(data).unwrap();
-        assert_eq!(
-            msg,
-            Message::Begin {
-                final_lsn: 0x16B_3748,
-                commit_time_us: 0x0002_7CA5_7FCA_6840,
-                xid: 735
-            }
-        );
+        assert_eq!(msg, Message::Begin { final_lsn: 0x16B_3748, commit_time_us: 0x0002_7CA5_7FCA_6840, xid: 735 });
     }
 
     #[test]
     fn begin_and_commit() {
         let begin = Buf::tag(b'B').u64(0x16B_3748).i64(-5).u32(u32::MAX).0;
-        assert_eq!(
-            parse(&begin).unwrap(),
-            Message::Begin {
-                final_lsn: 0x16B_3748,
-                commit_time_us: -5,
-                xid: u32::MAX
-            }
-        );
+        assert_eq!(parse(&begin).unwrap(), Message::Begin { final_lsn: 0x16B_3748, commit_time_us: -5, xid: u32::MAX });
         let commit = Buf::tag(b'C').u8(0).u64(10).u64(20).i64(30).0;
         assert_eq!(
             parse(&commit).unwrap(),
-            Message::Commit {
-                flags: 0,
-                commit_lsn: 10,
-                end_lsn: 20,
-                commit_time_us: 30
-            }
+            Message::Commit { flags: 0, commit_lsn: 10, end_lsn: 20, commit_time_us: 30 }
         );
     }
 
     #[test]
     fn origin() {
         let data = Buf::tag(b'O').u64(99).cstr("node_a").0;
-        assert_eq!(
-            parse(&data).unwrap(),
-            Message::Origin {
-                commit_lsn: 99,
-                name: "node_a".into()
-            }
-        );
+        assert_eq!(parse(&data).unwrap(), Message::Origin { commit_lsn: 99, name: "node_a".into() });
     }
 
     #[test]
@@ -638,26 +503,14 @@ mod tests {
     #[test]
     fn relation_in_pg_catalog_has_empty_schema_and_no_columns() {
         let data = Buf::tag(b'R').u32(1).cstr("").cstr("t").u8(b'n').u16(0).0;
-        let Message::Relation(rel) = parse(&data).unwrap() else {
-            panic!("not a relation")
-        };
-        assert_eq!(
-            (rel.schema.as_str(), rel.replica_identity, rel.columns.len()),
-            ("", b'n', 0)
-        );
+        let Message::Relation(rel) = parse(&data).unwrap() else { panic!("not a relation") };
+        assert_eq!((rel.schema.as_str(), rel.replica_identity, rel.columns.len()), ("", b'n', 0));
     }
 
     #[test]
     fn type_message() {
         let data = Buf::tag(b'Y').u32(16400).cstr("public").cstr("mood").0;
-        assert_eq!(
-            parse(&data).unwrap(),
-            Message::Type {
-                oid: 16400,
-                schema: "public".into(),
-                name: "mood".into()
-            }
-        );
+        assert_eq!(parse(&data).unwrap(), Message::Type { oid: 16400, schema: "public".into(), name: "mood".into() });
     }
 
     #[test]
@@ -679,13 +532,7 @@ mod tests {
             parse(&data).unwrap(),
             Message::Insert {
                 relation: 5,
-                new: vec![
-                    Value::Null,
-                    Value::Unchanged,
-                    text("hello"),
-                    text(""),
-                    Value::Binary(vec![0xFF, 0x00]),
-                ],
+                new: vec![Value::Null, Value::Unchanged, text("hello"), text(""), Value::Binary(vec![0xFF, 0x00]),],
             }
         );
     }
@@ -694,90 +541,41 @@ mod tests {
     fn update_with_key_old_full_old_and_no_old() {
         let new = [text("1"), Value::Unchanged];
         let key = [text("1"), Value::Null];
-        let with_key = Buf::tag(b'U')
-            .u32(5)
-            .u8(b'K')
-            .tuple(&key)
-            .u8(b'N')
-            .tuple(&new)
-            .0;
+        let with_key = Buf::tag(b'U').u32(5).u8(b'K').tuple(&key).u8(b'N').tuple(&new).0;
         assert_eq!(
             parse(&with_key).unwrap(),
-            Message::Update {
-                relation: 5,
-                old: Some(key.to_vec()),
-                new: new.to_vec()
-            }
+            Message::Update { relation: 5, old: Some(key.to_vec()), new: new.to_vec() }
         );
         let full = [text("1"), text("old")];
-        let with_full = Buf::tag(b'U')
-            .u32(5)
-            .u8(b'O')
-            .tuple(&full)
-            .u8(b'N')
-            .tuple(&new)
-            .0;
+        let with_full = Buf::tag(b'U').u32(5).u8(b'O').tuple(&full).u8(b'N').tuple(&new).0;
         assert_eq!(
             parse(&with_full).unwrap(),
-            Message::Update {
-                relation: 5,
-                old: Some(full.to_vec()),
-                new: new.to_vec()
-            }
+            Message::Update { relation: 5, old: Some(full.to_vec()), new: new.to_vec() }
         );
         let plain = Buf::tag(b'U').u32(5).u8(b'N').tuple(&new).0;
-        assert_eq!(
-            parse(&plain).unwrap(),
-            Message::Update {
-                relation: 5,
-                old: None,
-                new: new.to_vec()
-            }
-        );
+        assert_eq!(parse(&plain).unwrap(), Message::Update { relation: 5, old: None, new: new.to_vec() });
     }
 
     #[test]
     fn delete_with_key_and_full_old() {
         for marker in [b'K', b'O'] {
             let data = Buf::tag(b'D').u32(9).u8(marker).tuple(&[text("7")]).0;
-            assert_eq!(
-                parse(&data).unwrap(),
-                Message::Delete {
-                    relation: 9,
-                    old: vec![text("7")]
-                }
-            );
+            assert_eq!(parse(&data).unwrap(), Message::Delete { relation: 9, old: vec![text("7")] });
         }
     }
 
     #[test]
     fn truncate() {
         let data = Buf::tag(b'T').i32(2).u8(1).u32(100).u32(200).0;
-        assert_eq!(
-            parse(&data).unwrap(),
-            Message::Truncate {
-                options: 1,
-                relations: vec![100, 200]
-            }
-        );
+        assert_eq!(parse(&data).unwrap(), Message::Truncate { options: 1, relations: vec![100, 200] });
     }
 
     #[test]
     fn logical_message() {
-        let data = Buf::tag(b'M')
-            .u8(1)
-            .u64(77)
-            .cstr("pfx")
-            .counted(b"\x00\xFFraw")
-            .0;
+        let data = Buf::tag(b'M').u8(1).u64(77).cstr("pfx").counted(b"\x00\xFFraw").0;
         assert_eq!(
             parse(&data).unwrap(),
-            Message::LogicalMessage {
-                flags: 1,
-                lsn: 77,
-                prefix: "pfx".into(),
-                content: b"\x00\xFFraw".to_vec(),
-            }
+            Message::LogicalMessage { flags: 1, lsn: 77, prefix: "pfx".into(), content: b"\x00\xFFraw".to_vec() }
         );
     }
 
@@ -794,10 +592,7 @@ mod tests {
             let data = encode(&msg);
             for cut in 0..data.len() {
                 let err = parse(&data[..cut]).unwrap_err();
-                assert!(
-                    matches!(err, ParseError::Truncated { .. }),
-                    "{msg:?} cut at {cut}: {err:?}"
-                );
+                assert!(matches!(err, ParseError::Truncated { .. }), "{msg:?} cut at {cut}: {err:?}");
             }
         }
     }
@@ -813,38 +608,21 @@ mod tests {
 
     #[test]
     fn empty_input() {
-        assert_eq!(
-            parse(&[]),
-            Err(ParseError::Truncated {
-                what: "message type"
-            })
-        );
+        assert_eq!(parse(&[]), Err(ParseError::Truncated { what: "message type" }));
     }
 
     #[test]
     fn unknown_tags() {
         // 'S' (stream start) and 'P' (prepare) only exist in protocol versions 2 and 3.
         for tag in [b'S', b'P', b'x', 0] {
-            assert_eq!(
-                parse(&[tag, 0, 0, 0, 0]),
-                Err(ParseError::UnknownMessage(tag))
-            );
+            assert_eq!(parse(&[tag, 0, 0, 0, 0]), Err(ParseError::UnknownMessage(tag)));
         }
         let insert_old = Buf::tag(b'I').u32(1).u8(b'K').tuple(&[]).0;
         assert_eq!(parse(&insert_old), Err(ParseError::UnknownTupleKind(b'K')));
         let update_bad = Buf::tag(b'U').u32(1).u8(b'X').0;
         assert_eq!(parse(&update_bad), Err(ParseError::UnknownTupleKind(b'X')));
-        let update_no_new = Buf::tag(b'U')
-            .u32(1)
-            .u8(b'K')
-            .tuple(&[])
-            .u8(b'K')
-            .tuple(&[])
-            .0;
-        assert_eq!(
-            parse(&update_no_new),
-            Err(ParseError::UnknownTupleKind(b'K'))
-        );
+        let update_no_new = Buf::tag(b'U').u32(1).u8(b'K').tuple(&[]).u8(b'K').tuple(&[]).0;
+        assert_eq!(parse(&update_no_new), Err(ParseError::UnknownTupleKind(b'K')));
         let delete_new = Buf::tag(b'D').u32(1).u8(b'N').tuple(&[]).0;
         assert_eq!(parse(&delete_new), Err(ParseError::UnknownTupleKind(b'N')));
         let bad_column = Buf::tag(b'I').u32(1).u8(b'N').u16(1).u8(b'z').0;
@@ -853,116 +631,44 @@ mod tests {
 
     #[test]
     fn invalid_utf8() {
-        let value = Buf::tag(b'I')
-            .u32(1)
-            .u8(b'N')
-            .u16(1)
-            .u8(b't')
-            .counted(&[0xC3, 0x28])
-            .0;
-        assert_eq!(
-            parse(&value),
-            Err(ParseError::InvalidUtf8 {
-                what: "text column value"
-            })
-        );
-        let name = Buf::tag(b'R')
-            .u32(1)
-            .cstr("public")
-            .bytes(&[0xFF, 0])
-            .u8(b'd')
-            .u16(0)
-            .0;
-        assert_eq!(
-            parse(&name),
-            Err(ParseError::InvalidUtf8 {
-                what: "relation name"
-            })
-        );
+        let value = Buf::tag(b'I').u32(1).u8(b'N').u16(1).u8(b't').counted(&[0xC3, 0x28]).0;
+        assert_eq!(parse(&value), Err(ParseError::InvalidUtf8 { what: "text column value" }));
+        let name = Buf::tag(b'R').u32(1).cstr("public").bytes(&[0xFF, 0]).u8(b'd').u16(0).0;
+        assert_eq!(parse(&name), Err(ParseError::InvalidUtf8 { what: "relation name" }));
         let origin = Buf::tag(b'O').u64(1).bytes(&[0x80, 0]).0;
-        assert_eq!(
-            parse(&origin),
-            Err(ParseError::InvalidUtf8 {
-                what: "origin name"
-            })
-        );
+        assert_eq!(parse(&origin), Err(ParseError::InvalidUtf8 { what: "origin name" }));
         // Binary values and logical message content are raw bytes.
-        let binary = Buf::tag(b'I')
-            .u32(1)
-            .u8(b'N')
-            .tuple(&[Value::Binary(vec![0xFF])])
-            .0;
+        let binary = Buf::tag(b'I').u32(1).u8(b'N').tuple(&[Value::Binary(vec![0xFF])]).0;
         assert!(parse(&binary).is_ok());
     }
 
     #[test]
     fn missing_nul_terminator_is_truncated() {
         let data = Buf::tag(b'Y').u32(1).cstr("public").bytes(b"mood").0;
-        assert_eq!(
-            parse(&data),
-            Err(ParseError::Truncated { what: "type name" })
-        );
+        assert_eq!(parse(&data), Err(ParseError::Truncated { what: "type name" }));
     }
 
     #[test]
     fn negative_and_oversized_lengths() {
         let negative = Buf::tag(b'I').u32(1).u8(b'N').u16(1).u8(b't').i32(-1).0;
-        assert_eq!(
-            parse(&negative),
-            Err(ParseError::NegativeLength {
-                what: "text column value",
-                len: -1
-            })
-        );
-        let huge = Buf::tag(b'I')
-            .u32(1)
-            .u8(b'N')
-            .u16(1)
-            .u8(b'b')
-            .i32(i32::MAX)
-            .bytes(b"ab")
-            .0;
-        assert_eq!(
-            parse(&huge),
-            Err(ParseError::Truncated {
-                what: "binary column value"
-            })
-        );
+        assert_eq!(parse(&negative), Err(ParseError::NegativeLength { what: "text column value", len: -1 }));
+        let huge = Buf::tag(b'I').u32(1).u8(b'N').u16(1).u8(b'b').i32(i32::MAX).bytes(b"ab").0;
+        assert_eq!(parse(&huge), Err(ParseError::Truncated { what: "binary column value" }));
         let truncate = Buf::tag(b'T').i32(i32::MIN).u8(0).0;
         assert_eq!(
             parse(&truncate),
-            Err(ParseError::NegativeLength {
-                what: "truncate relation count",
-                len: i32::MIN
-            })
+            Err(ParseError::NegativeLength { what: "truncate relation count", len: i32::MIN })
         );
         let many = Buf::tag(b'T').i32(i32::MAX).u8(0).u32(1).0;
-        assert_eq!(
-            parse(&many),
-            Err(ParseError::Truncated {
-                what: "truncate relation OID"
-            })
-        );
+        assert_eq!(parse(&many), Err(ParseError::Truncated { what: "truncate relation OID" }));
         let content = Buf::tag(b'M').u8(0).u64(1).cstr("p").i32(-7).0;
-        assert_eq!(
-            parse(&content),
-            Err(ParseError::NegativeLength {
-                what: "message content",
-                len: -7
-            })
-        );
+        assert_eq!(parse(&content), Err(ParseError::NegativeLength { what: "message content", len: -7 }));
     }
 
     #[test]
     fn error_messages_are_readable() {
-        assert_eq!(
-            ParseError::UnknownMessage(b'S').to_string(),
-            "unknown pgoutput message type 'S'"
-        );
-        assert_eq!(
-            ParseError::UnknownMessage(0).to_string(),
-            "unknown pgoutput message type 0x00"
-        );
+        assert_eq!(ParseError::UnknownMessage(b'S').to_string(), "unknown pgoutput message type 'S'");
+        assert_eq!(ParseError::UnknownMessage(0).to_string(), "unknown pgoutput message type 0x00");
         assert_eq!(
             ParseError::Truncated { what: "begin xid" }.to_string(),
             "pgoutput message truncated while reading begin xid"
@@ -997,20 +703,7 @@ mod tests {
         assert_eq!(parse_lsn("0/16b3748"), Some(0x16B_3748));
         assert_eq!(parse_lsn("00000001/000000AB"), Some(0x1_0000_00AB));
         assert_eq!(parse_lsn("FFFFFFFF/FFFFFFFF"), Some(u64::MAX));
-        for bad in [
-            "",
-            "/",
-            "0/",
-            "/0",
-            "0",
-            "0/0/0",
-            "+1/0",
-            "0/-1",
-            "G/0",
-            " 0/0",
-            "0/0 ",
-            "1FFFFFFFF/0",
-        ] {
+        for bad in ["", "/", "0/", "/0", "0", "0/0/0", "+1/0", "0/-1", "G/0", " 0/0", "0/0 ", "1FFFFFFFF/0"] {
             assert_eq!(parse_lsn(bad), None, "{bad:?}");
         }
     }
@@ -1032,21 +725,9 @@ mod tests {
     }
 
     fn messages() -> impl Strategy<Value = Message> {
-        let column = (any::<bool>(), no_nul(), any::<u32>(), any::<i32>()).prop_map(
-            |(is_key, name, type_oid, type_modifier)| Column {
-                is_key,
-                name,
-                type_oid,
-                type_modifier,
-            },
-        );
-        let relation = (
-            any::<u32>(),
-            no_nul(),
-            no_nul(),
-            any::<u8>(),
-            proptest::collection::vec(column, 0..5),
-        )
+        let column = (any::<bool>(), no_nul(), any::<u32>(), any::<i32>())
+            .prop_map(|(is_key, name, type_oid, type_modifier)| Column { is_key, name, type_oid, type_modifier });
+        let relation = (any::<u32>(), no_nul(), no_nul(), any::<u8>(), proptest::collection::vec(column, 0..5))
             .prop_map(|(oid, schema, name, replica_identity, columns)| Relation {
                 oid,
                 schema,
@@ -1055,13 +736,11 @@ mod tests {
                 columns,
             });
         prop_oneof![
-            (any::<u64>(), any::<i64>(), any::<u32>()).prop_map(
-                |(final_lsn, commit_time_us, xid)| Message::Begin {
-                    final_lsn,
-                    commit_time_us,
-                    xid
-                }
-            ),
+            (any::<u64>(), any::<i64>(), any::<u32>()).prop_map(|(final_lsn, commit_time_us, xid)| Message::Begin {
+                final_lsn,
+                commit_time_us,
+                xid
+            }),
             (any::<u8>(), any::<u64>(), any::<u64>(), any::<i64>()).prop_map(
                 |(flags, commit_lsn, end_lsn, commit_time_us)| Message::Commit {
                     flags,
@@ -1070,32 +749,20 @@ mod tests {
                     commit_time_us
                 }
             ),
-            (any::<u64>(), no_nul())
-                .prop_map(|(commit_lsn, name)| Message::Origin { commit_lsn, name }),
+            (any::<u64>(), no_nul()).prop_map(|(commit_lsn, name)| Message::Origin { commit_lsn, name }),
             relation.prop_map(Message::Relation),
-            (any::<u32>(), no_nul(), no_nul()).prop_map(|(oid, schema, name)| Message::Type {
-                oid,
-                schema,
-                name
-            }),
+            (any::<u32>(), no_nul(), no_nul()).prop_map(|(oid, schema, name)| Message::Type { oid, schema, name }),
             (any::<u32>(), values()).prop_map(|(relation, new)| Message::Insert { relation, new }),
-            (any::<u32>(), proptest::option::of(values()), values())
-                .prop_map(|(relation, old, new)| Message::Update { relation, old, new }),
+            (any::<u32>(), proptest::option::of(values()), values()).prop_map(|(relation, old, new)| Message::Update {
+                relation,
+                old,
+                new
+            }),
             (any::<u32>(), values()).prop_map(|(relation, old)| Message::Delete { relation, old }),
             (any::<u8>(), proptest::collection::vec(any::<u32>(), 0..6))
                 .prop_map(|(options, relations)| Message::Truncate { options, relations }),
-            (
-                any::<u8>(),
-                any::<u64>(),
-                no_nul(),
-                proptest::collection::vec(any::<u8>(), 0..16)
-            )
-                .prop_map(|(flags, lsn, prefix, content)| Message::LogicalMessage {
-                    flags,
-                    lsn,
-                    prefix,
-                    content
-                }),
+            (any::<u8>(), any::<u64>(), no_nul(), proptest::collection::vec(any::<u8>(), 0..16))
+                .prop_map(|(flags, lsn, prefix, content)| Message::LogicalMessage { flags, lsn, prefix, content }),
         ]
     }
 

@@ -11,41 +11,23 @@ use crate::topology::Topology;
 
 /// Runs every source and sink until `shutdown` resolves or one of them fails
 /// fatally. On shutdown, running batches finish and positions are stored.
-pub async fn run(
-    topology: Topology,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let topology = Arc::new(topology);
     let (stop, stopped) = watch::channel(false);
+    let progress = Arc::new(crate::metrics::Progress::default());
     let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
+    let (t, p, rx) = (topology.clone(), progress.clone(), stopped.clone());
+    tasks.spawn(async move { ("monitor".to_string(), monitor(t, p, rx).await) });
     for master in &topology.masters {
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
-        tasks.spawn(async move {
-            (
-                format!("source {}", m.name),
-                crate::source::run(t, m, rx).await,
-            )
-        });
-        for table in &topology.tables {
-            let (t, m, rx, table) = (
-                topology.clone(),
-                master.clone(),
-                stopped.clone(),
-                table.clone(),
-            );
-            tasks.spawn(async move {
-                (
-                    format!("sink {} {table}", m.name),
-                    crate::sink::run(t, m, table, rx).await,
-                )
-            });
+        tasks.spawn(async move { (format!("source {}", m.name), crate::source::run(t, m, rx).await) });
+        for table in topology.synced_tables() {
+            let (t, m, p, rx) = (topology.clone(), master.clone(), progress.clone(), stopped.clone());
+            tasks
+                .spawn(async move { (format!("sink {} {table}", m.name), crate::sink::run(t, m, table, p, rx).await) });
         }
     }
-    tracing::info!(
-        masters = topology.masters.len(),
-        tables = topology.tables.len(),
-        "mmsync running"
-    );
+    tracing::info!(masters = topology.masters.len(), tables = topology.tables.len(), "mmsync running");
 
     let mut failure: Option<Error> = None;
     tokio::pin!(shutdown);
@@ -75,6 +57,49 @@ pub async fn run(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Keeps the gauges that need a clock current: lag every second (it must grow
+/// while a link is stalled, when no sink reports anything), and the records
+/// waiting in Kafka per link every few seconds (end offsets minus what the
+/// sinks applied).
+async fn monitor(
+    topology: Arc<Topology>,
+    progress: Arc<crate::metrics::Progress>,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<()> {
+    use crate::metrics as m;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let consumer: Arc<rdkafka::consumer::BaseConsumer> =
+        Arc::new(crate::kafka::client_config(&topology.kafka).create().map_err(Error::kafka("creating a client"))?);
+    for second in 0u64.. {
+        tokio::select! {
+            biased;
+            _ = stopped.wait_for(|s| *s) => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        progress.publish_lag(m::now_ms(), topology.sync.heartbeat_interval);
+        if second % 5 != 0 {
+            continue;
+        }
+        let (positions, consumer) = (progress.positions(), consumer.clone());
+        let pending = tokio::task::spawn_blocking(move || {
+            let mut pending: std::collections::HashMap<(String, String), i64> = Default::default();
+            for (topic, partition, source, target, next) in positions {
+                use rdkafka::consumer::Consumer;
+                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, crate::kafka::REQUEST_TIMEOUT) {
+                    *pending.entry((source, target)).or_default() += (high - next).max(0);
+                }
+            }
+            pending
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the monitor panicked: {e}")))?;
+        for ((source, target), n) in pending {
+            metrics::gauge!(m::KAFKA_PENDING, m::SOURCE => source, m::TARGET => target).set(n as f64);
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -5,9 +5,7 @@
 use sqlx::{PgConnection, Row as _};
 
 use crate::error::{Error, Result};
-use crate::topology::{
-    quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN,
-};
+use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// Publication that holds the synced tables and `mmsync.tombstones`.
 pub const PUBLICATION: &str = "mmsync";
@@ -64,18 +62,13 @@ impl TableInfo {
 
     /// Columns of the application, without mmsync's own two.
     pub fn data_columns(&self) -> impl Iterator<Item = &ColumnInfo> {
-        self.columns
-            .iter()
-            .filter(|c| c.name != ORIGIN_COLUMN && c.name != VERSION_COLUMN)
+        self.columns.iter().filter(|c| c.name != ORIGIN_COLUMN && c.name != VERSION_COLUMN)
     }
 
     /// SQL building the canonical key `{"col": "text", ...}` from a row alias.
     pub fn key_json_sql(&self, alias: &str) -> String {
-        let parts: Vec<String> = self
-            .key
-            .iter()
-            .map(|k| format!("{}, {alias}.{}::text", quote_literal(k), quote_ident(k)))
-            .collect();
+        let parts: Vec<String> =
+            self.key.iter().map(|k| format!("{}, {alias}.{}::text", quote_literal(k), quote_ident(k))).collect();
         format!("jsonb_build_object({})", parts.join(", "))
     }
 
@@ -109,11 +102,7 @@ impl TableInfo {
 }
 
 /// Reads a table's shape, or `None` if it does not exist.
-pub async fn describe(
-    conn: &mut PgConnection,
-    master: &str,
-    table: &TableName,
-) -> Result<Option<TableInfo>> {
+pub async fn describe(conn: &mut PgConnection, master: &str, table: &TableName) -> Result<Option<TableInfo>> {
     let row = sqlx::query(
         "SELECT c.oid::int8, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
@@ -146,11 +135,7 @@ pub async fn describe(
         if let Some(pos) = r.get::<Option<i32>, _>(3) {
             key.push((pos, name.clone()));
         }
-        columns.push(ColumnInfo {
-            name,
-            sql_type: r.get(1),
-            type_name: r.get(2),
-        });
+        columns.push(ColumnInfo { name, sql_type: r.get(1), type_name: r.get(2) });
     }
     key.sort();
     Ok(Some(TableInfo {
@@ -208,10 +193,7 @@ async fn check_master(topology: &Topology, master: &Master) -> Result<(String, V
     let name = &master.name;
     let mut problems = Vec::new();
     let setting = |rows: &[(String, String)], key: &str| {
-        rows.iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
+        rows.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_default()
     };
     let settings: Vec<(String, String)> = sqlx::query_as(
         "SELECT name, setting FROM pg_settings WHERE name IN ('wal_level', 'max_replication_slots', 'max_wal_senders', 'server_version')",
@@ -225,16 +207,13 @@ async fn check_master(topology: &Topology, master: &Master) -> Result<(String, V
             "master {name:?}: wal_level is {wal_level:?}; set wal_level = logical in postgresql.conf and restart"
         ));
     }
-    let (slots_used, own_slot): (i64, bool) = sqlx::query_as(
-        "SELECT count(*), coalesce(bool_or(slot_name = $1), false) FROM pg_replication_slots",
-    )
-    .bind(slot_name(name))
-    .fetch_one(&mut conn)
-    .await
-    .map_err(Error::db(name, "reading replication slots"))?;
-    let max_slots: i64 = setting(&settings, "max_replication_slots")
-        .parse()
-        .unwrap_or(0);
+    let (slots_used, own_slot): (i64, bool) =
+        sqlx::query_as("SELECT count(*), coalesce(bool_or(slot_name = $1), false) FROM pg_replication_slots")
+            .bind(slot_name(name))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(Error::db(name, "reading replication slots"))?;
+    let max_slots: i64 = setting(&settings, "max_replication_slots").parse().unwrap_or(0);
     if !own_slot && slots_used >= max_slots {
         problems.push(format!(
             "master {name:?}: max_replication_slots is {max_slots} and {slots_used} are in use; raise max_replication_slots in postgresql.conf and restart"
@@ -276,20 +255,13 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
     for master in &topology.masters {
         let mut conn = crate::db::connect(master).await?;
         for table in &topology.tables {
-            let info = describe(&mut conn, &master.name, table)
-                .await?
-                .ok_or_else(|| Error::Setup {
-                    master: master.name.clone(),
-                    problem: format!("table {table} does not exist"),
-                    fix: "create it on every master (same columns) or remove it from [sync] tables"
-                        .into(),
-                })?;
+            let info = describe(&mut conn, &master.name, table).await?.ok_or_else(|| Error::Setup {
+                master: master.name.clone(),
+                problem: format!("table {table} does not exist"),
+                fix: "create it on every master (same columns) or remove it from [sync] tables".into(),
+            })?;
             if let Some(problem) = info.problems().into_iter().next() {
-                return Err(Error::Setup {
-                    master: master.name.clone(),
-                    problem,
-                    fix: "then run init again".into(),
-                });
+                return Err(Error::Setup { master: master.name.clone(), problem, fix: "then run init again".into() });
             }
         }
         conns.push((master, conn));
@@ -300,19 +272,13 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
         }
     }
     for topic in crate::kafka::create_topics(topology).await? {
-        done.push(format!(
-            "kafka: created topic {topic} ({} partitions)",
-            topology.kafka.partitions
-        ));
+        done.push(format!("kafka: created topic {topic} ({} partitions)", topology.kafka.partitions));
     }
     Ok(done)
 }
 
 async fn exec(conn: &mut PgConnection, master: &str, what: &str, sql: &str) -> Result<()> {
-    sqlx::raw_sql(sql)
-        .execute(&mut *conn)
-        .await
-        .map_err(Error::db(master, what.to_string()))?;
+    sqlx::raw_sql(sql).execute(&mut *conn).await.map_err(Error::db(master, what.to_string()))?;
     Ok(())
 }
 
@@ -326,18 +292,11 @@ async fn init_master(
     let mut done = Vec::new();
 
     // mmsync's own schema, with sqlx's bookkeeping kept inside it.
-    let had_schema: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'mmsync')")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(Error::db(name, "looking up schema mmsync"))?;
-    exec(
-        conn,
-        name,
-        "creating schema mmsync",
-        "CREATE SCHEMA IF NOT EXISTS mmsync; SET search_path TO mmsync",
-    )
-    .await?;
+    let had_schema: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'mmsync')")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(name, "looking up schema mmsync"))?;
+    exec(conn, name, "creating schema mmsync", "CREATE SCHEMA IF NOT EXISTS mmsync; SET search_path TO mmsync").await?;
     let migrated = MIGRATOR.run(&mut *conn).await;
     exec(conn, name, "resetting search_path", "RESET search_path").await?;
     migrated.map_err(|e| Error::Setup {
@@ -360,77 +319,55 @@ async fn init_master(
             conn,
             name,
             "creating mmsync.local_master",
-            &format!("CREATE OR REPLACE FUNCTION mmsync.local_master() RETURNS text LANGUAGE sql IMMUTABLE AS $${body}$$"),
+            &format!(
+                "CREATE OR REPLACE FUNCTION mmsync.local_master() RETURNS text LANGUAGE sql IMMUTABLE AS $${body}$$"
+            ),
         )
         .await?;
         done.push(format!("this database is master {name:?}"));
     }
 
-    for table in &topology.tables {
-        let info = describe(conn, name, table).await?.expect("checked above");
+    for table in &topology.synced_tables() {
+        let info = describe(conn, name, table).await?.expect("checked above, or made by the migrations");
         done.extend(install_table(conn, name, &info).await?);
         done.extend(interleave_sequences(conn, name, &info, index, topology.masters.len()).await?);
     }
 
     // The publication: synced tables and the tombstones that carry deletes.
-    let published: Vec<(String, String)> = sqlx::query_as(
-        "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-    )
-    .bind(PUBLICATION)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(Error::db(name, "reading the publication"))?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+    let published: Vec<(String, String)> =
+        sqlx::query_as("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1")
             .bind(PUBLICATION)
-            .fetch_one(&mut *conn)
+            .fetch_all(&mut *conn)
             .await
-            .map_err(Error::db(name, "looking up the publication"))?;
-    let mut wanted = vec![TableName {
-        schema: "mmsync".into(),
-        name: "tombstones".into(),
-    }];
-    wanted.extend(topology.tables.iter().cloned());
-    let missing: Vec<&TableName> = wanted
-        .iter()
-        .filter(|t| {
-            !published
-                .iter()
-                .any(|(s, n)| *s == t.schema && *n == t.name)
-        })
-        .collect();
+            .map_err(Error::db(name, "reading the publication"))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+        .bind(PUBLICATION)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(name, "looking up the publication"))?;
+    let mut wanted = vec![TableName { schema: "mmsync".into(), name: "tombstones".into() }];
+    wanted.extend(topology.synced_tables());
+    let missing: Vec<&TableName> =
+        wanted.iter().filter(|t| !published.iter().any(|(s, n)| *s == t.schema && *n == t.name)).collect();
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|t| t.quoted()).collect();
         let sql = if exists {
-            format!(
-                "ALTER PUBLICATION {} ADD TABLE {}",
-                quote_ident(PUBLICATION),
-                list.join(", ")
-            )
+            format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(PUBLICATION), list.join(", "))
         } else {
-            format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
-                quote_ident(PUBLICATION),
-                list.join(", ")
-            )
+            format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(PUBLICATION), list.join(", "))
         };
         exec(conn, name, "creating the publication", &sql).await?;
         let names: Vec<String> = missing.iter().map(|t| t.to_string()).collect();
-        done.push(format!(
-            "publication {PUBLICATION} now includes {}",
-            names.join(", ")
-        ));
+        done.push(format!("publication {PUBLICATION} now includes {}", names.join(", ")));
     }
 
     // The slot, last: changes from here on are captured.
     let slot = slot_name(name);
-    let has_slot: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
-    )
-    .bind(&slot)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(Error::db(name, "looking up the slot"))?;
+    let has_slot: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)")
+        .bind(&slot)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(name, "looking up the slot"))?;
     if !has_slot {
         sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
             .bind(&slot)
@@ -443,11 +380,7 @@ async fn init_master(
 }
 
 /// Adds the origin and version columns and the stamping triggers to one table.
-async fn install_table(
-    conn: &mut PgConnection,
-    master: &str,
-    info: &TableInfo,
-) -> Result<Vec<String>> {
+async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) -> Result<Vec<String>> {
     let mut done = Vec::new();
     let t = info.name.quoted();
     if info.column(ORIGIN_COLUMN).is_none() || info.column(VERSION_COLUMN).is_none() {
@@ -465,20 +398,16 @@ async fn install_table(
             ),
         )
         .await?;
-        done.push(format!(
-            "added columns {ORIGIN_COLUMN}, {VERSION_COLUMN} to {}",
-            info.name
-        ));
+        done.push(format!("added columns {ORIGIN_COLUMN}, {VERSION_COLUMN} to {}", info.name));
     }
     let function = format!("mmsync.{}", quote_ident(&format!("stamp_{}", info.oid)));
     let body = trigger_body(info);
-    let current: Option<String> = sqlx::query_scalar(
-        "SELECT prosrc FROM pg_proc WHERE proname = $1 AND pronamespace = 'mmsync'::regnamespace",
-    )
-    .bind(format!("stamp_{}", info.oid))
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(Error::db(master, "reading trigger functions"))?;
+    let current: Option<String> =
+        sqlx::query_scalar("SELECT prosrc FROM pg_proc WHERE proname = $1 AND pronamespace = 'mmsync'::regnamespace")
+            .bind(format!("stamp_{}", info.oid))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(Error::db(master, "reading trigger functions"))?;
     let triggers: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::oid AND tgname IN ('mmsync_stamp', 'mmsync_tombstone')",
     )
@@ -496,13 +425,7 @@ async fn install_table(
              CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
              CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();"
         );
-        exec(
-            conn,
-            master,
-            &format!("installing triggers on {}", info.name),
-            &sql,
-        )
-        .await?;
+        exec(conn, master, &format!("installing triggers on {}", info.name), &sql).await?;
         done.push(format!("installed triggers on {}", info.name));
     }
     Ok(done)
@@ -514,17 +437,11 @@ async fn install_table(
 /// applier set.
 fn trigger_body(info: &TableInfo) -> String {
     let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
-    let (schema, table) = (
-        quote_literal(&info.name.schema),
-        quote_literal(&info.name.name),
-    );
+    let (schema, table) = (quote_literal(&info.name.schema), quote_literal(&info.name.name));
     let new_key = info.key_json_sql("NEW");
     let old_key = info.key_json_sql("OLD");
-    let key_changed: Vec<String> = info
-        .key
-        .iter()
-        .map(|k| format!("NEW.{0} IS DISTINCT FROM OLD.{0}", quote_ident(k)))
-        .collect();
+    let key_changed: Vec<String> =
+        info.key.iter().map(|k| format!("NEW.{0} IS DISTINCT FROM OLD.{0}", quote_ident(k))).collect();
     format!(
         r#"
 DECLARE
@@ -580,38 +497,26 @@ async fn interleave_sequences(
             .bind(key)
             .fetch_one(&mut *conn)
             .await
-            .map_err(Error::db(
-                master,
-                format!("looking up the sequence of {}.{key}", info.name),
-            ))?;
+            .map_err(Error::db(master, format!("looking up the sequence of {}.{key}", info.name)))?;
         let Some(seq) = seq else { continue };
-        let increment: i64 = sqlx::query_scalar(
-            "SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass",
-        )
-        .bind(&seq)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(Error::db(master, format!("reading sequence {seq}")))?;
-        let (last, called): (i64, bool) =
-            sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(Error::db(master, format!("reading sequence {seq}")))?;
+        let increment: i64 = sqlx::query_scalar("SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass")
+            .bind(&seq)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Error::db(master, format!("reading sequence {seq}")))?;
+        let (last, called): (i64, bool) = sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(Error::db(master, format!("reading sequence {seq}")))?;
         let next = if called { last + increment } else { last };
         if increment == n && next.rem_euclid(n) == residue {
             continue;
         }
-        let max_key: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT max({})::int8 FROM {}",
-            quote_ident(key),
-            info.name.quoted()
-        ))
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(Error::db(
-            master,
-            format!("reading max({key}) of {}", info.name),
-        ))?;
+        let max_key: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT max({})::int8 FROM {}", quote_ident(key), info.name.quoted()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(Error::db(master, format!("reading max({key}) of {}", info.name)))?;
         let base = max_key.unwrap_or(0).max(next - 1) + 1;
         let restart = base + (residue - base).rem_euclid(n);
         exec(

@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, histogram};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
@@ -17,9 +17,7 @@ use crate::change::{encode_key, Change, Key, Op, HEADER_ORIGIN};
 use crate::error::{Class, Error, Result};
 use crate::metrics as m;
 use crate::schema::{describe, TableInfo};
-use crate::topology::{
-    quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN,
-};
+use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// Runs the sink of one table on `target` until `shutdown` turns true,
 /// reconnecting with capped backoff after transient errors. Each table has its
@@ -29,15 +27,16 @@ pub async fn run(
     topology: Arc<Topology>,
     target: Master,
     table: TableName,
+    progress: Arc<m::Progress>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut backoff = crate::error::Backoff::new();
     let mut was_up = None;
     loop {
-        let result = match Apply::connect(&topology, &target, &table).await {
+        let result = match Apply::connect(&topology, &target, &table, progress.clone()).await {
             Ok(mut apply) => {
                 if was_up != Some(true) {
-                    tracing::info!(master = %target.name, "sink of {table} connected, applying {} topic(s)", apply.topics.len());
+                    tracing::info!(master = %target.name, "sink of {table} connected, applying {} topic(s)", apply.sources.len());
                     was_up = Some(true);
                 }
                 backoff.reset();
@@ -102,20 +101,13 @@ impl DeadLetter {
 
 /// One consumed record, read: a change, or a dead letter.
 enum Incoming {
-    Change {
-        rec: Rec,
-        header_origin: Option<String>,
-    },
+    Change { rec: Rec, header_origin: Option<String> },
     Unreadable(DeadLetter),
 }
 
 impl Incoming {
     fn read(msg: &BorrowedMessage<'_>) -> Incoming {
-        let at = RecordId {
-            topic: msg.topic().to_string(),
-            partition: msg.partition(),
-            offset: msg.offset(),
-        };
+        let at = RecordId { topic: msg.topic().to_string(), partition: msg.partition(), offset: msg.offset() };
         match Change::decode(msg.key(), msg.payload()) {
             Ok(change) => {
                 let header_origin = msg.headers().and_then(|h| {
@@ -124,10 +116,7 @@ impl Incoming {
                         .and_then(|h| h.value)
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                 });
-                Incoming::Change {
-                    rec: Rec { change, at },
-                    header_origin,
-                }
+                Incoming::Change { rec: Rec { change, at }, header_origin }
             }
             Err(e) => Incoming::Unreadable(DeadLetter {
                 at,
@@ -152,35 +141,36 @@ struct Apply {
     conn: PgConnection,
     consumer: StreamConsumer,
     sql: TableSql,
-    topics: Vec<String>,
+    /// Topic -> the master whose changes it carries.
+    sources: HashMap<String, String>,
+    progress: Arc<m::Progress>,
 }
 
 impl Apply {
-    async fn connect(topology: &Topology, target: &Master, table: &TableName) -> Result<Apply> {
+    async fn connect(
+        topology: &Topology,
+        target: &Master,
+        table: &TableName,
+        progress: Arc<m::Progress>,
+    ) -> Result<Apply> {
         let mut conn = crate::db::connect(target).await?;
-        let info = describe(&mut conn, &target.name, table)
-            .await?
-            .ok_or_else(|| Error::Setup {
-                master: target.name.clone(),
-                problem: format!("table {table} does not exist"),
-                fix: "create it, then run `mmsync init`".into(),
-            })?;
+        let info = describe(&mut conn, &target.name, table).await?.ok_or_else(|| Error::Setup {
+            master: target.name.clone(),
+            problem: format!("table {table} does not exist"),
+            fix: "create it, then run `mmsync init`".into(),
+        })?;
         let sql = TableSql::new(info);
         let stored: Vec<(String, i32, i64)> =
             sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
                 .fetch_all(&mut conn)
                 .await
-                .map_err(Error::db(
-                    &target.name,
-                    "reading applied offsets (has `mmsync init` run?)",
-                ))?;
-        let stored: HashMap<(String, i32), i64> =
-            stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+                .map_err(Error::db(&target.name, "reading applied offsets (has `mmsync init` run?)"))?;
+        let stored: HashMap<(String, i32), i64> = stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
 
         let consumer: StreamConsumer =
             crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}-{table}", target.name))?;
         let mut tpl = TopicPartitionList::new();
-        let mut topics = Vec::new();
+        let mut sources = HashMap::new();
         for (master, t, topic) in crate::kafka::all_topics(topology) {
             if master == target.name || t != *table {
                 continue;
@@ -191,31 +181,18 @@ impl Apply {
                 fix: "run `mmsync init` (mmsync creates its topics; it never relies on auto-create)".into(),
             })?;
             for p in 0..partitions {
-                let offset = stored
-                    .get(&(topic.clone(), p))
-                    .map_or(Offset::Beginning, |&o| Offset::Offset(o));
-                tpl.add_partition_offset(&topic, p, offset)
-                    .map_err(Error::kafka("assigning partitions"))?;
+                let next = stored.get(&(topic.clone(), p)).copied();
+                progress.offset(&topic, p, &master, &target.name, next.unwrap_or(0));
+                let offset = next.map_or(Offset::Beginning, Offset::Offset);
+                tpl.add_partition_offset(&topic, p, offset).map_err(Error::kafka("assigning partitions"))?;
             }
-            topics.push(topic);
+            sources.insert(topic, master);
         }
-        consumer
-            .assign(&tpl)
-            .map_err(Error::kafka("assigning partitions"))?;
-        Ok(Apply {
-            target: target.name.clone(),
-            conn,
-            consumer,
-            sql,
-            topics,
-        })
+        consumer.assign(&tpl).map_err(Error::kafka("assigning partitions"))?;
+        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, progress })
     }
 
-    async fn run(
-        &mut self,
-        topology: &Topology,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<()> {
+    async fn run(&mut self, topology: &Topology, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
         loop {
             // Shutdown first; a batch that has started is applied and committed.
             let first = tokio::select! {
@@ -268,10 +245,14 @@ impl Apply {
             }
             recs.push(rec);
         }
+        // How far each source has been read, applied or not (the lag gauge).
+        let mut newest: HashMap<String, i64> = HashMap::new();
+        for r in &recs {
+            let n = newest.entry(r.change.origin.clone()).or_insert(r.change.position.commit_ms);
+            *n = (*n).max(r.change.position.commit_ms);
+        }
 
-        let mut tx = sqlx::Connection::begin(&mut self.conn)
-            .await
-            .map_err(db("beginning a transaction"))?;
+        let mut tx = sqlx::Connection::begin(&mut self.conn).await.map_err(db("beginning a transaction"))?;
         sqlx::query("SET LOCAL mmsync.applier = 'on'")
             .execute(&mut *tx)
             .await
@@ -283,11 +264,7 @@ impl Apply {
             dead.extend(refused);
         }
         for d in dead {
-            let RecordId {
-                topic,
-                partition,
-                offset,
-            } = d.at;
+            let RecordId { topic, partition, offset } = d.at;
             tracing::warn!(master = %target, "dead letter from {topic}[{partition}]@{offset}: {}", d.reason);
             sqlx::query(
                 "INSERT INTO mmsync.dead_letters (topic, partition, kafka_offset, reason, record_key, record_value) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -303,8 +280,7 @@ impl Apply {
             .map_err(db("writing a dead letter"))?;
             counter!(m::DEAD_LETTERS, m::TARGET => target.clone()).increment(1);
         }
-        let (topics, rest): (Vec<String>, Vec<(i32, i64)>) =
-            offsets.into_iter().map(|((t, p), o)| (t, (p, o))).unzip();
+        let (topics, rest): (Vec<String>, Vec<(i32, i64)>) = offsets.into_iter().map(|((t, p), o)| (t, (p, o))).unzip();
         let (partitions, next): (Vec<i32>, Vec<i64>) = rest.into_iter().unzip();
         sqlx::query(
             "INSERT INTO mmsync.applied_offsets (topic, partition, next_offset)
@@ -319,26 +295,23 @@ impl Apply {
         .map_err(db("storing offsets"))?;
         tx.commit().await.map_err(db("committing a batch"))?;
 
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        histogram!(m::APPLY_DURATION, m::TARGET => target.clone())
-            .record(started.elapsed().as_secs_f64());
+        let now_ms = m::now_ms();
+        for (source, commit_ms) in newest {
+            self.progress.applied(&source, &target, commit_ms, (now_ms - commit_ms).max(0) as f64 / 1000.0);
+        }
+        for ((topic, partition), next) in topics.iter().zip(&partitions).zip(&next) {
+            if let Some(source) = self.sources.get(topic) {
+                self.progress.offset(topic, *partition, source, &target, *next);
+            }
+        }
+        histogram!(m::APPLY_DURATION, m::TARGET => target.clone()).record(started.elapsed().as_secs_f64());
         histogram!(m::APPLY_BATCH_SIZE, m::TARGET => target.clone()).record(applied.len() as f64);
-        let mut latest: HashMap<&str, i64> = HashMap::new();
         for c in &applied {
             counter!(m::CHANGES_APPLIED, m::SOURCE => c.origin.clone(), m::TARGET => target.clone(), m::TABLE => c.table.to_string(), m::OP => c.op.name())
                 .increment(1);
             let lag = (now_ms - c.position.commit_ms).max(0) as f64 / 1000.0;
-            histogram!(m::REPLICATION_LAG_HISTOGRAM, m::SOURCE => c.origin.clone(), m::TARGET => target.clone()).record(lag);
-            let newest = latest
-                .entry(c.origin.as_str())
-                .or_insert(c.position.commit_ms);
-            *newest = (*newest).max(c.position.commit_ms);
-        }
-        for (source, commit_ms) in latest {
-            gauge!(m::REPLICATION_LAG, m::SOURCE => source.to_string(), m::TARGET => target.clone())
-                .set((now_ms - commit_ms).max(0) as f64 / 1000.0);
+            histogram!(m::REPLICATION_LAG_HISTOGRAM, m::SOURCE => c.origin.clone(), m::TARGET => target.clone())
+                .record(lag);
         }
         Ok(())
     }
@@ -397,11 +370,8 @@ impl TableSql {
             keys = keys.join(", "),
             set = set.join(", "),
         );
-        let key_match: Vec<String> = info
-            .key
-            .iter()
-            .map(|k| format!("t.{} = {}", quote_ident(k), cast(k, "(e->'key')")))
-            .collect();
+        let key_match: Vec<String> =
+            info.key.iter().map(|k| format!("t.{} = {}", quote_ident(k), cast(k, "(e->'key')"))).collect();
         let delete = format!(
             "DELETE FROM {t} AS t USING jsonb_array_elements($1::jsonb) AS e
              WHERE {} AND (t.{v}, t.{o}) < ((e->>'version')::int8, (e->>'origin') COLLATE \"C\")",
@@ -417,11 +387,7 @@ impl TableSql {
             quote_literal(&info.name.name)
         );
         let key_casts: Vec<String> = info.key.iter().map(|k| cast(k, "e")).collect();
-        let t_keys: Vec<String> = info
-            .key
-            .iter()
-            .map(|k| format!("t.{}", quote_ident(k)))
-            .collect();
+        let t_keys: Vec<String> = info.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect();
         let lock_rows = format!(
             "SELECT {}, t.{v}, t.{o}::text FROM {t} AS t
              WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) FOR UPDATE",
@@ -435,14 +401,7 @@ impl TableSql {
             quote_literal(&info.name.schema),
             quote_literal(&info.name.name)
         );
-        TableSql {
-            info,
-            upsert,
-            delete,
-            tombstone,
-            lock_rows,
-            read_tombstones,
-        }
+        TableSql { info, upsert, delete, tombstone, lock_rows, read_tombstones }
     }
 
     /// Applies a table's records in a savepoint. If the database refuses them
@@ -457,17 +416,11 @@ impl TableSql {
     ) -> Result<(Vec<Change>, Vec<DeadLetter>)> {
         let outcome = match self.apply_in_savepoint(conn, target, &recs).await? {
             Ok(outcome) => outcome,
-            Err(reason) if recs.len() == 1 => Outcome {
-                applied: Vec::new(),
-                dead: vec![(0, reason)],
-            },
+            Err(reason) if recs.len() == 1 => Outcome { applied: Vec::new(), dead: vec![(0, reason)] },
             Err(_) => {
                 let mut total = Outcome::default();
                 for i in 0..recs.len() {
-                    match self
-                        .apply_in_savepoint(conn, target, std::slice::from_ref(&recs[i]))
-                        .await?
-                    {
+                    match self.apply_in_savepoint(conn, target, std::slice::from_ref(&recs[i])).await? {
                         Ok(o) => {
                             total.applied.extend(o.applied.iter().map(|_| i));
                             total.dead.extend(o.dead.into_iter().map(|(_, r)| (i, r)));
@@ -479,17 +432,9 @@ impl TableSql {
             }
         };
         let mut recs: Vec<Option<Rec>> = recs.into_iter().map(Some).collect();
-        let applied = outcome
-            .applied
-            .iter()
-            .filter_map(|&i| recs[i].take())
-            .map(|r| r.change)
-            .collect();
-        let dead = outcome
-            .dead
-            .into_iter()
-            .filter_map(|(i, reason)| Some(DeadLetter::of(recs[i].take()?, reason)))
-            .collect();
+        let applied = outcome.applied.iter().filter_map(|&i| recs[i].take()).map(|r| r.change).collect();
+        let dead =
+            outcome.dead.into_iter().filter_map(|(i, reason)| Some(DeadLetter::of(recs[i].take()?, reason))).collect();
         Ok((applied, dead))
     }
 
@@ -560,18 +505,11 @@ impl TableSql {
 
         // The target's current state of those keys; existing rows are locked
         // so that no local write slips between this read and the writes.
-        let keys: Vec<serde_json::Value> = winners
-            .values()
-            .map(|&i| serde_json::to_value(&recs[i].change.key).expect("strings"))
-            .collect();
+        let keys: Vec<serde_json::Value> =
+            winners.values().map(|&i| serde_json::to_value(&recs[i].change.key).expect("strings")).collect();
         let keys = serde_json::Value::Array(keys);
         let mut rows: HashMap<String, Stamp> = HashMap::new();
-        for r in sqlx::query(&self.lock_rows)
-            .bind(&keys)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db("locking rows"))?
-        {
+        for r in sqlx::query(&self.lock_rows).bind(&keys).fetch_all(&mut *conn).await.map_err(db("locking rows"))? {
             rows.insert(key_text(r.get(0)), (r.get(1), r.get(2)));
         }
         let mut tombs: HashMap<String, Stamp> = HashMap::new();
@@ -593,7 +531,8 @@ impl TableSql {
             let row = rows.get(&key);
             if change.op == Op::Delete {
                 // The tombstone is recorded or raised whether or not the delete wins.
-                deletes.push(serde_json::json!({"key": change.key, "version": change.version, "origin": change.origin}));
+                deletes
+                    .push(serde_json::json!({"key": change.key, "version": change.version, "origin": change.origin}));
                 match row {
                     Some(r) if *r >= s => losers.push((i, r.clone())),
                     _ => outcome.applied.push(i),
@@ -619,19 +558,8 @@ impl TableSql {
                 skipped += 1; // already applied, or superseded by a later write of the same master
                 continue;
             }
-            let against = if tombs.get(&change.kafka_key()) == Some(&winner) {
-                "tombstone"
-            } else {
-                "row"
-            };
-            let kind = format!(
-                "{}_older_than_{against}",
-                if change.op == Op::Delete {
-                    "delete"
-                } else {
-                    "upsert"
-                }
-            );
+            let against = if tombs.get(&change.kafka_key()) == Some(&winner) { "tombstone" } else { "row" };
+            let kind = format!("{}_older_than_{against}", if change.op == Op::Delete { "delete" } else { "upsert" });
             counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string(), m::KIND => kind.clone()).increment(1);
             conflicts.push(serde_json::json!({
                 "key": change.key, "kind": kind, "op": change.op.letter(),
@@ -639,7 +567,8 @@ impl TableSql {
             }));
         }
         if skipped > 0 {
-            counter!(m::CHANGES_SKIPPED, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string()).increment(skipped);
+            counter!(m::CHANGES_SKIPPED, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string())
+                .increment(skipped);
         }
 
         if !upserts.is_empty() {
@@ -650,18 +579,12 @@ impl TableSql {
                 .map_err(db("upserting rows"))?;
         }
         for i in partial {
-            self.update_present_columns(conn, &recs[i].change)
-                .await
-                .map_err(db("updating rows"))?;
+            self.update_present_columns(conn, &recs[i].change).await.map_err(db("updating rows"))?;
             outcome.applied.push(i);
         }
         if !deletes.is_empty() {
             let deletes = serde_json::Value::Array(deletes);
-            sqlx::query(&self.delete)
-                .bind(&deletes)
-                .execute(&mut *conn)
-                .await
-                .map_err(db("deleting rows"))?;
+            sqlx::query(&self.delete).bind(&deletes).execute(&mut *conn).await.map_err(db("deleting rows"))?;
             sqlx::query(&self.tombstone)
                 .bind(&deletes)
                 .execute(&mut *conn)
@@ -687,11 +610,8 @@ impl TableSql {
     /// Why an upsert's columns do not fit this table (schema drift), if they don't.
     fn shape_problem(&self, change: &Change) -> Option<String> {
         let row = change.row.as_ref()?;
-        let mut sent: Vec<&str> = row
-            .keys()
-            .map(String::as_str)
-            .chain(change.unchanged.iter().map(String::as_str))
-            .collect();
+        let mut sent: Vec<&str> =
+            row.keys().map(String::as_str).chain(change.unchanged.iter().map(String::as_str)).collect();
         sent.sort_unstable();
         let mut here: Vec<&str> = self.info.data_columns().map(|c| c.name.as_str()).collect();
         here.sort_unstable();
@@ -724,11 +644,7 @@ impl TableSql {
             .filter(|c| !self.info.key.contains(c))
             .map(|c| {
                 let ty = &self.info.column(c).expect("shape checked").sql_type;
-                format!(
-                    "{} = ($1::jsonb->>{})::{ty}",
-                    quote_ident(c),
-                    quote_literal(c)
-                )
+                format!("{} = ($1::jsonb->>{})::{ty}", quote_ident(c), quote_literal(c))
             })
             .collect();
         set.push(format!("{o} = $2"));
@@ -784,9 +700,7 @@ fn fill_unchanged(newer: &Change, older: &Change) -> Option<Change> {
 async fn savepoint(conn: &mut PgConnection, target: &str, sql: &'static str) -> Result<()> {
     // Executor::execute returns a boxed future; `raw_sql(..).execute` would trip
     // rustc's higher-ranked Send check when the sink is spawned.
-    sqlx::Executor::execute(conn, sql)
-        .await
-        .map_err(Error::db(target, "savepoint"))?;
+    sqlx::Executor::execute(conn, sql).await.map_err(Error::db(target, "savepoint"))?;
     Ok(())
 }
 
@@ -801,9 +715,9 @@ fn key_text(v: serde_json::Value) -> String {
 /// column or type that does not exist, schema drift).
 fn is_data_error(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42")),
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42"))
+        }
         _ => false,
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use metrics::{counter, gauge};
 use rdkafka::producer::FutureProducer;
@@ -17,6 +18,9 @@ use crate::metrics as m;
 use crate::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
 use crate::schema::{slot_name, PUBLICATION};
 use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
+
+/// How often the retained WAL is measured.
+const MEASURE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One round read from the slot.
 #[derive(Debug, Default)]
@@ -33,18 +37,13 @@ pub struct Round {
 
 /// Runs the source of `master` until `shutdown` turns true, reconnecting with
 /// capped backoff after transient errors. Returns only on shutdown or a fatal error.
-pub async fn run(
-    topology: Arc<Topology>,
-    master: Master,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<()> {
+pub async fn run(topology: Arc<Topology>, master: Master, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let mut backoff = crate::error::Backoff::new();
     let mut was_up = None;
     loop {
         // A fresh producer per attempt: an idempotent producer that hit a fatal
         // error (a broker that lost its state, say) cannot be used again.
-        let producer =
-            crate::kafka::producer(&topology.kafka, &format!("mmsync-source-{}", master.name));
+        let producer = crate::kafka::producer(&topology.kafka, &format!("mmsync-source-{}", master.name));
         let result = match (producer, Capture::connect(&topology, &master).await) {
             (Err(e), _) | (_, Err(e)) => Err(e),
             (Ok(producer), Ok(mut capture)) => {
@@ -98,21 +97,18 @@ impl Capture {
     pub async fn connect(topology: &Topology, master: &Master) -> Result<Capture> {
         let mut conn = crate::db::connect(master).await?;
         let slot = slot_name(&master.name);
-        let confirmed: Option<String> = sqlx::query_scalar(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-        )
-        .bind(&slot)
-        .fetch_optional(&mut conn)
-        .await
-        .map_err(Error::db(&master.name, "reading the slot"))?
-        .flatten();
-        let confirmed = confirmed
-            .and_then(|s| parse_lsn(&s))
-            .ok_or_else(|| Error::Setup {
-                master: master.name.clone(),
-                problem: format!("replication slot {slot} does not exist"),
-                fix: "run `mmsync init`".into(),
-            })?;
+        let confirmed: Option<String> =
+            sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(&slot)
+                .fetch_optional(&mut conn)
+                .await
+                .map_err(Error::db(&master.name, "reading the slot"))?
+                .flatten();
+        let confirmed = confirmed.and_then(|s| parse_lsn(&s)).ok_or_else(|| Error::Setup {
+            master: master.name.clone(),
+            problem: format!("replication slot {slot} does not exist"),
+            fix: "run `mmsync init`".into(),
+        })?;
         Ok(Capture {
             master: master.clone(),
             conn,
@@ -129,10 +125,19 @@ impl Capture {
         producer: &FutureProducer,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<()> {
+        let (mut last_beat, mut last_measure): (Option<Instant>, Option<Instant>) = (None, None);
         loop {
             // Shutdown first: a round is never cut in half, it is just not started.
             if *shutdown.borrow() {
                 return Ok(());
+            }
+            if last_beat.is_none_or(|t| t.elapsed() >= topology.sync.heartbeat_interval) {
+                self.beat().await?;
+                last_beat = Some(Instant::now());
+            }
+            if last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
+                self.measure_retained_wal().await?;
+                last_measure = Some(Instant::now());
             }
             let messages = self.round(topology, producer).await?;
             if messages == 0 {
@@ -144,6 +149,34 @@ impl Capture {
         }
     }
 
+    /// Rewrites this master's heartbeat row: a change that flows to every
+    /// other master even when applications are idle.
+    async fn beat(&mut self) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO mmsync.heartbeats (master, beat_at) VALUES ($1, now())
+             ON CONFLICT (master) DO UPDATE SET beat_at = EXCLUDED.beat_at",
+        )
+        .bind(&self.master.name)
+        .execute(&mut self.conn)
+        .await
+        .map_err(Error::db(&self.master.name, "writing the heartbeat (has `mmsync init` run?)"))?;
+        Ok(())
+    }
+
+    /// Sets the gauge of the WAL the master keeps for this slot.
+    async fn measure_retained_wal(&mut self) -> Result<()> {
+        let retained: Option<i64> = sqlx::query_scalar(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&self.slot)
+        .fetch_optional(&mut self.conn)
+        .await
+        .map_err(Error::db(&self.master.name, "measuring retained WAL"))?
+        .flatten();
+        gauge!(m::SLOT_RETAINED_WAL, m::MASTER => self.master.name.clone()).set(retained.unwrap_or(0) as f64);
+        Ok(())
+    }
+
     /// One round: read the slot, produce this master's changes, wait for every
     /// acknowledgement, then advance the slot. Returns the messages read (0
     /// when the slot had nothing new).
@@ -153,9 +186,7 @@ impl Capture {
         let produced = !round.changes.is_empty();
         self.publish(topology, producer, round.changes).await?;
         if produced && self.crash_after_produce {
-            tracing::warn!(
-                "MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances"
-            );
+            tracing::warn!("MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances");
             // SAFETY: kill(2) on our own pid with a valid signal.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
@@ -186,10 +217,7 @@ impl Capture {
         .fetch_all(&mut self.conn)
         .await
         .map_err(Error::db(&name, format!("reading slot {}", self.slot)))?;
-        let mut round = Round {
-            messages: rows.len(),
-            ..Round::default()
-        };
+        let mut round = Round { messages: rows.len(), ..Round::default() };
         let mut last_commit_end = None;
         for row in &rows {
             let lsn: String = row.get(0);
@@ -202,28 +230,17 @@ impl Capture {
             if let Message::Commit { end_lsn, .. } = message {
                 last_commit_end = Some(end_lsn);
             }
-            self.decoder
-                .message(message, &mut round)
-                .map_err(|reason| Error::Stream {
-                    master: name.clone(),
-                    lsn,
-                    reason,
-                })?;
+            self.decoder.message(message, &mut round).map_err(|reason| Error::Stream {
+                master: name.clone(),
+                lsn,
+                reason,
+            })?;
         }
-        round.advance_to = if rows.len() < max {
-            parse_lsn(&upto)
-        } else {
-            last_commit_end
-        };
+        round.advance_to = if rows.len() < max { parse_lsn(&upto) } else { last_commit_end };
         Ok(round)
     }
 
-    async fn publish(
-        &mut self,
-        topology: &Topology,
-        producer: &FutureProducer,
-        changes: Vec<Change>,
-    ) -> Result<()> {
+    async fn publish(&mut self, topology: &Topology, producer: &FutureProducer, changes: Vec<Change>) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -232,8 +249,7 @@ impl Capture {
             counter!(m::CHANGES_CAPTURED, m::MASTER => self.master.name.clone(), m::TABLE => c.table.to_string(), m::OP => c.op.name())
                 .increment(1);
         }
-        counter!(m::RECORDS_PRODUCED, m::MASTER => self.master.name.clone())
-            .increment(changes.len() as u64);
+        counter!(m::RECORDS_PRODUCED, m::MASTER => self.master.name.clone()).increment(changes.len() as u64);
         Ok(())
     }
 
@@ -247,10 +263,7 @@ impl Capture {
             .bind(format_lsn(lsn))
             .execute(&mut self.conn)
             .await
-            .map_err(Error::db(
-                &self.master.name,
-                format!("advancing slot {}", self.slot),
-            ))?;
+            .map_err(Error::db(&self.master.name, format!("advancing slot {}", self.slot)))?;
         self.confirmed = lsn;
         gauge!(m::SLOT_CONFIRMED_LSN, m::MASTER => self.master.name.clone()).set(lsn as f64);
         Ok(())
@@ -280,7 +293,7 @@ impl Decoder {
     pub fn new(master: &str, topology: &Topology) -> Decoder {
         Decoder {
             master: master.to_string(),
-            tables: topology.tables.clone(),
+            tables: topology.synced_tables(),
             relations: HashMap::new(),
             txid: 0,
             commit_ms: 0,
@@ -289,26 +302,15 @@ impl Decoder {
     }
 
     /// Handles one message, adding this master's changes to the round.
-    pub fn message(
-        &mut self,
-        message: Message,
-        round: &mut Round,
-    ) -> std::result::Result<(), String> {
+    pub fn message(&mut self, message: Message, round: &mut Round) -> std::result::Result<(), String> {
         match message {
-            Message::Begin {
-                final_lsn,
-                commit_time_us,
-                xid,
-            } => {
+            Message::Begin { final_lsn, commit_time_us, xid } => {
                 self.txid = xid;
                 self.commit_ms = pgoutput::pg_time_to_unix_ms(commit_time_us);
                 self.lsn = final_lsn;
             }
             Message::Relation(rel) => {
-                let table = TableName {
-                    schema: rel.schema.clone(),
-                    name: rel.name.clone(),
-                };
+                let table = TableName { schema: rel.schema.clone(), name: rel.name.clone() };
                 let kind = if table.schema == "mmsync" && table.name == "tombstones" {
                     Kind::Tombstones
                 } else if self.tables.contains(&table) {
@@ -330,24 +332,17 @@ impl Decoder {
                     }
                 }
             }
-            Message::Commit { .. }
-            | Message::Origin { .. }
-            | Message::Type { .. }
-            | Message::LogicalMessage { .. } => {}
+            Message::Commit { .. } | Message::Origin { .. } | Message::Type { .. } | Message::LogicalMessage { .. } => {
+            }
         }
         Ok(())
     }
 
-    fn row(
-        &mut self,
-        relation: u32,
-        op: Op,
-        tuple: Vec<Value>,
-        round: &mut Round,
-    ) -> std::result::Result<(), String> {
-        let (rel, kind) = self.relations.get(&relation).ok_or_else(|| {
-            format!("a change of relation {relation} arrived before its Relation message")
-        })?;
+    fn row(&mut self, relation: u32, op: Op, tuple: Vec<Value>, round: &mut Round) -> std::result::Result<(), String> {
+        let (rel, kind) = self
+            .relations
+            .get(&relation)
+            .ok_or_else(|| format!("a change of relation {relation} arrived before its Relation message"))?;
         if tuple.len() != rel.columns.len() {
             return Err(format!(
                 "{}.{}: {} values for {} columns",
@@ -369,10 +364,7 @@ impl Decoder {
                 }
                 Value::Unchanged => unchanged.push(column.name.clone()),
                 Value::Binary(_) => {
-                    return Err(format!(
-                        "binary value in column {:?}; mmsync asks for text",
-                        column.name
-                    ))
+                    return Err(format!("binary value in column {:?}; mmsync asks for text", column.name))
                 }
             }
         }
@@ -387,31 +379,24 @@ impl Decoder {
                     .ok_or_else(|| format!("{table} has no {VERSION_COLUMN}; run `mmsync init`"))?;
                 let mut key = Key::new();
                 for c in rel.columns.iter().filter(|c| c.is_key) {
-                    let v = text(&row, &c.name).ok_or_else(|| {
-                        format!("{table}: key column {:?} is null or unchanged", c.name)
-                    })?;
+                    let v = text(&row, &c.name)
+                        .ok_or_else(|| format!("{table}: key column {:?} is null or unchanged", c.name))?;
                     key.insert(c.name.clone(), v);
                 }
                 if key.is_empty() {
-                    return Err(format!("{table} has no key columns in its Relation message; does it still have a primary key?"));
+                    return Err(format!(
+                        "{table} has no key columns in its Relation message; does it still have a primary key?"
+                    ));
                 }
                 row.remove(ORIGIN_COLUMN);
                 row.remove(VERSION_COLUMN);
                 (table.clone(), op, key, Some(row), origin, version)
             }
             Kind::Tombstones => {
-                let field = |c: &str| {
-                    text(&row, c).ok_or_else(|| format!("mmsync.tombstones row without {c}"))
-                };
-                let table = TableName {
-                    schema: field("schema_name")?,
-                    name: field("table_name")?,
-                };
-                let key: Key = serde_json::from_str(&field("key")?)
-                    .map_err(|e| format!("tombstone key: {e}"))?;
-                let version = field("version")?
-                    .parse()
-                    .map_err(|e| format!("tombstone version: {e}"))?;
+                let field = |c: &str| text(&row, c).ok_or_else(|| format!("mmsync.tombstones row without {c}"));
+                let table = TableName { schema: field("schema_name")?, name: field("table_name")? };
+                let key: Key = serde_json::from_str(&field("key")?).map_err(|e| format!("tombstone key: {e}"))?;
+                let version = field("version")?.parse().map_err(|e| format!("tombstone version: {e}"))?;
                 if !self.tables.contains(&table) {
                     return Ok(());
                 }

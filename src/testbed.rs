@@ -24,19 +24,11 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum BedError {
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
     #[error("{0}")]
     Setup(String),
     #[error("{what} did not start within {secs}s; its log ({log}) ends with:\n{tail}")]
-    NotStarted {
-        what: String,
-        secs: u64,
-        log: String,
-        tail: String,
-    },
+    NotStarted { what: String, secs: u64, log: String, tail: String },
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -68,10 +60,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -121,28 +110,18 @@ pub fn pg_bin_dir() -> Result<PathBuf> {
     if let Some((_, dir)) = dirs.pop() {
         return Ok(dir);
     }
-    which("initdb")
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-        .ok_or_else(|| {
-            BedError::Setup(
-                "initdb not found; run scripts/setup (it installs PostgreSQL) or set MMSYNC_PG_BIN"
-                    .into(),
-            )
-        })
+    which("initdb").and_then(|p| p.parent().map(Path::to_path_buf)).ok_or_else(|| {
+        BedError::Setup("initdb not found; run scripts/setup (it installs PostgreSQL) or set MMSYNC_PG_BIN".into())
+    })
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 fn chown_tree(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid))
-            .map_err(io(format!("chown {}", path.display())))?;
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io(format!("chown {}", path.display())))?;
     }
     Ok(())
 }
@@ -160,11 +139,7 @@ pub struct PgOptions {
 
 impl Default for PgOptions {
     fn default() -> Self {
-        PgOptions {
-            wal_level: "logical".into(),
-            port: None,
-            extra_conf: Vec::new(),
-        }
+        PgOptions { wal_level: "logical".into(), port: None, extra_conf: Vec::new() }
     }
 }
 
@@ -182,38 +157,22 @@ impl PgCluster {
     pub async fn start(opts: PgOptions) -> Result<PgCluster> {
         let bin = pg_bin_dir()?;
         let owner = postgres_user()?;
-        let dir = tempfile::Builder::new()
-            .prefix("mmsync-pg-")
-            .tempdir()
-            .map_err(io("making a temporary folder"))?;
+        let dir = tempfile::Builder::new().prefix("mmsync-pg-").tempdir().map_err(io("making a temporary folder"))?;
         chown_tree(dir.path(), owner)?;
         let data = dir.path().join("data");
         let mut initdb = Command::new(bin.join("initdb"));
         initdb
             .arg("-D")
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--locale=C",
-                "--no-sync",
-            ])
+            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some((uid, gid)) = owner {
             initdb.uid(uid).gid(gid);
         }
-        let out = initdb
-            .output()
-            .await
-            .map_err(io(format!("running {}", bin.join("initdb").display())))?;
+        let out = initdb.output().await.map_err(io(format!("running {}", bin.join("initdb").display())))?;
         if !out.status.success() {
-            return Err(BedError::Setup(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
+            return Err(BedError::Setup(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
         }
         let port = opts.port.unwrap_or_else(free_port);
         let mut conf = vec![
@@ -233,19 +192,12 @@ impl PgCluster {
         ];
         conf.extend(opts.extra_conf);
         let conf_path = data.join("postgresql.conf");
-        let mut text =
-            std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
+        let mut text = std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
         text.push_str("\n# mmsync test bed\n");
         text.push_str(&conf.join("\n"));
         text.push('\n');
         std::fs::write(&conf_path, text).map_err(io("writing postgresql.conf"))?;
-        let mut cluster = PgCluster {
-            dir,
-            port,
-            bin,
-            owner,
-            child: None,
-        };
+        let mut cluster = PgCluster { dir, port, bin, owner, child: None };
         cluster.launch().await?;
         Ok(cluster)
     }
@@ -319,18 +271,12 @@ impl PgCluster {
     /// Creates a database (no error if it exists).
     pub async fn create_database(&self, db: &str) -> Result<()> {
         let mut conn = self.connect("postgres").await?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(db)
-                .fetch_one(&mut conn)
-                .await?;
-        if !exists {
-            sqlx::raw_sql(&format!(
-                "CREATE DATABASE {}",
-                crate::topology::quote_ident(db)
-            ))
-            .execute(&mut conn)
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(db)
+            .fetch_one(&mut conn)
             .await?;
+        if !exists {
+            sqlx::raw_sql(&format!("CREATE DATABASE {}", crate::topology::quote_ident(db))).execute(&mut conn).await?;
         }
         Ok(())
     }
@@ -389,7 +335,11 @@ pub fn tansu_bin() -> Result<PathBuf> {
             let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
             p.is_file().then_some(p)
         })
-        .ok_or_else(|| BedError::Setup("tansu not found; run scripts/setup (it installs tansu 0.6.0) or set MMSYNC_TANSU_BIN".into()))
+        .ok_or_else(|| {
+            BedError::Setup(
+                "tansu not found; run scripts/setup (it installs tansu 0.6.0) or set MMSYNC_TANSU_BIN".into(),
+            )
+        })
 }
 
 impl Broker {
@@ -399,17 +349,9 @@ impl Broker {
 
     /// Starts a broker on a given port.
     pub async fn start_on(storage: BrokerStorage, port: u16) -> Result<Broker> {
-        let dir = tempfile::Builder::new()
-            .prefix("mmsync-tansu-")
-            .tempdir()
-            .map_err(io("making a temporary folder"))?;
-        let mut broker = Broker {
-            dir,
-            port,
-            storage,
-            bin: tansu_bin()?,
-            child: None,
-        };
+        let dir =
+            tempfile::Builder::new().prefix("mmsync-tansu-").tempdir().map_err(io("making a temporary folder"))?;
+        let mut broker = Broker { dir, port, storage, bin: tansu_bin()?, child: None };
         broker.launch().await?;
         Ok(broker)
     }
@@ -444,10 +386,7 @@ impl Broker {
         self.child = Some(child);
         let start = Instant::now();
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return Ok(());
             }
             let exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
@@ -509,10 +448,7 @@ pub const BED_DATABASE: &str = "app";
 impl Bed {
     /// Starts `names.len()` masters and a broker concurrently.
     pub async fn start(names: &[&str], storage: BrokerStorage) -> Result<Bed> {
-        let dir = tempfile::Builder::new()
-            .prefix("mmsync-bed-")
-            .tempdir()
-            .map_err(io("making a temporary folder"))?;
+        let dir = tempfile::Builder::new().prefix("mmsync-bed-").tempdir().map_err(io("making a temporary folder"))?;
         let broker = Broker::start(storage);
         let masters = async {
             let mut started = Vec::new();
@@ -524,29 +460,15 @@ impl Bed {
             Ok::<_, BedError>(started)
         };
         let (broker, masters) = tokio::join!(broker, masters);
-        Ok(Bed {
-            masters: masters?,
-            broker: broker?,
-            dir,
-        })
+        Ok(Bed { masters: masters?, broker: broker?, dir })
     }
 
     pub fn master(&self, name: &str) -> &PgCluster {
-        &self
-            .masters
-            .iter()
-            .find(|(n, _)| n == name)
-            .expect("a master of this bed")
-            .1
+        &self.masters.iter().find(|(n, _)| n == name).expect("a master of this bed").1
     }
 
     pub fn master_mut(&mut self, name: &str) -> &mut PgCluster {
-        &mut self
-            .masters
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .expect("a master of this bed")
-            .1
+        &mut self.masters.iter_mut().find(|(n, _)| n == name).expect("a master of this bed").1
     }
 
     /// Writes a topology for this bed with the given tables and extra `[sync]`
@@ -558,16 +480,10 @@ impl Bed {
             free_port()
         );
         for (name, cluster) in &self.masters {
-            text.push_str(&format!(
-                "[[masters]]\nname = \"{name}\"\nurl = \"{}\"\n\n",
-                cluster.url(BED_DATABASE)
-            ));
+            text.push_str(&format!("[[masters]]\nname = \"{name}\"\nurl = \"{}\"\n\n", cluster.url(BED_DATABASE)));
         }
         let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
-        text.push_str(&format!(
-            "[sync]\ntables = [{}]\n{extra_sync}\n",
-            tables.join(", ")
-        ));
+        text.push_str(&format!("[sync]\ntables = [{}]\n{extra_sync}\n", tables.join(", ")));
         let path = self.dir.path().join("topology.toml");
         std::fs::write(&path, text).expect("the bed folder is writable");
         path
@@ -603,10 +519,7 @@ impl MmsyncProcess {
             .arg("--topology")
             .arg(topology)
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().map_err(io("log"))?)

@@ -56,9 +56,7 @@ struct MetricsFile {
 
 impl Default for MetricsFile {
     fn default() -> Self {
-        MetricsFile {
-            listen: default_metrics_listen(),
-        }
+        MetricsFile { listen: default_metrics_listen() }
     }
 }
 
@@ -82,6 +80,8 @@ struct SyncFile {
     capture_max_changes: Spanned<i64>,
     #[serde(default = "default_capture_idle_ms")]
     capture_idle_ms: Spanned<i64>,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    heartbeat_interval_ms: Spanned<i64>,
 }
 
 fn unspanned<T>(v: T) -> Spanned<T> {
@@ -107,6 +107,9 @@ fn default_batch_max_wait_ms() -> Spanned<i64> {
 }
 fn default_capture_max_changes() -> Spanned<i64> {
     unspanned(10_000)
+}
+fn default_heartbeat_interval_ms() -> Spanned<i64> {
+    unspanned(1000)
 }
 fn default_capture_idle_ms() -> Spanned<i64> {
     unspanned(100)
@@ -152,6 +155,8 @@ pub struct SyncSettings {
     pub capture_max_changes: usize,
     /// A source sleeps this long when its slot had nothing new.
     pub capture_idle: Duration,
+    /// Each source rewrites its master's heartbeat row this often.
+    pub heartbeat_interval: Duration,
 }
 
 /// A synced table, `schema.name`, as PostgreSQL spells it (case kept).
@@ -167,19 +172,15 @@ impl TableName {
     pub fn parse(s: &str) -> Result<TableName, String> {
         let parts = split_identifier(s)?;
         match parts.as_slice() {
-            [name] => Ok(TableName {
-                schema: "public".into(),
-                name: name.clone(),
-            }),
-            [schema, name] => Ok(TableName {
-                schema: schema.clone(),
-                name: name.clone(),
-            }),
-            _ => Err(format!(
-                "{s:?} has {} dotted parts; write schema.table",
-                parts.len()
-            )),
+            [name] => Ok(TableName { schema: "public".into(), name: name.clone() }),
+            [schema, name] => Ok(TableName { schema: schema.clone(), name: name.clone() }),
+            _ => Err(format!("{s:?} has {} dotted parts; write schema.table", parts.len())),
         }
+    }
+
+    /// mmsync's heartbeat table, synced like the application's tables.
+    pub fn heartbeats() -> TableName {
+        TableName { schema: "mmsync".into(), name: "heartbeats".into() }
     }
 
     /// The name quoted for SQL: `"schema"."name"`.
@@ -233,13 +234,8 @@ fn split_identifier(s: &str) -> Result<Vec<String>, String> {
                 part.push(c.to_ascii_lowercase());
                 chars.next();
             }
-            let valid = part
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+            let valid = part.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
             if !valid {
                 return Err(format!(
                     "{s:?}: {part:?} is not a plain identifier; put names with capitals, spaces or symbols in double quotes, e.g. 'public.\"Order Items\"'"
@@ -353,40 +349,23 @@ impl Topology {
                 line: None,
                 column: None,
                 key: String::new(),
-                message: format!(
-                    "cannot read the topology file: {e}; pass --topology PATH or set MMSYNC_TOPOLOGY"
-                ),
+                message: format!("cannot read the topology file: {e}; pass --topology PATH or set MMSYNC_TOPOLOGY"),
             }],
         })?;
         Topology::parse(&text, path, |name| std::env::var(name).ok())
     }
 
     /// Parses and validates topology text. `env` looks up `url_env` variables.
-    pub fn parse(
-        text: &str,
-        path: &Path,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Topology, TopologyError> {
-        let err = |problems| TopologyError {
-            path: path.to_path_buf(),
-            problems,
-        };
+    pub fn parse(text: &str, path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Topology, TopologyError> {
+        let err = |problems| TopologyError { path: path.to_path_buf(), problems };
         let file: File = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map_or((None, None), |s| {
                 let (l, c) = line_col(text, s.start);
                 (Some(l), Some(c))
             });
-            err(vec![Problem {
-                line,
-                column,
-                key: String::new(),
-                message: e.message().trim().to_string(),
-            }])
+            err(vec![Problem { line, column, key: String::new(), message: e.message().trim().to_string() }])
         })?;
-        let mut v = Validator {
-            text,
-            problems: Vec::new(),
-        };
+        let mut v = Validator { text, problems: Vec::new() };
         let topology = v.validate(file, &env);
         match topology {
             Some(t) if v.problems.is_empty() => Ok(t),
@@ -396,6 +375,14 @@ impl Topology {
 
     pub fn master(&self, name: &str) -> Option<&Master> {
         self.masters.iter().find(|m| m.name == name)
+    }
+
+    /// The tables that flow between masters: `[sync] tables` and mmsync's own
+    /// heartbeats.
+    pub fn synced_tables(&self) -> Vec<TableName> {
+        let mut all = self.tables.clone();
+        all.push(TableName::heartbeats());
+        all
     }
 }
 
@@ -407,12 +394,7 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn problem<T>(&mut self, at: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
         let line = (at.span() != (0..0)).then(|| line_col(self.text, at.span().start).0);
-        self.problems.push(Problem {
-            line,
-            column: None,
-            key: key.into(),
-            message: message.into(),
-        });
+        self.problems.push(Problem { line, column: None, key: key.into(), message: message.into() });
     }
 
     fn positive(&mut self, v: &Spanned<i64>, key: &str, max: i64) -> i64 {
@@ -434,11 +416,7 @@ impl Validator<'_> {
             );
         }
         let prefix = k.topic_prefix.get_ref();
-        if prefix.is_empty()
-            || !prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
             self.problem(
                 &k.topic_prefix,
                 "kafka.topic_prefix",
@@ -449,20 +427,14 @@ impl Validator<'_> {
             self.problem(
                 &k.partitions,
                 "kafka.partitions",
-                format!(
-                    "must be between 1 and 10000, not {}",
-                    k.partitions.get_ref()
-                ),
+                format!("must be between 1 and 10000, not {}", k.partitions.get_ref()),
             );
         }
         if !(1..=100).contains(k.replication_factor.get_ref()) {
             self.problem(
                 &k.replication_factor,
                 "kafka.replication_factor",
-                format!(
-                    "must be between 1 and 100, not {}",
-                    k.replication_factor.get_ref()
-                ),
+                format!("must be between 1 and 100, not {}", k.replication_factor.get_ref()),
             );
         }
         let mut client = BTreeMap::new();
@@ -477,10 +449,7 @@ impl Validator<'_> {
                         line: None,
                         column: None,
                         key: format!("kafka.client.{key:?}"),
-                        message: format!(
-                            "must be a string, number or boolean, not a {}",
-                            other.type_str()
-                        ),
+                        message: format!("must be a string, number or boolean, not a {}", other.type_str()),
                     });
                     continue;
                 }
@@ -495,10 +464,7 @@ impl Validator<'_> {
                 self.problem(
                     &file.metrics.listen,
                     "metrics.listen",
-                    format!(
-                        "{:?} is not an address like \"127.0.0.1:9464\"",
-                        file.metrics.listen.get_ref()
-                    ),
+                    format!("{:?} is not an address like \"127.0.0.1:9464\"", file.metrics.listen.get_ref()),
                 );
                 None
             }
@@ -523,9 +489,7 @@ impl Validator<'_> {
             let name = m.name.get_ref();
             if name.is_empty()
                 || name.len() > 40
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             {
                 self.problem(
                     &m.name,
@@ -553,71 +517,51 @@ impl Validator<'_> {
                     None
                 }
                 (None, None) => {
-                    self.problem(&m.name, key.clone(), format!("master {name:?} has no url; add url = \"postgres://...\" or url_env = \"VARIABLE\""));
+                    self.problem(
+                        &m.name,
+                        key.clone(),
+                        format!("master {name:?} has no url; add url = \"postgres://...\" or url_env = \"VARIABLE\""),
+                    );
                     None
                 }
             };
             if let Some(url) = url {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    let at = m
-                        .url
-                        .as_ref()
-                        .or(m.url_env.as_ref())
-                        .expect("one of them is set");
-                    self.problem(
-                        at,
-                        format!("{key}.url"),
-                        format!("{} is not a postgres:// URL", mask_password(&url)),
-                    );
+                    let at = m.url.as_ref().or(m.url_env.as_ref()).expect("one of them is set");
+                    self.problem(at, format!("{key}.url"), format!("{} is not a postgres:// URL", mask_password(&url)));
                 }
-                masters.push(Master {
-                    name: name.clone(),
-                    url: DbUrl(url),
-                });
+                masters.push(Master { name: name.clone(), url: DbUrl(url) });
             }
         }
 
         // [sync]
         let s = &file.sync;
         if s.tables.get_ref().is_empty() {
-            self.problem(
-                &s.tables,
-                "sync.tables",
-                "is empty; list the tables to sync, e.g. [\"public.users\"]",
-            );
+            self.problem(&s.tables, "sync.tables", "is empty; list the tables to sync, e.g. [\"public.users\"]");
         }
         let mut tables = Vec::new();
         for (i, t) in s.tables.get_ref().iter().enumerate() {
             match TableName::parse(t.get_ref()) {
-                Ok(name) if tables.contains(&name) => self.problem(
-                    t,
-                    format!("sync.tables[{i}]"),
-                    format!("{name} is listed twice"),
-                ),
+                Ok(name) if tables.contains(&name) => {
+                    self.problem(t, format!("sync.tables[{i}]"), format!("{name} is listed twice"))
+                }
                 Ok(name) => tables.push(name),
                 Err(e) => self.problem(t, format!("sync.tables[{i}]"), e),
             }
         }
         let sync = SyncSettings {
-            batch_max_changes: self.positive(
-                &s.batch_max_changes,
-                "sync.batch_max_changes",
-                1_000_000,
-            ) as usize,
-            batch_max_wait: Duration::from_millis(self.positive(
-                &s.batch_max_wait_ms,
-                "sync.batch_max_wait_ms",
-                600_000,
-            ) as u64),
-            capture_max_changes: self.positive(
-                &s.capture_max_changes,
-                "sync.capture_max_changes",
-                10_000_000,
-            ) as usize,
-            capture_idle: Duration::from_millis(self.positive(
-                &s.capture_idle_ms,
-                "sync.capture_idle_ms",
-                600_000,
+            batch_max_changes: self.positive(&s.batch_max_changes, "sync.batch_max_changes", 1_000_000) as usize,
+            batch_max_wait: Duration::from_millis(
+                self.positive(&s.batch_max_wait_ms, "sync.batch_max_wait_ms", 600_000) as u64,
+            ),
+            capture_max_changes: self.positive(&s.capture_max_changes, "sync.capture_max_changes", 10_000_000) as usize,
+            capture_idle: Duration::from_millis(
+                self.positive(&s.capture_idle_ms, "sync.capture_idle_ms", 600_000) as u64
+            ),
+            heartbeat_interval: Duration::from_millis(self.positive(
+                &s.heartbeat_interval_ms,
+                "sync.heartbeat_interval_ms",
+                3_600_000,
             ) as u64),
         };
 
@@ -687,13 +631,7 @@ tables = ["public.users", "messages", 'public."Order Items"']
         let t = parse(GOOD).unwrap();
         assert_eq!(t.masters.len(), 2);
         assert_eq!(t.masters[1].url.expose(), "postgres://b@h/db");
-        assert_eq!(
-            t.tables[1],
-            TableName {
-                schema: "public".into(),
-                name: "messages".into()
-            }
-        );
+        assert_eq!(t.tables[1], TableName { schema: "public".into(), name: "messages".into() });
         assert_eq!(t.tables[2].quoted(), r#""public"."Order Items""#);
         assert_eq!(t.kafka.client["security.protocol"], "plaintext");
         assert_eq!(t.sync.batch_max_changes, 1000);
@@ -704,10 +642,7 @@ tables = ["public.users", "messages", 'public."Order Items"']
     fn unknown_key_names_line_and_key() {
         let text = GOOD.replace("partitions = 6", "partitions = 6\nbrokerz = 1");
         let msg = problems(&text);
-        assert!(
-            msg.starts_with("topology.toml:6:1: unknown field `brokerz`"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("topology.toml:6:1: unknown field `brokerz`"), "{msg}");
     }
 
     #[test]
@@ -723,66 +658,37 @@ tables = ["public.users", "messages", 'public."Order Items"']
             .replace("\"messages\"", "\"users\"")
             .replace("BUSAN_URL", "NOPE_URL");
         let msg = problems(&text);
-        assert!(
-            msg.contains("topology.toml:17: masters[1].name: \"seoul\" is declared twice"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("masters[1].url_env: environment variable \"NOPE_URL\" is not set"),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("sync.tables[1]: public.users is listed twice"),
-            "{msg}"
-        );
+        assert!(msg.contains("topology.toml:17: masters[1].name: \"seoul\" is declared twice"), "{msg}");
+        assert!(msg.contains("masters[1].url_env: environment variable \"NOPE_URL\" is not set"), "{msg}");
+        assert!(msg.contains("sync.tables[1]: public.users is listed twice"), "{msg}");
         assert_eq!(msg.lines().count(), 3, "{msg}");
     }
 
     #[test]
     fn one_master_is_not_enough() {
-        let text = GOOD
-            .split("[[masters]]\nname = \"busan\"")
-            .collect::<Vec<_>>()
-            .join("");
+        let text = GOOD.split("[[masters]]\nname = \"busan\"").collect::<Vec<_>>().join("");
         assert!(problems(&text).contains("masters: 1 master(s) declared; declare at least two"));
     }
 
     #[test]
     fn bad_master_name() {
         let msg = problems(&GOOD.replace("\"seoul\"", "\"Seoul-1\""));
-        assert!(
-            msg.contains("masters[0].name: \"Seoul-1\" must be 1 to 40 characters of [a-z0-9_]"),
-            "{msg}"
-        );
+        assert!(msg.contains("masters[0].name: \"Seoul-1\" must be 1 to 40 characters of [a-z0-9_]"), "{msg}");
     }
 
     #[test]
     fn table_names() {
-        assert_eq!(
-            TableName::parse("Public.Users").unwrap().to_string(),
-            "public.users"
-        );
-        assert_eq!(
-            TableName::parse(r#""My ""S"""."x""#).unwrap().quoted(),
-            r#""My ""S"""."x""#
-        );
+        assert_eq!(TableName::parse("Public.Users").unwrap().to_string(), "public.users");
+        assert_eq!(TableName::parse(r#""My ""S"""."x""#).unwrap().quoted(), r#""My ""S"""."x""#);
         assert!(TableName::parse("a.b.c").is_err());
-        assert!(TableName::parse("public.Order Items")
-            .unwrap_err()
-            .contains("double quotes"));
+        assert!(TableName::parse("public.Order Items").unwrap_err().contains("double quotes"));
         assert!(TableName::parse("\"open").is_err());
     }
 
     #[test]
     fn passwords_are_masked() {
-        assert_eq!(
-            mask_password("postgres://u:pw@h:5/db"),
-            "postgres://u:***@h:5/db"
-        );
-        assert_eq!(
-            mask_password("postgres://u@h/db?password=pw&x=1"),
-            "postgres://u@h/db?password=***&x=1"
-        );
+        assert_eq!(mask_password("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
+        assert_eq!(mask_password("postgres://u@h/db?password=pw&x=1"), "postgres://u@h/db?password=***&x=1");
         let t = parse(GOOD).unwrap();
         assert!(!format!("{:?}", t).contains("secret"));
         assert!(!format!("{}", t.masters[0].url).contains("secret"));

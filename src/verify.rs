@@ -45,16 +45,8 @@ pub struct KeyDifference {
 type Bucket = (i64, String);
 
 /// Compares `tables` (all synced tables when `None`) on every master.
-pub async fn verify(
-    topology: &Topology,
-    only: Option<&TableName>,
-    max_keys: usize,
-) -> Result<Vec<TableReport>> {
-    let tables: Vec<&TableName> = topology
-        .tables
-        .iter()
-        .filter(|t| only.is_none_or(|o| o == *t))
-        .collect();
+pub async fn verify(topology: &Topology, only: Option<&TableName>, max_keys: usize) -> Result<Vec<TableReport>> {
+    let tables: Vec<&TableName> = topology.tables.iter().filter(|t| only.is_none_or(|o| o == *t)).collect();
     if let Some(o) = only {
         if tables.is_empty() {
             return Err(Error::Setup {
@@ -80,21 +72,15 @@ pub async fn verify(
     Ok(reports)
 }
 
-async fn verify_table(
-    conns: &mut [(String, PgConnection)],
-    table: &TableName,
-    max_keys: usize,
-) -> Result<TableReport> {
+async fn verify_table(conns: &mut [(String, PgConnection)], table: &TableName, max_keys: usize) -> Result<TableReport> {
     let mut per_master: Vec<BTreeMap<i32, Bucket>> = Vec::new();
     let mut queries = Vec::new();
     for (name, conn) in conns.iter_mut() {
-        let info = describe(conn, name, table)
-            .await?
-            .ok_or_else(|| Error::Setup {
-                master: name.clone(),
-                problem: format!("table {table} does not exist"),
-                fix: "create it on every master".into(),
-            })?;
+        let info = describe(conn, name, table).await?.ok_or_else(|| Error::Setup {
+            master: name.clone(),
+            problem: format!("table {table} does not exist"),
+            fix: "create it on every master".into(),
+        })?;
         let source = format!(
             "(SELECT {key} AS k, x::text AS r, x.{v} AS v, x.{o}::text AS o FROM {t} AS x) s",
             key = info.key_json_sql("x"),
@@ -109,35 +95,16 @@ async fn verify_table(
         .fetch_all(&mut *conn)
         .await
         .map_err(Error::db(name, format!("hashing {table}")))?;
-        per_master.push(
-            rows.iter()
-                .map(|r| {
-                    (
-                        r.get::<i32, _>(0),
-                        (r.get::<i64, _>(1), r.get::<String, _>(2)),
-                    )
-                })
-                .collect(),
-        );
+        per_master
+            .push(rows.iter().map(|r| (r.get::<i32, _>(0), (r.get::<i64, _>(1), r.get::<String, _>(2)))).collect());
         queries.push(source);
     }
-    let rows = conns
-        .iter()
-        .zip(&per_master)
-        .map(|((n, _), b)| (n.clone(), b.values().map(|(c, _)| c).sum()))
-        .collect();
+    let rows = conns.iter().zip(&per_master).map(|((n, _), b)| (n.clone(), b.values().map(|(c, _)| c).sum())).collect();
     let buckets: BTreeSet<i32> = per_master.iter().flat_map(|b| b.keys().copied()).collect();
-    let differing: Vec<i32> = buckets
-        .into_iter()
-        .filter(|b| per_master.iter().any(|m| m.get(b) != per_master[0].get(b)))
-        .collect();
+    let differing: Vec<i32> =
+        buckets.into_iter().filter(|b| per_master.iter().any(|m| m.get(b) != per_master[0].get(b))).collect();
     if differing.is_empty() {
-        return Ok(TableReport {
-            table: table.clone(),
-            rows,
-            differences: Vec::new(),
-            differing_keys: 0,
-        });
+        return Ok(TableReport { table: table.clone(), rows, differences: Vec::new(), differing_keys: 0 });
     }
 
     // Narrow the differing buckets down to keys.
@@ -159,17 +126,10 @@ async fn verify_table(
     }
     let differences: Vec<KeyDifference> = keys
         .into_iter()
-        .filter(|(_, held)| {
-            held.iter()
-                .any(|h| h.as_ref().map(|x| &x.0) != held[0].as_ref().map(|x| &x.0))
-        })
+        .filter(|(_, held)| held.iter().any(|h| h.as_ref().map(|x| &x.0) != held[0].as_ref().map(|x| &x.0)))
         .map(|(key, held)| KeyDifference {
             key,
-            masters: conns
-                .iter()
-                .zip(held)
-                .map(|((n, _), h)| (n.clone(), h.map(|(_, v, o)| (v, o))))
-                .collect(),
+            masters: conns.iter().zip(held).map(|((n, _), h)| (n.clone(), h.map(|(_, v, o)| (v, o)))).collect(),
         })
         .collect();
     let differing_keys = differences.len();

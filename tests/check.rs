@@ -15,11 +15,7 @@ async fn mmsync(topology: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, S
         .output()
         .await
         .expect("mmsync runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -31,79 +27,42 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn check_passes_on_a_good_topology_and_explains_every_broken_one() {
-    let bed = Bed::start(&["seoul", "busan"], BrokerStorage::Memory)
+    let bed = Bed::start(&["seoul", "busan"], BrokerStorage::Memory).await.expect("bed starts");
+    bed.sql_everywhere("CREATE TABLE users (id bigserial PRIMARY KEY, name text); CREATE TABLE notes (body text)")
         .await
-        .expect("bed starts");
-    bed.sql_everywhere(
-        "CREATE TABLE users (id bigserial PRIMARY KEY, name text); CREATE TABLE notes (body text)",
-    )
-    .await
-    .unwrap();
+        .unwrap();
     let good = bed.write_topology(&["public.users"], "");
     let (code, out) = mmsync(&good, &["check"], &[]).await;
     assert_eq!(code, 0, "{out}");
-    assert!(
-        out.contains("master \"seoul\": ok") && out.contains("check passed"),
-        "{out}"
-    );
+    assert!(out.contains("master \"seoul\": ok") && out.contains("check passed"), "{out}");
 
     let text = std::fs::read_to_string(&good).unwrap();
     let dir = bed.dir.path();
 
     // Bad files: exit 2, with the line and the key.
-    let unknown = write(
-        dir,
-        "unknown.toml",
-        &text.replace("partitions = 3", "partitions = 3\nbrokerz = 1"),
-    );
+    let unknown = write(dir, "unknown.toml", &text.replace("partitions = 3", "partitions = 3\nbrokerz = 1"));
     let (code, out) = mmsync(&unknown, &["check"], &[]).await;
     assert_eq!(code, 2, "{out}");
-    assert!(
-        out.contains("unknown.toml:5:1: unknown field `brokerz`"),
-        "{out}"
-    );
+    assert!(out.contains("unknown.toml:5:1: unknown field `brokerz`"), "{out}");
 
-    let busan = format!(
-        "[[masters]]\nname = \"busan\"\nurl = \"{}\"\n",
-        bed.master("busan").url(BED_DATABASE)
-    );
+    let busan = format!("[[masters]]\nname = \"busan\"\nurl = \"{}\"\n", bed.master("busan").url(BED_DATABASE));
     let one = write(dir, "one.toml", &text.replace(&busan, ""));
     let (code, out) = mmsync(&one, &["check"], &[]).await;
     assert_eq!(code, 2, "{out}");
-    assert!(
-        out.contains("masters: 1 master(s) declared; declare at least two"),
-        "{out}"
-    );
+    assert!(out.contains("masters: 1 master(s) declared; declare at least two"), "{out}");
 
-    let dup = write(
-        dir,
-        "dup.toml",
-        &text.replace("name = \"busan\"", "name = \"seoul\""),
-    );
+    let dup = write(dir, "dup.toml", &text.replace("name = \"busan\"", "name = \"seoul\""));
     let (code, out) = mmsync(&dup, &["check"], &[]).await;
     assert_eq!(code, 2, "{out}");
-    assert!(
-        out.contains("masters[1].name: \"seoul\" is declared twice"),
-        "{out}"
-    );
+    assert!(out.contains("masters[1].name: \"seoul\" is declared twice"), "{out}");
 
     let busan_url = format!("url = \"{}\"", bed.master("busan").url(BED_DATABASE));
-    let env = write(
-        dir,
-        "env.toml",
-        &text.replace(&busan_url, "url_env = \"BUSAN_URL_FOR_TEST\""),
-    );
+    let env = write(dir, "env.toml", &text.replace(&busan_url, "url_env = \"BUSAN_URL_FOR_TEST\""));
     let (code, out) = mmsync(&env, &["check"], &[]).await;
     assert_eq!(code, 2, "{out}");
-    assert!(
-        out.contains("masters[1].url_env: environment variable \"BUSAN_URL_FOR_TEST\" is not set"),
-        "{out}"
-    );
+    assert!(out.contains("masters[1].url_env: environment variable \"BUSAN_URL_FOR_TEST\" is not set"), "{out}");
     // ... and with the variable set, it passes, and the password never shows.
-    let with_password = bed
-        .master("busan")
-        .url(BED_DATABASE)
-        .replace("postgres@", "postgres:hunter2@");
+    let with_password = bed.master("busan").url(BED_DATABASE).replace("postgres@", "postgres:hunter2@");
     let (code, out) = mmsync(&env, &["check"], &[("BUSAN_URL_FOR_TEST", &with_password)]).await;
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("hunter2"), "{out}");
@@ -112,94 +71,51 @@ async fn check_passes_on_a_good_topology_and_explains_every_broken_one() {
     let unreachable = write(
         dir,
         "unreachable.toml",
-        &text.replace(
-            &busan_url,
-            &format!(
-                "url = \"postgres://postgres:hunter2@127.0.0.1:{}/app\"",
-                free_port()
-            ),
-        ),
+        &text.replace(&busan_url, &format!("url = \"postgres://postgres:hunter2@127.0.0.1:{}/app\"", free_port())),
     );
     let (code, out) = mmsync(&unreachable, &["check"], &[]).await;
     assert_eq!(code, 1, "{out}");
-    assert!(
-        out.contains("master \"busan\": cannot connect to postgres://postgres:***@127.0.0.1:"),
-        "{out}"
-    );
+    assert!(out.contains("master \"busan\": cannot connect to postgres://postgres:***@127.0.0.1:"), "{out}");
     assert!(out.contains("check that the server is running"), "{out}");
     assert!(!out.contains("hunter2"), "{out}");
 
-    let replica = PgCluster::start(PgOptions {
-        wal_level: "replica".into(),
-        ..PgOptions::default()
-    })
-    .await
-    .unwrap();
+    let replica = PgCluster::start(PgOptions { wal_level: "replica".into(), ..PgOptions::default() }).await.unwrap();
     replica.create_database(BED_DATABASE).await.unwrap();
     let mut conn = replica.connect(BED_DATABASE).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE users (id bigserial PRIMARY KEY, name text)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let replica_toml = write(
-        dir,
-        "replica.toml",
-        &text.replace(
-            &busan_url,
-            &format!("url = \"{}\"", replica.url(BED_DATABASE)),
-        ),
-    );
+    sqlx::raw_sql("CREATE TABLE users (id bigserial PRIMARY KEY, name text)").execute(&mut conn).await.unwrap();
+    let replica_toml =
+        write(dir, "replica.toml", &text.replace(&busan_url, &format!("url = \"{}\"", replica.url(BED_DATABASE))));
     let (code, out) = mmsync(&replica_toml, &["check"], &[]).await;
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("master \"busan\": wal_level is \"replica\"; set wal_level = logical in postgresql.conf and restart"),
+        out.contains(
+            "master \"busan\": wal_level is \"replica\"; set wal_level = logical in postgresql.conf and restart"
+        ),
         "{out}"
     );
 
     let no_pk = write(
         dir,
         "nopk.toml",
-        &text.replace(
-            "\"public.users\"",
-            "\"public.users\", \"public.notes\", \"public.missing\"",
-        ),
+        &text.replace("\"public.users\"", "\"public.users\", \"public.notes\", \"public.missing\""),
     );
     let (code, out) = mmsync(&no_pk, &["check"], &[]).await;
     assert_eq!(code, 1, "{out}");
     for master in ["seoul", "busan"] {
-        assert!(
-            out.contains(&format!(
-                "master \"{master}\": table public.notes has no primary key; add one"
-            )),
-            "{out}"
-        );
-        assert!(
-            out.contains(&format!(
-                "master \"{master}\": table public.missing does not exist"
-            )),
-            "{out}"
-        );
+        assert!(out.contains(&format!("master \"{master}\": table public.notes has no primary key; add one")), "{out}");
+        assert!(out.contains(&format!("master \"{master}\": table public.missing does not exist")), "{out}");
     }
 }
 
 #[tokio::test]
 async fn help_explains_every_subcommand() {
     for sub in ["check", "init", "run", "status", "verify"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync"))
-            .args([sub, "--help"])
-            .output()
-            .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync")).args([sub, "--help"]).output().unwrap();
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("--topology"), "{sub}: {text}");
-        assert!(
-            text.lines().count() > 4,
-            "{sub} --help says too little: {text}"
-        );
+        assert!(text.lines().count() > 4, "{sub} --help says too little: {text}");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync"))
-        .arg("nonsense")
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync")).arg("nonsense").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -13,10 +13,7 @@ use mmsync::topology::Topology;
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser)]
-#[command(
-    name = "mmsync-bed",
-    about = "Real PostgreSQL masters and a tansu broker on loopback, for demos and tests."
-)]
+#[command(name = "mmsync-bed", about = "Real PostgreSQL masters and a tansu broker on loopback, for demos and tests.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,38 +93,25 @@ async fn demo(path: &Path) -> ExitCode {
         .and_then(|p| p.parse().ok())
         .expect("[kafka] brokers is host:port");
     println!("demo: starting tansu on port {broker_port}");
-    let _broker = Broker::start_on(BrokerStorage::Memory, broker_port)
-        .await
-        .expect("tansu starts");
+    let _broker = Broker::start_on(BrokerStorage::Memory, broker_port).await.expect("tansu starts");
     let mut clusters = Vec::new();
     for m in &topology.masters {
         let opts = PgConnectOptions::from_str(m.url.expose()).expect("a valid url");
         let db = opts.get_database().unwrap_or("postgres").to_string();
-        println!(
-            "demo: starting master {:?}: PostgreSQL on port {}, database {db}",
-            m.name,
-            opts.get_port()
-        );
-        let cluster = PgCluster::start(PgOptions {
-            port: Some(opts.get_port()),
-            ..PgOptions::default()
-        })
-        .await
-        .expect("postgres starts");
+        println!("demo: starting master {:?}: PostgreSQL on port {}, database {db}", m.name, opts.get_port());
+        let cluster = PgCluster::start(PgOptions { port: Some(opts.get_port()), ..PgOptions::default() })
+            .await
+            .expect("postgres starts");
         cluster.create_database(&db).await.expect("database");
         let mut conn = cluster.connect(&db).await.expect("connect");
-        sqlx::raw_sql(DEMO_SCHEMA)
-            .execute(&mut conn)
-            .await
-            .expect("demo tables");
+        sqlx::raw_sql(DEMO_SCHEMA).execute(&mut conn).await.expect("demo tables");
         clusters.push((m.name.clone(), cluster, db));
     }
     if !mmsync(path, &["check"]).await || !mmsync(path, &["init"]).await {
         return ExitCode::FAILURE;
     }
     let log = std::env::temp_dir().join("mmsync-demo.log");
-    let run = MmsyncProcess::spawn(&mmsync_bin(), path, &["run"], &[], log.clone())
-        .expect("mmsync run starts");
+    let run = MmsyncProcess::spawn(&mmsync_bin(), path, &["run"], &[], log.clone()).expect("mmsync run starts");
     println!("demo: mmsync run started (log: {})", log.display());
 
     let (first, first_cluster, first_db) = &clusters[0];
@@ -141,33 +125,23 @@ async fn demo(path: &Path) -> ExitCode {
     let written = Instant::now();
     println!("demo: wrote users row {id} ({name:?}) on {first}");
     for (other, cluster, db) in &clusters[1..] {
-        let origin: String = wait_for(
-            &format!("the row on {other}"),
-            Duration::from_secs(60),
-            || async {
-                let mut conn = cluster.connect(db).await.ok()?;
-                sqlx::query_scalar("SELECT mmsync_origin::text FROM users WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&mut conn)
-                    .await
-                    .ok()
-                    .flatten()
-            },
-        )
+        let origin: String = wait_for(&format!("the row on {other}"), Duration::from_secs(60), || async {
+            let mut conn = cluster.connect(db).await.ok()?;
+            sqlx::query_scalar("SELECT mmsync_origin::text FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut conn)
+                .await
+                .ok()
+                .flatten()
+        })
         .await;
-        println!(
-            "demo: row {id} is on {other} after {:?} (mmsync_origin = {origin})",
-            written.elapsed()
-        );
+        println!("demo: row {id} is on {other} after {:?} (mmsync_origin = {origin})", written.elapsed());
     }
     println!("\nThe masters are yours to write to; changes flow both ways:");
     for (name, cluster, db) in &clusters {
         println!("  {name}: psql {}", cluster.url(db));
     }
-    println!(
-        "Metrics: http://{}/metrics\nCtrl-C stops mmsync and the servers.",
-        topology.metrics_listen
-    );
+    println!("Metrics: http://{}/metrics\nCtrl-C stops mmsync and the servers.", topology.metrics_listen);
     mmsync::run::signal().await;
     let status = run.terminate().await;
     println!("demo: mmsync run exited with {status}");
@@ -177,22 +151,14 @@ async fn demo(path: &Path) -> ExitCode {
 async fn up(masters: usize, tables: &[String]) -> ExitCode {
     let names: Vec<String> = (1..=masters).map(|i| format!("m{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let bed = Bed::start(&names, BrokerStorage::Memory)
-        .await
-        .expect("bed starts");
+    let bed = Bed::start(&names, BrokerStorage::Memory).await.expect("bed starts");
     let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
     let topology = bed.write_topology(&tables, "");
     println!("topology: {}", topology.display());
     for (name, cluster) in &bed.masters {
-        println!(
-            "  {name}: psql {}",
-            cluster.url(mmsync::testbed::BED_DATABASE)
-        );
+        println!("  {name}: psql {}", cluster.url(mmsync::testbed::BED_DATABASE));
     }
-    println!(
-        "  broker: {}\nCtrl-C stops everything and removes the folders.",
-        bed.broker.address()
-    );
+    println!("  broker: {}\nCtrl-C stops everything and removes the folders.", bed.broker.address());
     mmsync::run::signal().await;
     ExitCode::SUCCESS
 }
