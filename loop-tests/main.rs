@@ -6,3 +6,4 @@ mod apply;
 mod capture;
 mod chaos;
 mod common;
+mod observability;

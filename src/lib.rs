@@ -17,6 +17,7 @@ pub mod run;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod testbed;
 pub mod topology;
 pub mod verify;

@@ -46,7 +46,10 @@ enum Command {
     /// Run the sync: a source and a sink for every master, until SIGINT or
     /// SIGTERM (current batches finish and positions are stored first).
     Run,
-    /// Show each link's source position, applied position, pending records and lag.
+    /// Show, per link (source -> target): the source slot's position and the
+    /// WAL it retains, the offsets applied on the target, the records waiting
+    /// in Kafka, and the lag by the source's latest heartbeat on the target.
+    /// Reads the masters and Kafka directly; exits 1 if something did not answer.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -90,9 +93,21 @@ fn main() -> ExitCode {
             Command::Init => init(&topology).await,
             Command::Run => run(topology).await,
             Command::Verify { table, max_keys } => verify(&topology, table.as_deref(), max_keys).await,
-            Command::Status { .. } => {
-                eprintln!("not available yet in this version of mmsync");
-                ExitCode::from(EXIT_USAGE)
+            Command::Status { json } => {
+                let links = mmsync::status::status(&topology).await;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({ "links": links })).expect("plain data")
+                    );
+                } else {
+                    print!("{}", mmsync::status::table(&links));
+                }
+                if links.iter().any(|l| !l.problems.is_empty()) {
+                    ExitCode::from(EXIT_FAILED)
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
         }
     })

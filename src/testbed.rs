@@ -561,3 +561,72 @@ impl MmsyncProcess {
         self.child.wait().await.expect("waiting for mmsync")
     }
 }
+
+/// A Prometheus server (Debian's `prometheus` package) scraping the given
+/// targets every second, for tests of the metrics and the dashboard.
+pub struct Prometheus {
+    _dir: TempDir,
+    port: u16,
+    _child: Child,
+}
+
+impl Prometheus {
+    pub async fn start(targets: &[std::net::SocketAddr]) -> Result<Prometheus> {
+        let bin = which("prometheus").ok_or_else(|| {
+            BedError::Setup("prometheus not found; run scripts/setup (it installs Debian's prometheus package)".into())
+        })?;
+        let dir = tempfile::Builder::new().prefix("mmsync-prom-").tempdir().map_err(io("making a temporary folder"))?;
+        let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: mmsync\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config).map_err(io("writing prometheus.yml"))?;
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).map_err(io("prometheus log"))?;
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io("log"))?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io("starting prometheus"))?;
+        let prometheus = Prometheus { _dir: dir, port, _child: child };
+        let start = Instant::now();
+        while prometheus.get("/-/ready").await.is_err() {
+            if start.elapsed() > START_DEADLINE {
+                return Err(BedError::Setup(format!("prometheus did not get ready on port {port}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(prometheus)
+    }
+
+    async fn get(&self, path: &str) -> std::io::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n").as_bytes()).await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => {
+                Ok(body.to_string())
+            }
+            _ => Err(std::io::Error::other(text)),
+        }
+    }
+
+    /// Evaluates a PromQL expression now; returns the `data.result` array.
+    pub async fn query(&self, expr: &str) -> std::result::Result<Vec<serde_json::Value>, String> {
+        let encoded: String = expr
+            .bytes()
+            .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let body = self.get(&format!("/api/v1/query?query={encoded}")).await.map_err(|e| e.to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        v["data"]["result"].as_array().cloned().ok_or_else(|| body)
+    }
+}

@@ -1,0 +1,200 @@
+//! `mmsync status`: per link (source -> target), where the source's slot
+//! stands, how much WAL it holds, how far the target has applied, how many
+//! records wait in Kafka, and the lag by the source's latest heartbeat seen on
+//! the target. Read from the masters and Kafka, so it works whether or not
+//! `mmsync run` is up.
+
+use std::collections::HashMap;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+
+use crate::schema::slot_name;
+use crate::topology::Topology;
+
+/// One link's state; `None` where a master or Kafka did not answer.
+#[derive(Debug, Serialize)]
+pub struct Link {
+    pub source: String,
+    pub target: String,
+    /// The source slot's confirmed position (LSN).
+    pub source_position: Option<String>,
+    /// WAL the source keeps for mmsync's slot.
+    pub retained_wal_bytes: Option<i64>,
+    /// Sum over the source's partitions of the next offset the target will apply.
+    pub applied_offsets: Option<i64>,
+    /// Records in Kafka the target has not applied yet.
+    pub pending_records: Option<i64>,
+    /// Now minus the source's latest heartbeat as applied on the target.
+    pub lag_seconds: Option<f64>,
+    /// What could not be read, and why.
+    pub problems: Vec<String>,
+}
+
+struct SourceState {
+    position: Option<String>,
+    retained: Option<i64>,
+}
+
+/// Reads every link of the topology.
+pub async fn status(topology: &Topology) -> Vec<Link> {
+    let mut sources: HashMap<String, Result<SourceState, String>> = HashMap::new();
+    let mut targets: HashMap<String, Result<(HashMap<(String, i32), i64>, HashMap<String, f64>), String>> =
+        HashMap::new();
+    for m in &topology.masters {
+        let read = async {
+            let mut conn = crate::db::connect(m).await.map_err(|e| e.to_string())?;
+            let slot: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+                "SELECT confirmed_flush_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8
+                 FROM pg_replication_slots WHERE slot_name = $1",
+            )
+            .bind(slot_name(&m.name))
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+            let (position, retained) = slot.unwrap_or((None, None));
+            let offsets: Vec<(String, i32, i64)> =
+                sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
+                    .fetch_all(&mut conn)
+                    .await
+                    .map_err(|e| format!("{e} (has `mmsync init` run?)"))?;
+            let beats: Vec<(String, f64)> = sqlx::query_as(
+                "SELECT master, extract(epoch FROM clock_timestamp() - beat_at)::float8 FROM mmsync.heartbeats",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+            Ok::<_, String>((
+                SourceState { position, retained },
+                offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
+                beats.into_iter().collect(),
+            ))
+        };
+        match read.await {
+            Ok((source, offsets, beats)) => {
+                sources.insert(m.name.clone(), Ok(source));
+                targets.insert(m.name.clone(), Ok((offsets, beats)));
+            }
+            Err(e) => {
+                sources.insert(m.name.clone(), Err(e.clone()));
+                targets.insert(m.name.clone(), Err(e));
+            }
+        }
+    }
+
+    // End offsets of every partition of every topic.
+    let kafka = topology.kafka.clone();
+    let topics: Vec<(String, String)> =
+        crate::kafka::all_topics(topology).into_iter().map(|(m, _, t)| (m, t)).collect();
+    let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String, i32, i64)>, String> {
+        let consumer: BaseConsumer = crate::kafka::client_config(&kafka).create().map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for (master, topic) in topics {
+            let partitions = crate::kafka::partitions(&consumer, &topic).map_err(|e| e.to_string())?.unwrap_or(0);
+            for p in 0..partitions {
+                let (_, high) =
+                    consumer.fetch_watermarks(&topic, p, crate::kafka::REQUEST_TIMEOUT).map_err(|e| e.to_string())?;
+                out.push((master.clone(), topic.clone(), p, high));
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+
+    let mut topics_of: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for (m, _, t) in crate::kafka::all_topics(topology) {
+        topics_of.entry(m).or_default().insert(t);
+    }
+    let mut links = Vec::new();
+    for source in &topology.masters {
+        for target in topology.masters.iter().filter(|t| t.name != source.name) {
+            let mut link = Link {
+                source: source.name.clone(),
+                target: target.name.clone(),
+                source_position: None,
+                retained_wal_bytes: None,
+                applied_offsets: None,
+                pending_records: None,
+                lag_seconds: None,
+                problems: Vec::new(),
+            };
+            match &sources[&source.name] {
+                Ok(s) => {
+                    link.source_position = s.position.clone();
+                    link.retained_wal_bytes = s.retained;
+                }
+                Err(e) => link.problems.push(format!("source {}: {e}", source.name)),
+            }
+            match &targets[&target.name] {
+                Ok((offsets, beats)) => {
+                    link.lag_seconds = beats.get(&source.name).copied();
+                    let mine = &topics_of[&source.name];
+                    link.applied_offsets =
+                        Some(offsets.iter().filter(|((t, _), _)| mine.contains(t)).map(|(_, o)| o).sum());
+                    match &ends {
+                        Ok(ends) => {
+                            link.pending_records = Some(
+                                ends.iter()
+                                    .filter(|(m, ..)| *m == source.name)
+                                    .map(|(_, t, p, high)| {
+                                        (high - offsets.get(&(t.clone(), *p)).copied().unwrap_or(0)).max(0)
+                                    })
+                                    .sum(),
+                            )
+                        }
+                        Err(e) => link.problems.push(format!("kafka: {e}")),
+                    }
+                }
+                Err(e) => link.problems.push(format!("target {}: {e}", target.name)),
+            }
+            links.push(link);
+        }
+    }
+    links
+}
+
+/// The links as a table for people.
+pub fn table(links: &[Link]) -> String {
+    let dash = || "-".to_string();
+    let mut rows = vec![[
+        "LINK".to_string(),
+        "SOURCE POSITION".into(),
+        "RETAINED WAL".into(),
+        "APPLIED".into(),
+        "PENDING".into(),
+        "LAG".into(),
+    ]];
+    for l in links {
+        rows.push([
+            format!("{} -> {}", l.source, l.target),
+            l.source_position.clone().unwrap_or_else(dash),
+            l.retained_wal_bytes.map_or_else(dash, bytes),
+            l.applied_offsets.map_or_else(dash, |n| n.to_string()),
+            l.pending_records.map_or_else(dash, |n| n.to_string()),
+            l.lag_seconds.map_or_else(dash, |s| format!("{s:.1}s")),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    for l in links {
+        for p in &l.problems {
+            out.push_str(&format!("{} -> {}: {p}\n", l.source, l.target));
+        }
+    }
+    out
+}
+
+fn bytes(n: i64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
