@@ -175,7 +175,7 @@ async fn a_master_killed_mid_load_catches_up_and_verify_sees_a_planted_differenc
     s.start();
     let load = Load::start(&s, seed);
     let mut f = Figures::default();
-    for _ in 0..cycles().min(3) {
+    for _ in 0..cycles() {
         load.progress(&["seoul", "busan"], 100).await;
         s.bed.master_mut("seoul").kill().await;
         load.progress(&["busan"], 300).await; // busan keeps taking writes
@@ -238,7 +238,7 @@ async fn the_broker_killed_and_restarted_loses_nothing() {
     s.start();
     let load = Load::start(&s, seed);
     let mut f = Figures::default();
-    for _ in 0..cycles().min(3) {
+    for _ in 0..cycles() {
         load.progress(&["seoul", "busan"], 150).await;
         s.bed.broker.kill().await;
         load.progress(&["seoul", "busan"], 150).await;
