@@ -6,4 +6,5 @@ mod apply;
 mod capture;
 mod chaos;
 mod common;
+mod hardening;
 mod observability;

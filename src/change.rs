@@ -253,3 +253,33 @@ mod tests {
         assert!(matches!(Change::decode(Some(k.as_bytes()), Some(bad_op.as_bytes())), Err(DecodeError::Op(_))));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// Any bytes at all decode to a change or an error, never a panic.
+        #[test]
+        fn decode_never_panics(key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+                               value in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..512))) {
+            let _ = Change::decode(key.as_deref(), value.as_deref());
+        }
+
+        /// Envelopes with arbitrary strings in every field.
+        #[test]
+        fn decode_of_mangled_envelopes_never_panics(op in ".{0,3}", lsn in ".{0,12}", col in ".{0,8}", v in ".{0,8}", version in any::<i64>()) {
+            let value = serde_json::json!({
+                "op": op, "before": null, "after": {col.clone(): v.clone()},
+                "source": {"master": "m", "schema": "s", "table": "t", "lsn": lsn, "txid": 1, "ts_ms": 0},
+                "origin": "m", "version": version,
+            });
+            let key = serde_json::json!({col: v}).to_string();
+            let _ = Change::decode(Some(key.as_bytes()), Some(value.to_string().as_bytes()));
+        }
+    }
+}

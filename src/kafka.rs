@@ -74,7 +74,10 @@ pub fn producer(kafka: &Kafka, client_id: &str) -> Result<FutureProducer> {
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "200000")
-        .set("message.timeout.ms", "30000");
+        .set("message.timeout.ms", "30000")
+        // Rows of many MiB are carried when the broker takes them; beyond
+        // this (or the broker's own limit) they become dead letters.
+        .set("message.max.bytes", "16777216");
     with_topology_settings(&mut c, kafka);
     c.create().map_err(Error::kafka("creating the producer"))
 }
@@ -137,9 +140,13 @@ pub fn partitions(consumer: &impl Consumer, topic: &str) -> Result<Option<i32>> 
 /// Produces one round of changes and waits until Kafka has acknowledged every
 /// one. Any failed delivery fails the round: the caller then must not advance
 /// its slot, and will produce the round again (duplicates, never a gap).
-pub async fn produce_all(producer: &FutureProducer, prefix: &str, changes: &[Change]) -> Result<()> {
-    let mut pending: std::collections::VecDeque<DeliveryFuture> = std::collections::VecDeque::new();
-    for change in changes {
+/// The one exception is a record Kafka can never take (larger than its size
+/// limit): it is returned, by index, with the reason, for the caller to keep
+/// as a dead letter, and the round goes on.
+pub async fn produce_all(producer: &FutureProducer, prefix: &str, changes: &[Change]) -> Result<Vec<(usize, String)>> {
+    let mut pending: std::collections::VecDeque<(usize, DeliveryFuture)> = std::collections::VecDeque::new();
+    let mut too_large = Vec::new();
+    for (i, change) in changes.iter().enumerate() {
         let topic = topic_name(prefix, &change.origin, &change.table);
         let key = change.kafka_key();
         let value = change.kafka_value();
@@ -151,29 +158,49 @@ pub async fn produce_all(producer: &FutureProducer, prefix: &str, changes: &[Cha
         loop {
             match producer.send_result(record) {
                 Ok(fut) => {
-                    pending.push_back(fut);
+                    pending.push_back((i, fut));
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     match pending.pop_front() {
-                        Some(oldest) => await_delivery(oldest).await?,
+                        Some((j, oldest)) => too_large.extend(await_delivery(oldest).await?.map(|r| (j, r))),
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
+                }
+                Err((KafkaError::MessageProduction(code), _)) if is_too_large(code) => {
+                    too_large.push((i, size_reason(value.len() + key.len(), code)));
+                    break;
                 }
                 Err((e, _)) => return Err(Error::kafka(format!("producing to {topic}"))(e)),
             }
         }
     }
-    while let Some(fut) = pending.pop_front() {
-        await_delivery(fut).await?;
+    while let Some((i, fut)) = pending.pop_front() {
+        too_large.extend(await_delivery(fut).await?.map(|r| (i, r)));
     }
-    Ok(())
+    Ok(too_large)
 }
 
-async fn await_delivery(fut: DeliveryFuture) -> Result<()> {
+fn is_too_large(code: RDKafkaErrorCode) -> bool {
+    matches!(code, RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+}
+
+fn size_reason(bytes: usize, code: RDKafkaErrorCode) -> String {
+    format!(
+        "not produced: a record of {bytes} bytes is more than Kafka accepts ({code}); raise message.max.bytes \
+         on the broker (and in [kafka.client]) and write the row again"
+    )
+}
+
+/// `Ok(Some(reason))` when Kafka refused the record for its size.
+async fn await_delivery(fut: DeliveryFuture) -> Result<Option<String>> {
     match fut.await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(_)) => Ok(None),
+        Ok(Err((KafkaError::MessageProduction(code), msg))) if is_too_large(code) => {
+            use rdkafka::message::Message as _;
+            Ok(Some(size_reason(msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len), code)))
+        }
         Ok(Err((e, _))) => Err(Error::kafka("delivery")(e)),
         Err(_) => Err(Error::kafka("delivery")(KafkaError::Canceled)),
     }

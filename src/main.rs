@@ -55,6 +55,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List or re-apply the records a master could not apply (kept in its
+    /// mmsync.dead_letters table with the reason and the whole record).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+        /// Only this master (all masters by default).
+        #[arg(long)]
+        master: Option<String>,
+    },
     /// Compare the synced tables across all masters, each read in one
     /// consistent snapshot (nothing is written): row counts, then a hash per
     /// bucket of primary keys, narrowed down to the keys that differ, printed
@@ -68,6 +77,16 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         max_keys: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print every dead letter not yet re-applied: id, when, where from, why.
+    List,
+    /// Apply the dead letters again by last-writer-wins (after fixing the
+    /// schema, say). Those that apply are marked retried; the others stay with
+    /// their new reason, and the command exits 1.
+    Retry,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +111,7 @@ fn main() -> ExitCode {
             Command::Check => check(&topology).await,
             Command::Init => init(&topology).await,
             Command::Run => run(topology).await,
+            Command::DeadLetters { action, master } => dead_letters(&topology, action, master.as_deref()).await,
             Command::Verify { table, max_keys } => verify(&topology, table.as_deref(), max_keys).await,
             Command::Status { json } => {
                 let links = mmsync::status::status(&topology).await;
@@ -148,6 +168,57 @@ async fn init(topology: &Topology) -> ExitCode {
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+async fn dead_letters(topology: &Topology, action: DeadLetterAction, only: Option<&str>) -> ExitCode {
+    if let Some(name) = only.filter(|n| topology.master(n).is_none()) {
+        eprintln!("--master: no master {name:?} in the topology");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut clean = true;
+    for master in topology.masters.iter().filter(|m| only.is_none_or(|o| o == m.name)) {
+        let result = match action {
+            DeadLetterAction::List => list_dead_letters(master).await,
+            DeadLetterAction::Retry => mmsync::sink::retry_dead_letters(topology, master).await.map(|r| {
+                println!("master {:?}: {} dead letter(s) applied", master.name, r.applied);
+                for (id, reason) in &r.still_dead {
+                    println!("master {:?}: dead letter {id} still fails: {reason}", master.name);
+                }
+                r.still_dead.is_empty()
+            }),
+        };
+        match result {
+            Ok(ok) => clean &= ok,
+            Err(e) => {
+                eprintln!("{e}");
+                clean = false;
+            }
+        }
+    }
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
+}
+
+/// Prints a master's pending dead letters; `Ok(true)` when there are none.
+async fn list_dead_letters(master: &mmsync::topology::Master) -> mmsync::error::Result<bool> {
+    let mut conn = mmsync::db::connect(master).await?;
+    let rows: Vec<(i64, String, String, i32, i64, String)> = sqlx::query_as(
+        "SELECT id, to_char(logged_at, 'YYYY-MM-DD HH24:MI:SS'), topic, partition, kafka_offset, reason
+         FROM mmsync.dead_letters WHERE retried_at IS NULL ORDER BY id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(mmsync::error::Error::db(&master.name, "reading dead letters"))?;
+    for (id, at, topic, partition, offset, reason) in &rows {
+        println!("master {:?}: #{id} {at} {topic}[{partition}]@{offset}: {reason}", master.name);
+    }
+    if rows.is_empty() {
+        println!("master {:?}: no dead letters", master.name);
+    }
+    Ok(rows.is_empty())
 }
 
 async fn verify(topology: &Topology, table: Option<&str>, max_keys: usize) -> ExitCode {

@@ -252,6 +252,13 @@ impl Apply {
             *n = (*n).max(r.change.position.commit_ms);
         }
 
+        if recs.iter().any(|r| self.sql.shape_problem(&r.change).is_some()) {
+            // The table may have changed since this sink connected (a column
+            // added to fix drift, say): look at it again before refusing.
+            if let Some(info) = describe(&mut self.conn, &target, &self.sql.info.name).await? {
+                self.sql = TableSql::new(info);
+            }
+        }
         let mut tx = sqlx::Connection::begin(&mut self.conn).await.map_err(db("beginning a transaction"))?;
         sqlx::query("SET LOCAL mmsync.applier = 'on'")
             .execute(&mut *tx)
@@ -720,4 +727,84 @@ fn is_data_error(e: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// What `mmsync dead-letters retry` did on one master.
+#[derive(Debug, Default)]
+pub struct RetryReport {
+    /// Dead letters applied now (or found already superseded) and marked retried.
+    pub applied: usize,
+    /// Dead letters that still cannot be applied: (id, reason).
+    pub still_dead: Vec<(i64, String)>,
+}
+
+/// Applies a master's dead letters again (once the schema is fixed, say),
+/// except those its own source could not produce (partition -1), which
+/// stay listed until their row is written again,
+/// by the same last-writer-wins rules, in one transaction. The ones that now
+/// apply are marked `retried_at`; the others keep their row with the new reason.
+pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<RetryReport> {
+    let name = target.name.as_str();
+    let mut conn = crate::db::connect(target).await?;
+    let rows: Vec<(i64, String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
+        "SELECT id, topic, partition, kafka_offset, record_key, record_value FROM mmsync.dead_letters
+         WHERE retried_at IS NULL AND partition >= 0 ORDER BY id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(Error::db(name, "reading dead letters"))?;
+    let mut report = RetryReport::default();
+    let mut groups: BTreeMap<TableName, Vec<(i64, Rec)>> = BTreeMap::new();
+    for (id, topic, partition, offset, key, value) in rows {
+        match Change::decode(key.as_deref(), value.as_deref()) {
+            Ok(change) if topology.synced_tables().contains(&change.table) => groups
+                .entry(change.table.clone())
+                .or_default()
+                .push((id, Rec { change, at: RecordId { topic, partition, offset } })),
+            Ok(change) => report.still_dead.push((id, format!("table {} is not in [sync] tables", change.table))),
+            Err(e) => report
+                .still_dead
+                .push((id, format!("{e}; not mmsync's record, so it cannot be applied: delete it once checked"))),
+        }
+    }
+    let mut tx = sqlx::Connection::begin(&mut conn).await.map_err(Error::db(name, "beginning a transaction"))?;
+    sqlx::query("SET LOCAL mmsync.applier = 'on'")
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(name, "marking the applier"))?;
+    let mut applied_ids: Vec<i64> = Vec::new();
+    for (table, entries) in groups {
+        let Some(info) = describe(&mut tx, name, &table).await? else {
+            report.still_dead.extend(entries.iter().map(|(id, _)| (*id, format!("table {table} does not exist here"))));
+            continue;
+        };
+        let ids: HashMap<(String, i32, i64), i64> =
+            entries.iter().map(|(id, r)| ((r.at.topic.clone(), r.at.partition, r.at.offset), *id)).collect();
+        let recs: Vec<Rec> = entries.into_iter().map(|(_, r)| r).collect();
+        let (_, refused) = TableSql::new(info).apply_isolated(&mut tx, name, recs).await?;
+        let mut refused_ids = std::collections::HashSet::new();
+        for d in refused {
+            if let Some(id) = ids.get(&(d.at.topic, d.at.partition, d.at.offset)) {
+                refused_ids.insert(*id);
+                report.still_dead.push((*id, d.reason));
+            }
+        }
+        applied_ids.extend(ids.values().filter(|id| !refused_ids.contains(id)));
+    }
+    sqlx::query("UPDATE mmsync.dead_letters SET retried_at = now() WHERE id = ANY($1)")
+        .bind(&applied_ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(name, "marking dead letters retried"))?;
+    for (id, reason) in &report.still_dead {
+        sqlx::query("UPDATE mmsync.dead_letters SET reason = $2 WHERE id = $1")
+            .bind(id)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(name, "updating a dead letter"))?;
+    }
+    tx.commit().await.map_err(Error::db(name, "committing the retry"))?;
+    report.applied = applied_ids.len();
+    Ok(report)
 }

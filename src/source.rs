@@ -244,7 +244,25 @@ impl Capture {
         if changes.is_empty() {
             return Ok(());
         }
-        crate::kafka::produce_all(producer, &topology.kafka.topic_prefix, &changes).await?;
+        let refused = crate::kafka::produce_all(producer, &topology.kafka.topic_prefix, &changes).await?;
+        for (i, reason) in &refused {
+            // Kept here, where it was written: the other masters never see it.
+            let c = &changes[*i];
+            let topic = crate::kafka::topic_name(&topology.kafka.topic_prefix, &c.origin, &c.table);
+            tracing::warn!(master = %self.master.name, "dead letter: {} key {}: {reason}", c.table, c.kafka_key());
+            sqlx::query(
+                "INSERT INTO mmsync.dead_letters (topic, partition, kafka_offset, reason, record_key, record_value)
+                 VALUES ($1, -1, -1, $2, $3, $4)",
+            )
+            .bind(&topic)
+            .bind(reason)
+            .bind(c.kafka_key().into_bytes())
+            .bind(c.kafka_value())
+            .execute(&mut self.conn)
+            .await
+            .map_err(Error::db(&self.master.name, "writing a dead letter"))?;
+            counter!(m::DEAD_LETTERS, m::TARGET => self.master.name.clone()).increment(1);
+        }
         for c in &changes {
             counter!(m::CHANGES_CAPTURED, m::MASTER => self.master.name.clone(), m::TABLE => c.table.to_string(), m::OP => c.op.name())
                 .increment(1);

@@ -135,11 +135,13 @@ pub struct PgOptions {
     pub port: Option<u16>,
     /// Extra lines for postgresql.conf.
     pub extra_conf: Vec<String>,
+    /// Serve TLS with a fresh self-signed certificate (made with openssl).
+    pub ssl: bool,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        PgOptions { wal_level: "logical".into(), port: None, extra_conf: Vec::new() }
+        PgOptions { wal_level: "logical".into(), port: None, extra_conf: Vec::new(), ssl: false }
     }
 }
 
@@ -191,6 +193,24 @@ impl PgCluster {
             "log_min_messages = warning".into(),
         ];
         conf.extend(opts.extra_conf);
+        if opts.ssl {
+            let out = Command::new("openssl")
+                .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=mmsync-test"])
+                .args(["-newkey", "rsa:2048", "-keyout", "server.key", "-out", "server.crt"])
+                .current_dir(&data)
+                .output()
+                .await
+                .map_err(io("running openssl"))?;
+            if !out.status.success() {
+                return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
+            }
+            for file in ["server.key", "server.crt"] {
+                chown_tree(&data.join(file), owner)?;
+            }
+            std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600))
+                .map_err(io("chmod server.key"))?;
+            conf.push("ssl = on".into());
+        }
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).map_err(io("reading postgresql.conf"))?;
         text.push_str("\n# mmsync test bed\n");

@@ -444,12 +444,30 @@ impl Validator<'_> {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
                 toml::Value::Float(f) => f.to_string(),
+                toml::Value::Table(t) if t.len() == 1 && t.get("env").is_some_and(toml::Value::is_str) => {
+                    let var = t["env"].as_str().expect("checked");
+                    match env(var) {
+                        Some(v) => v,
+                        None => {
+                            self.problems.push(Problem {
+                                line: None,
+                                column: None,
+                                key: format!("kafka.client.{key:?}"),
+                                message: format!("environment variable {var:?} is not set; export it"),
+                            });
+                            continue;
+                        }
+                    }
+                }
                 other => {
                     self.problems.push(Problem {
                         line: None,
                         column: None,
                         key: format!("kafka.client.{key:?}"),
-                        message: format!("must be a string, number or boolean, not a {}", other.type_str()),
+                        message: format!(
+                            "must be a string, number, boolean or {{ env = \"VARIABLE\" }}, not a {}",
+                            other.type_str()
+                        ),
                     });
                     continue;
                 }
@@ -662,6 +680,18 @@ tables = ["public.users", "messages", 'public."Order Items"']
         assert!(msg.contains("masters[1].url_env: environment variable \"NOPE_URL\" is not set"), "{msg}");
         assert!(msg.contains("sync.tables[1]: public.users is listed twice"), "{msg}");
         assert_eq!(msg.lines().count(), 3, "{msg}");
+    }
+
+    #[test]
+    fn kafka_client_values_can_come_from_the_environment() {
+        let text = GOOD.replace(
+            "\"security.protocol\" = \"plaintext\"",
+            "\"sasl.password\" = { env = \"BUSAN_URL\" }\n\"sasl.username\" = { env = \"NOPE\" }",
+        );
+        let msg = problems(&text);
+        assert!(msg.contains("kafka.client.\"sasl.username\": environment variable \"NOPE\" is not set"), "{msg}");
+        let t = parse(&text.replace("{ env = \"NOPE\" }", "\"user\"")).unwrap();
+        assert_eq!(t.kafka.client["sasl.password"], "postgres://b@h/db");
     }
 
     #[test]

@@ -1,0 +1,176 @@
+//! Bad input: records that are not mmsync's, schema drift, constraint
+//! violations, oversized rows and awkward identifiers. Each is dead-lettered
+//! or refused with its reason while good changes keep flowing.
+
+use std::time::Duration;
+
+use mmsync::testbed::{wait_for, BrokerStorage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+use crate::common::{mmsync, Synced, DEADLINE};
+
+const SCHEMA: &str = r#"
+CREATE TABLE "Order Items" (id int PRIMARY KEY, "select" text, "Qty" int CHECK ("Qty" >= 0), email text UNIQUE);
+CREATE TABLE plain (id int PRIMARY KEY, v text);
+"#;
+
+/// Dead letters of a master not yet re-applied: (topic, partition, reason).
+async fn dead_letters(s: &Synced, master: &str) -> Vec<(String, i32, String)> {
+    let mut conn = s.conn(master).await;
+    sqlx::query_as("SELECT topic, partition, reason FROM mmsync.dead_letters WHERE retried_at IS NULL ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn count(s: &Synced, master: &str, sql: &str) -> i64 {
+    let mut conn = s.conn(master).await;
+    sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+}
+
+#[tokio::test]
+async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
+    let tables = [r#"public."Order Items""#, "public.plain"];
+    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, SCHEMA, &tables, "").await;
+    let mut seoul = s.conn("seoul").await;
+    let mut busan = s.conn("busan").await;
+    // Before the masters see each other, each takes the same email under
+    // another key: a unique index will refuse each one's row on the other.
+    sqlx::raw_sql(r#"INSERT INTO "Order Items" VALUES (3, 'busan', 10, 'z@x')"#).execute(&mut busan).await.unwrap();
+    sqlx::raw_sql(r#"INSERT INTO "Order Items" VALUES (8, 'seoul', 10, 'z@x')"#).execute(&mut seoul).await.unwrap();
+    s.start();
+
+    // Identifiers with capitals, spaces, quotes and reserved words.
+    sqlx::raw_sql(
+        r#"INSERT INTO "Order Items" VALUES (1, 'it''s "quoted"', 3, 'a@x'), (2, 'select * from', 4, 'b@x')"#,
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    wait_for("the quoted rows on busan", DEADLINE, || async {
+        let n = count(
+            &s,
+            "busan",
+            r#"SELECT count(*) FROM "Order Items" WHERE "select" IN ('it''s "quoted"', 'select * from')"#,
+        )
+        .await;
+        (n == 2).then_some(())
+    })
+    .await;
+
+    // Records that are not mmsync's, on a topic busan applies.
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let good = r#"{"op":"c","before":null,"after":{"id":"9","v":"x"},"source":{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1},"origin":"seoul","version":1}"#;
+    for (key, value) in
+        [("{\"id\":\"7\"}", "not json at all"), ("{\"id\":\"7\"}", r#"{"hello":"world"}"#), ("{\"id\":\"8\"}", good)]
+    {
+        producer
+            .send(FutureRecord::to("mmsync.seoul.public.plain").key(key).payload(value), Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+
+    // A unique index, and a check that is stricter on busan only.
+    sqlx::raw_sql(
+        r#"ALTER TABLE "Order Items" DROP CONSTRAINT "Order Items_Qty_check", ADD CHECK ("Qty" >= 10) NOT VALID"#,
+    )
+    .execute(&mut busan)
+    .await
+    .unwrap();
+    sqlx::raw_sql(r#"INSERT INTO "Order Items" VALUES (4, 'small', 5, 'c@x'), (5, 'fine', 50, 'd@x')"#)
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+
+    // Drift: a column that only seoul has.
+    sqlx::raw_sql("ALTER TABLE plain ADD COLUMN extra text; INSERT INTO plain (id, v, extra) VALUES (1, 'drift', 'only on seoul')")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+
+    // A row larger than mmsync will send (16 MiB), then a normal one.
+    sqlx::raw_sql(
+        r#"INSERT INTO "Order Items" VALUES (6, repeat('x', 20 * 1024 * 1024), 10, 'e@x');
+           INSERT INTO "Order Items" VALUES (7, 'after the big one', 10, 'f@x')"#,
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+
+    // Good changes keep flowing past all of it.
+    wait_for("row 7 on busan", DEADLINE, || async {
+        (count(&s, "busan", r#"SELECT count(*) FROM "Order Items" WHERE id IN (5, 7)"#).await == 2).then_some(())
+    })
+    .await;
+    let busan_dead = wait_for("busan's dead letters", DEADLINE, || async {
+        let d = dead_letters(&s, "busan").await;
+        (d.len() >= 6).then_some(d)
+    })
+    .await;
+    let reasons: Vec<&str> = busan_dead.iter().map(|(_, _, r)| r.as_str()).collect();
+    let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+    assert!(has("not mmsync's JSON envelope"), "{reasons:#?}");
+    assert!(has("key column \"id\" differs from \"after\""), "{reasons:#?}");
+    assert!(has("check constraint"), "{reasons:#?}");
+    assert!(has("duplicate key value violates unique constraint"), "{reasons:#?}");
+    assert!(has("the columns of public.plain differ between masters"), "{reasons:#?}");
+    let seoul_dead = wait_for("seoul's dead letters", DEADLINE, || async {
+        let d = dead_letters(&s, "seoul").await;
+        (d.len() >= 2).then_some(d)
+    })
+    .await;
+    assert!(seoul_dead.iter().any(|(_, p, r)| *p == -1 && r.contains("more than Kafka accepts")), "{seoul_dead:#?}");
+    assert!(
+        seoul_dead.iter().any(|(_, _, r)| r.contains("duplicate key value violates unique constraint")),
+        "{seoul_dead:#?}"
+    );
+    s.wait_metric("mmsync_dead_letters_total", &[], 8.0).await;
+
+    // Fix the drift, re-apply: the drifted row arrives; records that are not
+    // mmsync's still cannot, and say so.
+    sqlx::raw_sql("ALTER TABLE plain ADD COLUMN extra text").execute(&mut busan).await.unwrap();
+    let (code, out) = mmsync(&s.topology, &["dead-letters", "--master", "busan", "retry"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("dead letter(s) applied"), "{out}");
+    assert!(out.contains("not mmsync's record, so it cannot be applied"), "{out}");
+    let plain = s.rows("busan", "plain").await;
+    let seoul_plain = s.rows("seoul", "plain").await;
+    assert_eq!(
+        count(&s, "busan", "SELECT count(*) FROM plain WHERE extra = 'only on seoul'").await,
+        1,
+        "{out}\n{plain:?}\n{seoul_plain:?}\n{:?}",
+        dead_letters(&s, "busan").await
+    );
+    let (code, out) = mmsync(&s.topology, &["dead-letters", "list"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("master \"seoul\": #") && out.contains("[-1]@-1: not produced"), "{out}");
+
+    // And mmsync never stopped: it exits cleanly.
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn check_and_init_refuse_tables_they_cannot_sync() {
+    let s = Synced::new(
+        &["seoul", "busan"],
+        BrokerStorage::Memory,
+        "CREATE TABLE ok (id int PRIMARY KEY)",
+        &["public.ok"],
+        "",
+    )
+    .await;
+    s.bed
+        .sql_everywhere("CREATE TABLE odd (id int PRIMARY KEY, r regclass); CREATE TABLE nokey (v text)")
+        .await
+        .unwrap();
+    let topology = s.bed.write_topology(&["public.ok", "public.odd", "public.nokey"], "");
+    let (code, out) = mmsync(&topology, &["check"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("column \"r\" of table public.odd has type regclass, which mmsync cannot carry"), "{out}");
+    assert!(out.contains("table public.nokey has no primary key; add one"), "{out}");
+    let (code, out) = mmsync(&topology, &["init"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("init failed: master \"seoul\": column \"r\" of table public.odd has type regclass"), "{out}");
+}
