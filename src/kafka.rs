@@ -196,6 +196,14 @@ fn size_reason(bytes: usize, code: RDKafkaErrorCode) -> String {
 /// `Ok(Some(reason))` when Kafka refused the record for its size.
 async fn await_delivery(fut: DeliveryFuture) -> Result<Option<String>> {
     match fut.await {
+        // librdkafka reports a "duplicate sequence" answer as delivered with
+        // no offset. A correct broker says that only for a retry it already
+        // stored; a broker that gave this new producer a used producer id says
+        // it for records it then drops (seen with tansu 0.6, memory storage).
+        // Unconfirmed means not done: the round is produced again by a new producer.
+        Ok(Ok(delivery)) if delivery.offset < 0 => Err(Error::kafka(
+            "delivery not confirmed (the broker answered \"duplicate sequence\" without an offset); producing the round again",
+        )(KafkaError::MessageProduction(RDKafkaErrorCode::DuplicateSequenceNumber))),
         Ok(Ok(_)) => Ok(None),
         Ok(Err((KafkaError::MessageProduction(code), msg))) if is_too_large(code) => {
             use rdkafka::message::Message as _;
