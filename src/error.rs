@@ -29,6 +29,10 @@ pub enum Error {
     /// Something about a master or table that the operator has to fix.
     #[error("master {master:?}: {problem}; {fix}")]
     Setup { master: String, problem: String, fix: String },
+    /// Something is missing that may come back (a table dropped on one
+    /// master): this part waits and retries while the rest keeps syncing.
+    #[error("master {master:?}: {problem}; {fix}")]
+    Missing { master: String, problem: String, fix: String },
     /// The replication stream held something mmsync cannot read.
     #[error("master {master:?}: unreadable replication message at {lsn}: {reason}")]
     Stream { master: String, lsn: String, reason: String },
@@ -58,6 +62,7 @@ impl Error {
                 Some(code) if is_fatal_kafka(code) => Class::Fatal,
                 _ => Class::Retry,
             },
+            Error::Missing { .. } => Class::Retry,
             Error::Setup { .. } | Error::Stream { .. } | Error::Internal(_) => Class::Fatal,
         }
     }

@@ -154,10 +154,10 @@ impl Apply {
         progress: Arc<m::Progress>,
     ) -> Result<Apply> {
         let mut conn = crate::db::connect(target).await?;
-        let info = describe(&mut conn, &target.name, table).await?.ok_or_else(|| Error::Setup {
+        let info = describe(&mut conn, &target.name, table).await?.ok_or_else(|| Error::Missing {
             master: target.name.clone(),
-            problem: format!("table {table} does not exist"),
-            fix: "create it, then run `mmsync init`".into(),
+            problem: format!("table {table} does not exist; its changes wait in Kafka"),
+            fix: "create it (same columns as on the other masters), then run `mmsync init`".into(),
         })?;
         let sql = TableSql::new(info);
         let stored: Vec<(String, i32, i64)> =

@@ -40,6 +40,17 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BedError {
     move |source| BedError::Io { what, source }
 }
 
+/// A temporary folder, kept after the test when `MMSYNC_KEEP_BED` is set (to
+/// read the servers' logs after a failure).
+fn temp_dir(prefix: &str) -> Result<TempDir> {
+    let mut dir = tempfile::Builder::new().prefix(prefix).tempdir().map_err(io("making a temporary folder"))?;
+    if std::env::var_os("MMSYNC_KEEP_BED").is_some() {
+        dir.disable_cleanup(true);
+        eprintln!("MMSYNC_KEEP_BED: keeping {}", dir.path().display());
+    }
+    Ok(dir)
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -159,7 +170,7 @@ impl PgCluster {
     pub async fn start(opts: PgOptions) -> Result<PgCluster> {
         let bin = pg_bin_dir()?;
         let owner = postgres_user()?;
-        let dir = tempfile::Builder::new().prefix("mmsync-pg-").tempdir().map_err(io("making a temporary folder"))?;
+        let dir = temp_dir("mmsync-pg-")?;
         chown_tree(dir.path(), owner)?;
         let data = dir.path().join("data");
         let mut initdb = Command::new(bin.join("initdb"));
@@ -369,8 +380,7 @@ impl Broker {
 
     /// Starts a broker on a given port.
     pub async fn start_on(storage: BrokerStorage, port: u16) -> Result<Broker> {
-        let dir =
-            tempfile::Builder::new().prefix("mmsync-tansu-").tempdir().map_err(io("making a temporary folder"))?;
+        let dir = temp_dir("mmsync-tansu-")?;
         let mut broker = Broker { dir, port, storage, bin: tansu_bin()?, child: None };
         broker.launch().await?;
         Ok(broker)
@@ -468,12 +478,18 @@ pub const BED_DATABASE: &str = "app";
 impl Bed {
     /// Starts `names.len()` masters and a broker concurrently.
     pub async fn start(names: &[&str], storage: BrokerStorage) -> Result<Bed> {
-        let dir = tempfile::Builder::new().prefix("mmsync-bed-").tempdir().map_err(io("making a temporary folder"))?;
+        Bed::start_with(names, storage, Vec::new()).await
+    }
+
+    /// Like [`Bed::start`], with extra postgresql.conf lines for every master.
+    pub async fn start_with(names: &[&str], storage: BrokerStorage, extra_conf: Vec<String>) -> Result<Bed> {
+        let dir = temp_dir("mmsync-bed-")?;
         let broker = Broker::start(storage);
         let masters = async {
             let mut started = Vec::new();
             for name in names {
-                let cluster = PgCluster::start(PgOptions::default()).await?;
+                let cluster =
+                    PgCluster::start(PgOptions { extra_conf: extra_conf.clone(), ..PgOptions::default() }).await?;
                 cluster.create_database(BED_DATABASE).await?;
                 started.push((name.to_string(), cluster));
             }
@@ -595,7 +611,7 @@ impl Prometheus {
         let bin = which("prometheus").ok_or_else(|| {
             BedError::Setup("prometheus not found; run scripts/setup (it installs Debian's prometheus package)".into())
         })?;
-        let dir = tempfile::Builder::new().prefix("mmsync-prom-").tempdir().map_err(io("making a temporary folder"))?;
+        let dir = temp_dir("mmsync-prom-")?;
         let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: mmsync\n    static_configs:\n      - targets: [{}]\n",

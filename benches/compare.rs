@@ -1,0 +1,358 @@
+//! mmsync beside PostgreSQL's native logical replication and pglogical 2, on
+//! the same workload, in one run on this machine (the test bed: real
+//! PostgreSQL 15 clusters, a real tansu broker, the release `mmsync` binary).
+//!
+//! `cargo bench --bench compare` (MMSYNC_BENCH_CHANGES changes, default 200,000;
+//! MMSYNC_BENCH_SECONDS per timed load phase, default 20). Prints a table and
+//! writes target/bench/compare.json. pglogical runs when Debian's
+//! postgresql-15-pglogical is installed (scripts/setup installs it).
+//!
+//! 1. one-way throughput: N changes (40% inserts, 50% updates, 10% deletes)
+//!    written on A as fast as they go; time until B holds the same rows;
+//! 2. catch-up: the same backlog written while the replicator is stopped, then drained;
+//! 3. lag under steady load: both masters writing 2,000 changes/s each;
+//! 4. cost on the master: pgbench upserts on a table with mmsync's columns and
+//!    triggers against the same table without them;
+//! 5. peak resident memory of `mmsync run`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mmsync::testbed::{wait_for, Bed, BrokerStorage, MmsyncProcess, PgCluster};
+use sqlx::PgConnection;
+
+const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2), at timestamptz);
+                     CREATE TABLE wc_plain (id int PRIMARY KEY, v int); CREATE TABLE wc_synced (id int PRIMARY KEY, v int);";
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn exec(conn: &mut PgConnection, sql: &str) {
+    sqlx::raw_sql(sql).execute(conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Writes `n` changes to `bench` on ids from `first`: 40% inserts, 50% updates, 10% deletes,
+/// 1,000 row changes per statement and transaction.
+async fn workload(conn: &mut PgConnection, first: i64, n: i64) {
+    let inserts = n * 4 / 10;
+    let updates = n / 2;
+    let deletes = n - inserts - updates;
+    let chunks = |count: i64| (0..count).step_by(1000).map(move |s| (s, (s + 1000).min(count)));
+    for (s, e) in chunks(inserts) {
+        sqlx::query(
+            "INSERT INTO bench SELECT i, 'name ' || i, i * 0.25, now() FROM generate_series($1::int8, $2::int8 - 1) i",
+        )
+        .bind(first + s)
+        .bind(first + e)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    for (s, e) in chunks(updates) {
+        // updates walk the inserted rows, wrapping around
+        let (a, b) = (first + s % inserts, first + s % inserts + (e - s));
+        sqlx::query("UPDATE bench SET amount = amount + 1, at = now() WHERE id >= $1 AND id < $2")
+            .bind(a)
+            .bind(b.min(first + inserts))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    for (s, e) in chunks(deletes) {
+        sqlx::query("DELETE FROM bench WHERE id >= $1 AND id < $2")
+            .bind(first + inserts - deletes + s)
+            .bind(first + inserts - deletes + e)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// (rows, sum of amounts) of `bench`.
+async fn state(cluster: &PgCluster, db: &str) -> (i64, String) {
+    let mut conn = cluster.connect(db).await.unwrap();
+    sqlx::query_as("SELECT count(*), coalesce(sum(amount), 0)::text FROM bench").fetch_one(&mut conn).await.unwrap()
+}
+
+/// Writes the workload on A and returns the seconds until B holds the same rows.
+async fn one_way(a: &PgCluster, b: &PgCluster, db: &str, first: i64, n: i64) -> f64 {
+    let started = Instant::now();
+    let mut conn = a.connect(db).await.unwrap();
+    workload(&mut conn, first, n).await;
+    let want = state(a, db).await;
+    wait_for(&format!("{db}: B to catch up"), Duration::from_secs(3600), || async {
+        (state(b, db).await == want).then_some(())
+    })
+    .await;
+    started.elapsed().as_secs_f64()
+}
+
+fn rss_peak_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Percentile from Prometheus histogram buckets (upper bound of the bucket that holds it).
+fn percentile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in metrics.lines().filter(|l| l.starts_with(&format!("{name}_bucket"))) {
+        let le = line.split("le=\"").nth(1)?.split('"').next()?;
+        let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+        let count: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        match buckets.iter_mut().find(|(l, _)| *l == le) {
+            Some(b) => b.1 += count,
+            None => buckets.push((le, count)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    buckets.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| *le)
+}
+
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text).await;
+    text
+}
+
+/// Writes `rate` changes per second (upserts of 100 random keys per statement) for `secs`.
+async fn steady(cluster: &PgCluster, db: &str, rate: u64, secs: u64, offset: i64) {
+    let mut conn = cluster.connect(db).await.unwrap();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let per_tick = (rate / 20) as i64;
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut i = 0i64;
+    while Instant::now() < until {
+        tick.tick().await;
+        sqlx::query(
+            "INSERT INTO bench SELECT $1::int8 + (g * 7919 + $2::int8) % 50000, 'steady', g, now() FROM generate_series(1, $3::int8) g
+             ON CONFLICT (id) DO UPDATE SET amount = EXCLUDED.amount, at = now()",
+        )
+        .bind(offset)
+        .bind(i)
+        .bind(per_tick)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        i += per_tick;
+    }
+}
+
+/// pgbench upserts on `table` for `secs` seconds; transactions per second.
+fn pgbench(cluster: &PgCluster, db: &str, table: &str, secs: u64, dir: &Path) -> f64 {
+    let script = dir.join(format!("{table}.sql"));
+    std::fs::write(
+        &script,
+        format!("\\set id random(1, 100000)\nINSERT INTO {table} VALUES (:id, 1) ON CONFLICT (id) DO UPDATE SET v = {table}.v + 1;\n"),
+    )
+    .unwrap();
+    let bin = mmsync::testbed::pg_bin_dir().unwrap().join("pgbench");
+    let out = std::process::Command::new(bin)
+        .args(["-n", "-c", "2", "-j", "2", "-T", &secs.to_string(), "-h", "127.0.0.1", "-U", "postgres"])
+        .arg("-p")
+        .arg(cluster.port().to_string())
+        .arg("-f")
+        .arg(&script)
+        .arg(db)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn pglogical_installed() -> bool {
+    mmsync::testbed::pg_bin_dir().is_ok_and(|bin| bin.join("../lib/pglogical.so").exists())
+}
+
+#[tokio::main]
+async fn main() {
+    let n = env_num("MMSYNC_BENCH_CHANGES", 200_000) as i64;
+    let secs = env_num("MMSYNC_BENCH_SECONDS", 20);
+    let with_pglogical = pglogical_installed();
+    let extra = if with_pglogical {
+        vec![
+            "shared_preload_libraries = 'pglogical'".to_string(),
+            "track_commit_timestamp = on".into(),
+            "pglogical.conflict_resolution = 'last_update_wins'".into(),
+        ]
+    } else {
+        Vec::new()
+    };
+    let bed = Bed::start_with(&["a", "b"], BrokerStorage::Memory, extra).await.expect("bed");
+    let (a, b) = (bed.master("a"), bed.master("b"));
+    bed.sql_everywhere(TABLE).await.unwrap();
+    let topology = bed.write_topology(&["public.bench", "public.wc_synced"], "");
+    let bin = Path::new(env!("CARGO_BIN_EXE_mmsync"));
+    let status = std::process::Command::new(bin).arg("--topology").arg(&topology).arg("init").output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let metrics_addr = mmsync::topology::Topology::load(&topology).unwrap().metrics_listen;
+    let log = bed.dir.path().join("mmsync.log");
+    let db = mmsync::testbed::BED_DATABASE;
+
+    // mmsync: one way, while running.
+    let run = MmsyncProcess::spawn(bin, &topology, &["run"], &[], log.clone()).unwrap();
+    let pid = run.id().unwrap();
+    wait_for("mmsync metrics", Duration::from_secs(60), || async {
+        (!metrics_text(metrics_addr).await.is_empty()).then_some(())
+    })
+    .await;
+    let mmsync_one_way = one_way(a, b, db, 1, n).await;
+    let rss_one_way = rss_peak_kib(pid);
+    // catch-up: a backlog written while mmsync is stopped.
+    assert!(run.terminate().await.success());
+    let mut conn = a.connect(db).await.unwrap();
+    workload(&mut conn, 10_000_000, n).await;
+    let want = state(a, db).await;
+    let run = MmsyncProcess::spawn(bin, &topology, &["run"], &[], log.clone()).unwrap();
+    let started = Instant::now();
+    wait_for("mmsync catch-up", Duration::from_secs(3600), || async { (state(b, db).await == want).then_some(()) })
+        .await;
+    let mmsync_catch_up = started.elapsed().as_secs_f64();
+    // lag under steady load, both ways.
+    let pid = run.id().unwrap();
+    tokio::join!(steady(a, db, 2000, secs, 20_000_000), steady(b, db, 2000, secs, 30_000_000));
+    let text = metrics_text(metrics_addr).await;
+    let lag = |q| percentile(&text, "mmsync_replication_lag_distribution_seconds", q);
+    let (lag_p50, lag_p99, lag_max) = (lag(0.5), lag(0.99), lag(1.0));
+    let rss_steady = rss_peak_kib(pid);
+    // cost on the master, with mmsync running.
+    let dir = bed.dir.path();
+    let tps_plain = pgbench(a, db, "wc_plain", secs, dir);
+    let tps_synced = pgbench(a, db, "wc_synced", secs, dir);
+    assert!(run.terminate().await.success());
+
+    // Native logical replication, one way, on its own databases.
+    for c in [a, b] {
+        c.create_database("native").await.unwrap();
+        let mut conn = c.connect("native").await.unwrap();
+        exec(&mut conn, TABLE).await;
+    }
+    exec(&mut a.connect("native").await.unwrap(), "CREATE PUBLICATION bench_pub FOR TABLE bench").await;
+    exec(
+        &mut b.connect("native").await.unwrap(),
+        &format!("CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port={} dbname=native user=postgres' PUBLICATION bench_pub", a.port()),
+    )
+    .await;
+    wait_for("native subscription ready", Duration::from_secs(120), || async {
+        let mut conn = b.connect("native").await.ok()?;
+        let ready: bool = sqlx::query_scalar("SELECT bool_and(srsubstate = 'r') FROM pg_subscription_rel")
+            .fetch_one(&mut conn)
+            .await
+            .ok()?;
+        ready.then_some(())
+    })
+    .await;
+    let native_one_way = one_way(a, b, "native", 1, n).await;
+    exec(&mut b.connect("native").await.unwrap(), "ALTER SUBSCRIPTION bench_sub DISABLE").await;
+    workload(&mut a.connect("native").await.unwrap(), 10_000_000, n).await;
+    let want = state(a, "native").await;
+    let started = Instant::now();
+    exec(&mut b.connect("native").await.unwrap(), "ALTER SUBSCRIPTION bench_sub ENABLE").await;
+    wait_for("native catch-up", Duration::from_secs(3600), || async {
+        (state(b, "native").await == want).then_some(())
+    })
+    .await;
+    let native_catch_up = started.elapsed().as_secs_f64();
+
+    // pglogical 2, both ways, last_update_wins, forward_origins '{}'.
+    let mut pglogical = None;
+    if with_pglogical {
+        let dsn = |c: &PgCluster| format!("host=127.0.0.1 port={} dbname=pgl user=postgres", c.port());
+        for (name, c) in [("a", a), ("b", b)] {
+            c.create_database("pgl").await.unwrap();
+            let mut conn = c.connect("pgl").await.unwrap();
+            exec(&mut conn, TABLE).await;
+            exec(&mut conn, "CREATE EXTENSION pglogical").await;
+            exec(&mut conn, &format!("SELECT pglogical.create_node(node_name := '{name}', dsn := '{}')", dsn(c))).await;
+            exec(&mut conn, "SELECT pglogical.replication_set_add_table('default', 'bench')").await;
+        }
+        for (name, sub, provider) in [("b_from_a", b, a), ("a_from_b", a, b)] {
+            let mut conn = sub.connect("pgl").await.unwrap();
+            exec(
+                &mut conn,
+                &format!(
+                    "SELECT pglogical.create_subscription(subscription_name := '{name}', provider_dsn := '{}', forward_origins := '{{}}', synchronize_data := false)",
+                    dsn(provider)
+                ),
+            )
+            .await;
+        }
+        for c in [a, b] {
+            wait_for("pglogical replicating", Duration::from_secs(120), || async {
+                let mut conn = c.connect("pgl").await.ok()?;
+                let s: String = sqlx::query_scalar("SELECT status FROM pglogical.show_subscription_status()")
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok()?;
+                (s == "replicating").then_some(())
+            })
+            .await;
+        }
+        let one = one_way(a, b, "pgl", 1, n).await;
+        let mut conn = b.connect("pgl").await.unwrap();
+        exec(&mut conn, "SELECT pglogical.alter_subscription_disable('b_from_a')").await;
+        workload(&mut a.connect("pgl").await.unwrap(), 10_000_000, n).await;
+        let want = state(a, "pgl").await;
+        let started = Instant::now();
+        exec(&mut conn, "SELECT pglogical.alter_subscription_enable('b_from_a')").await;
+        wait_for("pglogical catch-up", Duration::from_secs(3600), || async {
+            (state(b, "pgl").await == want).then_some(())
+        })
+        .await;
+        pglogical = Some((one, started.elapsed().as_secs_f64()));
+    }
+
+    let rate = |s: f64| n as f64 / s;
+    println!("\nmmsync beside the anchors, {n} changes (40% inserts, 50% updates, 10% deletes), this machine\n");
+    println!("| figure | mmsync | native logical replication | pglogical 2 | mmsync / native | mmsync / pglogical |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let pgl = |f: fn((f64, f64)) -> f64| pglogical.map(f);
+    let row = |name: &str, m: f64, nat: f64, p: Option<f64>, unit: &str| {
+        let p_cell = p.map_or("-".to_string(), |p| format!("{p:.0} {unit}"));
+        let p_ratio = p.map_or("-".to_string(), |p| format!("{:.2}", m / p));
+        println!("| {name} | {m:.0} {unit} | {nat:.0} {unit} | {p_cell} | {:.2} | {p_ratio} |", m / nat);
+    };
+    row("one-way throughput", rate(mmsync_one_way), rate(native_one_way), pgl(|(o, _)| n_rate(o)), "changes/s");
+    row("catch-up of a backlog", rate(mmsync_catch_up), rate(native_catch_up), pgl(|(_, c)| n_rate(c)), "changes/s");
+    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("≤ {:.0} ms", v * 1000.0));
+    println!(
+        "| lag p50 / p99 / max at 2,000 changes/s per master | {} / {} / {} | (one way only) | | | |",
+        fmt(lag_p50),
+        fmt(lag_p99),
+        fmt(lag_max)
+    );
+    println!("| master write rate (pgbench upserts, 2 clients) | {tps_synced:.0} tps synced vs {tps_plain:.0} tps plain: cost {:.1}% | | | | |", (1.0 - tps_synced / tps_plain) * 100.0);
+    println!(
+        "| peak RSS of mmsync run | {} MiB (one-way), {} MiB (steady) | | | | |",
+        rss_one_way / 1024,
+        rss_steady / 1024
+    );
+    let json = serde_json::json!({
+        "changes": n,
+        "seconds_per_load_phase": secs,
+        "mmsync": {"one_way_s": mmsync_one_way, "catch_up_s": mmsync_catch_up, "lag_p50_s": lag_p50, "lag_p99_s": lag_p99, "lag_max_s": lag_max,
+                   "rss_one_way_kib": rss_one_way, "rss_steady_kib": rss_steady},
+        "native": {"one_way_s": native_one_way, "catch_up_s": native_catch_up},
+        "pglogical": pglogical.map(|(o, c)| serde_json::json!({"one_way_s": o, "catch_up_s": c})),
+        "master_cost": {"tps_plain": tps_plain, "tps_synced": tps_synced},
+    });
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write("target/bench/compare.json", serde_json::to_string_pretty(&json).unwrap()).unwrap();
+}
+
+fn n_rate(secs: f64) -> f64 {
+    env_num("MMSYNC_BENCH_CHANGES", 200_000) as f64 / secs
+}
