@@ -187,6 +187,8 @@ async fn main() {
             "shared_preload_libraries = 'pglogical'".to_string(),
             "track_commit_timestamp = on".into(),
             "pglogical.conflict_resolution = 'last_update_wins'".into(),
+            // PostgreSQL 15.20 lets only listed libraries be output plugins.
+            "output_plugin_libraries = 'pgoutput, test_decoding, pglogical_output'".into(),
         ]
     } else {
         Vec::new()

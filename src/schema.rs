@@ -72,6 +72,14 @@ impl TableInfo {
         format!("jsonb_build_object({})", parts.join(", "))
     }
 
+    /// Whether the text form of a key column depends on session settings
+    /// (dates, times, floats, bytea, money...): anything but the types below.
+    pub fn key_text_depends_on_settings(&self) -> bool {
+        const PLAIN: &[&str] =
+            &["int2", "int4", "int8", "text", "varchar", "bpchar", "uuid", "numeric", "bool", "name", "citext"];
+        self.key.iter().any(|k| self.column(k).is_none_or(|c| !PLAIN.contains(&c.type_name.as_str())))
+    }
+
     /// Problems that stop this table from being synced, each with its fix.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -416,12 +424,18 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
     .await
     .map_err(Error::db(master, "reading triggers"))?;
     if current.as_deref() != Some(body.as_str()) || triggers != 2 {
-        // The key text must not depend on the writer's session settings: the
-        // function pins the same ones as mmsync's own connections.
+        // The key text must not depend on the writer's session settings: when
+        // a key type's text form does, the function pins the same settings as
+        // mmsync's own connections (that costs a little on every write, so
+        // only then).
+        let pinned = if info.key_text_depends_on_settings() {
+            "SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres' SET timezone = 'UTC' \
+             SET extra_float_digits = 2 SET bytea_output = 'hex' SET lc_monetary = 'C'"
+        } else {
+            ""
+        };
         let sql = format!(
-            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql \
-             SET datestyle = 'ISO, MDY' SET intervalstyle = 'postgres' SET timezone = 'UTC' \
-             SET extra_float_digits = 2 SET bytea_output = 'hex' AS $mmsync${body}$mmsync$;
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $mmsync${body}$mmsync$;
              CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
              CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();"
         );
@@ -444,6 +458,7 @@ fn trigger_body(info: &TableInfo) -> String {
         info.key.iter().map(|k| format!("NEW.{0} IS DISTINCT FROM OLD.{0}", quote_ident(k))).collect();
     format!(
         r#"
+-- key text: {key_text}
 DECLARE
     tombstone bigint;
 BEGIN
@@ -471,7 +486,8 @@ BEGIN
     RETURN NEW;
 END
 "#,
-        key_changed = key_changed.join(" OR ")
+        key_changed = key_changed.join(" OR "),
+        key_text = if info.key_text_depends_on_settings() { "settings pinned" } else { "independent of settings" },
     )
 }
 
