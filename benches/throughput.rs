@@ -18,7 +18,11 @@ const SCHEMA: &str =
 #[tokio::main]
 async fn main() {
     let n: i64 = std::env::var("MMSYNC_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    let bed = Bed::start(&["a", "b"], BrokerStorage::Memory).await.expect("bed");
+    let storage = match std::env::var("MMSYNC_BENCH_BROKER").as_deref() {
+        Ok("sqlite") => BrokerStorage::Sqlite,
+        _ => BrokerStorage::Memory,
+    };
+    let bed = Bed::start(&["a", "b"], storage).await.expect("bed");
     bed.sql_everywhere(SCHEMA).await.unwrap();
     let path = bed.write_topology(&["public.bench"], "");
     let topology = Topology::load(&path).unwrap();

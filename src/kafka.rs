@@ -92,6 +92,9 @@ pub fn consumer<C: FromClientConfig>(kafka: &Kafka, group: &str) -> Result<C> {
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "20")
         .set("fetch.min.bytes", "1")
+        // Ask for big fetches; a sink applies up to batch_max_changes at once.
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("fetch.max.bytes", "67108864")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false");
     with_topology_settings(&mut c, kafka);
