@@ -78,6 +78,23 @@ impl Load {
         .await;
     }
 
+    /// Lets every master take 100 more writes, stops the load, and checks
+    /// that the masters converged with nothing lost; prints the figures.
+    async fn settle(self, s: &Synced, seed: u64, test: &str, f: Figures) {
+        let masters: Vec<String> = self.progress.keys().cloned().collect();
+        let masters: Vec<&str> = masters.iter().map(String::as_str).collect();
+        self.progress(&masters, 100).await;
+        let (written, uncertain) = self.finish().await;
+        converged_without_loss(s, seed, &written, &uncertain).await;
+        eprintln!(
+            "{test}: seed {seed}: cycles {}, faults {}, writes acknowledged {}, writes unacknowledged {}, lost 0, divergent 0",
+            f.cycles,
+            f.cycles,
+            written.len(),
+            uncertain.len()
+        );
+    }
+
     async fn finish(self) -> (Vec<Written>, Vec<Uncertain>) {
         self.stop.store(true, Ordering::Relaxed);
         let (mut written, mut uncertain) = (Vec::new(), Vec::new());
@@ -90,13 +107,10 @@ impl Load {
     }
 }
 
-/// What a chaos run did, for the report.
+/// What a chaos run did, for the report (one fault per cycle).
 #[derive(Debug, Default)]
 struct Figures {
     cycles: usize,
-    faults: usize,
-    writes: usize,
-    uncertain: usize,
 }
 
 /// Waits for `mmsync verify` to pass, then checks every key against the
@@ -161,13 +175,6 @@ async fn converged_without_loss(s: &Synced, seed: u64, written: &[Written], unce
     }
 }
 
-fn report(test: &str, seed: u64, f: &Figures) {
-    eprintln!(
-        "{test}: seed {seed}: cycles {}, faults {}, writes acknowledged {}, writes unacknowledged {}, lost 0, divergent 0",
-        f.cycles, f.faults, f.writes, f.uncertain
-    );
-}
-
 #[tokio::test]
 async fn a_master_killed_mid_load_catches_up_and_verify_sees_a_planted_difference() {
     let seed = seed("a_master_killed_mid_load");
@@ -181,13 +188,8 @@ async fn a_master_killed_mid_load_catches_up_and_verify_sees_a_planted_differenc
         load.progress(&["busan"], 300).await; // busan keeps taking writes
         s.bed.master_mut("seoul").restart().await.unwrap();
         f.cycles += 1;
-        f.faults += 1;
     }
-    load.progress(&["seoul", "busan"], 100).await;
-    let (written, uncertain) = load.finish().await;
-    (f.writes, f.uncertain) = (written.len(), uncertain.len());
-    converged_without_loss(&s, seed, &written, &uncertain).await;
-    report("a_master_killed_mid_load", seed, &f);
+    load.settle(&s, seed, "a_master_killed_mid_load", f).await;
 
     // A row changed by hand on busan with the triggers off: verify must say so.
     let mut busan = s.conn("busan").await;
@@ -221,13 +223,8 @@ async fn mmsync_killed_at_random_moments_loses_nothing() {
         load.progress(&["seoul", "busan"], 20 + rng.below(100) as usize).await;
         s.start();
         f.cycles += 1;
-        f.faults += 1;
     }
-    load.progress(&["seoul", "busan"], 100).await;
-    let (written, uncertain) = load.finish().await;
-    (f.writes, f.uncertain) = (written.len(), uncertain.len());
-    converged_without_loss(&s, seed, &written, &uncertain).await;
-    report("mmsync_killed", seed, &f);
+    load.settle(&s, seed, "mmsync_killed", f).await;
     s.stop().await;
 }
 
@@ -244,13 +241,8 @@ async fn the_broker_killed_and_restarted_loses_nothing() {
         load.progress(&["seoul", "busan"], 150).await;
         s.bed.broker.restart().await.unwrap();
         f.cycles += 1;
-        f.faults += 1;
     }
-    load.progress(&["seoul", "busan"], 100).await;
-    let (written, uncertain) = load.finish().await;
-    (f.writes, f.uncertain) = (written.len(), uncertain.len());
-    converged_without_loss(&s, seed, &written, &uncertain).await;
-    report("broker_killed", seed, &f);
+    load.settle(&s, seed, "broker_killed", f).await;
     s.stop().await;
 }
 
@@ -285,12 +277,7 @@ async fn randomized_faults_on_three_masters_converge() {
             }
         }
         f.cycles += 1;
-        f.faults += 1;
     }
-    load.progress(&names, 50).await;
-    let (written, uncertain) = load.finish().await;
-    (f.writes, f.uncertain) = (written.len(), uncertain.len());
-    converged_without_loss(&s, seed, &written, &uncertain).await;
-    report("randomized_faults", seed, &f);
+    load.settle(&s, seed, "randomized_faults", f).await;
     s.stop().await;
 }
