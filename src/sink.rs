@@ -341,6 +341,8 @@ fn stamp(c: &Change) -> Stamp {
 /// The statements of one table, built once per connection.
 struct TableSql {
     info: TableInfo,
+    /// The data columns' names, sorted: what a record's row and unchanged columns must be.
+    columns: Vec<String>,
     upsert: String,
     delete: String,
     tombstone: String,
@@ -408,7 +410,9 @@ impl TableSql {
             quote_literal(&info.name.schema),
             quote_literal(&info.name.name)
         );
-        TableSql { info, upsert, delete, tombstone, lock_rows, read_tombstones }
+        let mut columns: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
+        columns.sort_unstable();
+        TableSql { info, columns, upsert, delete, tombstone, lock_rows, read_tombstones }
     }
 
     /// Applies a table's records in a savepoint. If the database refuses them
@@ -617,16 +621,21 @@ impl TableSql {
     /// Why an upsert's columns do not fit this table (schema drift), if they don't.
     fn shape_problem(&self, change: &Change) -> Option<String> {
         let row = change.row.as_ref()?;
-        let mut sent: Vec<&str> =
-            row.keys().map(String::as_str).chain(change.unchanged.iter().map(String::as_str)).collect();
-        sent.sort_unstable();
-        let mut here: Vec<&str> = self.info.data_columns().map(|c| c.name.as_str()).collect();
-        here.sort_unstable();
-        if sent == here {
+        // Rows are maps sorted by column name, like `self.columns`: the
+        // common case compares without allocating.
+        let fits = if change.unchanged.is_empty() {
+            row.keys().eq(self.columns.iter())
+        } else {
+            let mut sent: Vec<&String> = row.keys().chain(&change.unchanged).collect();
+            sent.sort_unstable();
+            sent.into_iter().eq(self.columns.iter())
+        };
+        if fits {
             return None;
         }
-        let missing: Vec<&&str> = sent.iter().filter(|c| !here.contains(c)).collect();
-        let extra: Vec<&&str> = here.iter().filter(|c| !sent.contains(c)).collect();
+        let sent: Vec<&String> = row.keys().chain(&change.unchanged).collect();
+        let missing: Vec<&&String> = sent.iter().filter(|c| !self.columns.contains(c)).collect();
+        let extra: Vec<&String> = self.columns.iter().filter(|c| !sent.contains(c)).collect();
         Some(format!(
             "the columns of {} differ between masters: the record has {missing:?} that this master lacks, this master has {extra:?} that the record lacks; make the table the same on every master, then re-apply the dead letters",
             self.info.name
