@@ -252,3 +252,34 @@ async fn delete_versus_update_ends_by_the_versions_everywhere() {
     assert_eq!(tomb(2).fetch_one(&mut busan).await.unwrap(), t2);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_blocked_table_does_not_hold_the_others_back() {
+    let schema = "CREATE TABLE slow (id int PRIMARY KEY, v text); CREATE TABLE fast (id int PRIMARY KEY, v text)";
+    let mut s =
+        Synced::new(&["seoul", "busan"], BrokerStorage::Memory, schema, &["public.slow", "public.fast"], "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql("INSERT INTO slow VALUES (1, 'a')").execute(&mut seoul).await.unwrap();
+    assert_eq!(s.converged("slow").await.len(), 1);
+
+    // A transaction on busan holds row 1 of `slow`: applying seoul's update of it must wait.
+    let mut holder = s.conn("busan").await;
+    let mut tx = sqlx::Connection::begin(&mut holder).await.unwrap();
+    sqlx::raw_sql("SELECT * FROM slow WHERE id = 1 FOR UPDATE").execute(&mut *tx).await.unwrap();
+    sqlx::raw_sql("UPDATE slow SET v = 'b' WHERE id = 1; INSERT INTO fast VALUES (1, 'x'), (2, 'y')")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+
+    // `fast` arrives while `slow` is still blocked...
+    assert_eq!(s.converged("fast").await.len(), 2);
+    let mut busan = s.conn("busan").await;
+    let v: String = sqlx::query_scalar("SELECT v FROM slow WHERE id = 1").fetch_one(&mut busan).await.unwrap();
+    assert_eq!(v, "a", "the blocked update cannot have been applied yet");
+    // ... and `slow` follows once the lock goes.
+    tx.rollback().await.unwrap();
+    let rows = s.converged("slow").await;
+    assert!(rows[0].contains("\"v\": \"b\""), "{rows:?}");
+    s.stop().await;
+}
