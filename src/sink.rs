@@ -221,6 +221,7 @@ impl Apply {
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut recs: Vec<Rec> = Vec::with_capacity(batch.len());
         let mut dead: Vec<DeadLetter> = Vec::new();
+        let mut own = 0u64;
         for inc in batch {
             let at = inc.at();
             offsets.insert((at.topic.clone(), at.partition), at.offset + 1);
@@ -232,7 +233,7 @@ impl Apply {
                 }
             };
             if header_origin.as_deref() == Some(target.as_str()) || rec.change.origin == target {
-                counter!(m::LOOP_SUPPRESSED, m::MASTER => target.clone()).increment(1);
+                own += 1;
                 continue;
             }
             if rec.change.table != self.sql.info.name {
@@ -245,6 +246,7 @@ impl Apply {
             }
             recs.push(rec);
         }
+        counter!(m::LOOP_SUPPRESSED, m::MASTER => target.clone()).increment(own);
         // How far each source has been read, applied or not (the lag gauge).
         let mut newest: HashMap<String, i64> = HashMap::new();
         for r in &recs {
@@ -313,12 +315,23 @@ impl Apply {
         }
         histogram!(m::APPLY_DURATION, m::TARGET => target.clone()).record(started.elapsed().as_secs_f64());
         histogram!(m::APPLY_BATCH_SIZE, m::TARGET => target.clone()).record(applied.len() as f64);
+        // One counter update per (source, op) and one histogram handle per
+        // source a batch, not a registry lookup per change.
+        let table = self.sql.info.name.to_string();
+        let mut counts: HashMap<(&str, Op), u64> = HashMap::new();
+        let mut lags: HashMap<&str, Vec<f64>> = HashMap::new();
         for c in &applied {
-            counter!(m::CHANGES_APPLIED, m::SOURCE => c.origin.clone(), m::TARGET => target.clone(), m::TABLE => c.table.to_string(), m::OP => c.op.name())
-                .increment(1);
-            let lag = (now_ms - c.position.commit_ms).max(0) as f64 / 1000.0;
-            histogram!(m::REPLICATION_LAG_HISTOGRAM, m::SOURCE => c.origin.clone(), m::TARGET => target.clone())
-                .record(lag);
+            *counts.entry((c.origin.as_str(), c.op)).or_default() += 1;
+            lags.entry(c.origin.as_str()).or_default().push((now_ms - c.position.commit_ms).max(0) as f64 / 1000.0);
+        }
+        for ((source, op), n) in counts {
+            counter!(m::CHANGES_APPLIED, m::SOURCE => source.to_string(), m::TARGET => target.clone(), m::TABLE => table.clone(), m::OP => op.name())
+                .increment(n);
+        }
+        for (source, lags) in lags {
+            let h =
+                histogram!(m::REPLICATION_LAG_HISTOGRAM, m::SOURCE => source.to_string(), m::TARGET => target.clone());
+            lags.into_iter().for_each(|lag| h.record(lag));
         }
         Ok(())
     }

@@ -183,6 +183,7 @@ impl Capture {
     pub async fn round(&mut self, topology: &Topology, producer: &FutureProducer) -> Result<usize> {
         let round = self.read_round(topology.sync.capture_max_changes).await?;
         tracing::debug!(master = %self.master.name, messages = round.messages, changes = round.changes.len(), suppressed = round.suppressed, "read a round");
+        counter!(m::LOOP_SUPPRESSED, m::MASTER => self.master.name.clone()).increment(round.suppressed);
         let produced = !round.changes.is_empty();
         self.publish(topology, producer, round.changes).await?;
         if produced && self.crash_after_produce {
@@ -263,9 +264,14 @@ impl Capture {
             .map_err(Error::db(&self.master.name, "writing a dead letter"))?;
             counter!(m::DEAD_LETTERS, m::TARGET => self.master.name.clone()).increment(1);
         }
+        // Counted per (table, op) once a round, not once a row.
+        let mut captured: HashMap<(&TableName, Op), u64> = HashMap::new();
         for c in &changes {
-            counter!(m::CHANGES_CAPTURED, m::MASTER => self.master.name.clone(), m::TABLE => c.table.to_string(), m::OP => c.op.name())
-                .increment(1);
+            *captured.entry((&c.table, c.op)).or_default() += 1;
+        }
+        for ((table, op), n) in captured {
+            counter!(m::CHANGES_CAPTURED, m::MASTER => self.master.name.clone(), m::TABLE => table.to_string(), m::OP => op.name())
+                .increment(n);
         }
         counter!(m::RECORDS_PRODUCED, m::MASTER => self.master.name.clone()).increment(changes.len() as u64);
         Ok(())
@@ -424,7 +430,6 @@ impl Decoder {
         if origin != self.master {
             // Written by mmsync's applier (or before init, origin ''): not ours to send.
             round.suppressed += 1;
-            counter!(m::LOOP_SUPPRESSED, m::MASTER => self.master.clone()).increment(1);
             return Ok(());
         }
         round.changes.push(Change {
