@@ -124,12 +124,7 @@ fn percentile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64
 }
 
 async fn metrics_text(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return String::new() };
-    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text).await;
-    text
+    mmsync::testbed::http_get(addr, "/metrics").await.unwrap_or_default()
 }
 
 /// Writes `rate` changes per second (upserts of 100 random keys per statement) for `secs`.
@@ -206,8 +201,8 @@ async fn main() {
     bed.sql_everywhere(TABLE).await.unwrap();
     let topology = bed.write_topology(&["public.bench", "public.wc_synced"], "");
     let bin = Path::new(env!("CARGO_BIN_EXE_mmsync"));
-    let status = std::process::Command::new(bin).arg("--topology").arg(&topology).arg("init").output().unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let (code, out) = mmsync::testbed::run_mmsync(bin, &topology, &["init"], &[]).await;
+    assert_eq!(code, 0, "{out}");
     let metrics_addr = mmsync::topology::Topology::load(&topology).unwrap().metrics_listen;
     let log = bed.dir.path().join("mmsync.log");
     let db = mmsync::testbed::BED_DATABASE;

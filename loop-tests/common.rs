@@ -11,7 +11,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgConnection;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long any condition in these tests may take to become true.
 pub const DEADLINE: Duration = Duration::from_secs(90);
@@ -26,15 +25,7 @@ pub struct Synced {
 
 /// Runs `mmsync <args>` to completion; returns (exit code, output).
 pub async fn mmsync(topology: &std::path::Path, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mmsync"))
-        .arg("--topology")
-        .arg(topology)
-        .args(args)
-        .output()
-        .await
-        .expect("mmsync runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
+    mmsync::testbed::run_mmsync(std::path::Path::new(env!("CARGO_BIN_EXE_mmsync")), topology, args, &[]).await
 }
 
 impl Synced {
@@ -150,12 +141,7 @@ impl Synced {
 
     /// The metrics endpoint's text.
     pub async fn metrics(&self) -> String {
-        let addr = self.topology().metrics_listen;
-        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics endpoint answers");
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: mmsync\r\n\r\n").await.unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.unwrap();
-        text
+        mmsync::testbed::http_get(self.topology().metrics_listen, "/metrics").await.expect("metrics endpoint answers")
     }
 
     /// The sum of a metric's samples whose labels contain all of `labels`.

@@ -51,6 +51,37 @@ fn temp_dir(prefix: &str) -> Result<TempDir> {
     Ok(dir)
 }
 
+/// The body of a `GET` answered with 200, over plain HTTP/1.0 (for the
+/// metrics endpoint and Prometheus' API on loopback).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => {
+            Ok(body.to_string())
+        }
+        _ => Err(std::io::Error::other(text)),
+    }
+}
+
+/// Runs `mmsync --topology <topology> <args>` to completion; returns its exit
+/// code and everything it printed.
+pub async fn run_mmsync(bin: &Path, topology: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(bin)
+        .arg("--topology")
+        .arg(topology)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -324,10 +355,6 @@ impl PgCluster {
         self.kill().await;
         self.launch().await
     }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
 }
 
 impl Drop for PgCluster {
@@ -436,10 +463,6 @@ impl Broker {
     /// `host:port` for `[kafka] brokers`.
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn storage(&self) -> BrokerStorage {
-        self.storage
     }
 
     /// Kills the broker with SIGKILL.
@@ -642,17 +665,7 @@ impl Prometheus {
     }
 
     async fn get(&self, path: &str) -> std::io::Result<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
-        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n").as_bytes()).await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        match text.split_once("\r\n\r\n") {
-            Some((head, body)) if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") => {
-                Ok(body.to_string())
-            }
-            _ => Err(std::io::Error::other(text)),
-        }
+        http_get(([127, 0, 0, 1], self.port).into(), path).await
     }
 
     /// Evaluates a PromQL expression now; returns the `data.result` array.

@@ -7,16 +7,7 @@ use mmsync::testbed::{free_port, Bed, BrokerStorage, PgCluster, PgOptions, BED_D
 
 /// Runs the mmsync binary; returns its exit code and everything it printed.
 async fn mmsync(topology: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mmsync"))
-        .arg("--topology")
-        .arg(topology)
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .expect("mmsync runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
+    mmsync::testbed::run_mmsync(Path::new(env!("CARGO_BIN_EXE_mmsync")), topology, args, env).await
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
