@@ -392,12 +392,20 @@ impl TableSql {
             keys = keys.join(", "),
             set = set.join(", "),
         );
-        let key_match: Vec<String> =
-            info.key.iter().map(|k| format!("t.{} = {}", quote_ident(k), cast(k, "(e->'key')"))).collect();
+        // Every statement that finds rows by key walks the batch and probes the
+        // primary key once per element (LATERAL ... LIMIT 1). Left to itself
+        // the planner joins a batch against a whole table or against every
+        // tombstone of it, which costs more the bigger they grow.
+        let probe = |from: &str| {
+            let m: Vec<String> = info.key.iter().map(|k| format!("t.{} = {}", quote_ident(k), cast(k, from))).collect();
+            m.join(" AND ")
+        };
         let delete = format!(
-            "DELETE FROM {t} AS t USING jsonb_array_elements($1::jsonb) AS e
-             WHERE {} AND (t.{v}, t.{o}) < ((e->>'version')::int8, (e->>'origin') COLLATE \"C\")",
-            key_match.join(" AND ")
+            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
+                SELECT t.ctid FROM jsonb_array_elements($1::jsonb) AS e
+                CROSS JOIN LATERAL (SELECT t.ctid, t.{v}, t.{o} FROM {t} AS t WHERE {} LIMIT 1) AS t
+                WHERE (t.{v}, t.{o}) < ((e->>'version')::int8, (e->>'origin') COLLATE \"C\")))",
+            probe("(e->'key')")
         );
         let tombstone = format!(
             "INSERT INTO mmsync.tombstones AS tb (schema_name, table_name, key, version, origin)
@@ -408,18 +416,16 @@ impl TableSql {
             quote_literal(&info.name.schema),
             quote_literal(&info.name.name)
         );
-        let key_casts: Vec<String> = info.key.iter().map(|k| cast(k, "e")).collect();
-        let t_keys: Vec<String> = info.key.iter().map(|k| format!("t.{}", quote_ident(k))).collect();
         let lock_rows = format!(
-            "SELECT {}, t.{v}, t.{o}::text FROM {t} AS t
-             WHERE ({}) IN (SELECT {} FROM jsonb_array_elements($1::jsonb) AS e) FOR UPDATE",
+            "SELECT {}, t.{v}, t.{o}::text FROM jsonb_array_elements($1::jsonb) AS e
+             CROSS JOIN LATERAL (SELECT * FROM {t} AS t WHERE {} LIMIT 1 FOR UPDATE) AS t",
             info.key_json_sql("t"),
-            t_keys.join(", "),
-            key_casts.join(", ")
+            probe("e")
         );
         let read_tombstones = format!(
-            "SELECT key, version, origin::text FROM mmsync.tombstones
-             WHERE schema_name = {} AND table_name = {} AND key IN (SELECT e FROM jsonb_array_elements($1::jsonb) AS e)",
+            "SELECT tb.key, tb.version, tb.origin::text FROM jsonb_array_elements($1::jsonb) AS e
+             CROSS JOIN LATERAL (SELECT key, version, origin FROM mmsync.tombstones
+                 WHERE schema_name = {} AND table_name = {} AND key = e LIMIT 1) AS tb",
             quote_literal(&info.name.schema),
             quote_literal(&info.name.name)
         );
