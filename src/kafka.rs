@@ -66,11 +66,28 @@ fn with_topology_settings(c: &mut ClientConfig, kafka: &Kafka) {
     }
 }
 
+/// The most records one produced batch holds (librdkafka's `batch.num.messages`
+/// on mmsync's producers, unless `[kafka.client]` sets it).
+const BATCH_MAX_RECORDS: i64 = 2000;
+
+/// How many records before its stored offset a sink starts reading again.
+///
+/// A sink's own batches end anywhere, often inside a batch the producer sent.
+/// Kafka answers a fetch from the middle of a batch with the whole batch, but
+/// tansu 0.6 (memory storage) answers it with the *next* batch, which would
+/// skip the rest of the one the sink stopped in. Starting one producer batch
+/// earlier always takes in the batch that holds the stored offset; the sink
+/// drops what it had already applied.
+pub fn resume_margin(kafka: &Kafka) -> i64 {
+    kafka.client.get("batch.num.messages").and_then(|v| v.parse().ok()).unwrap_or(BATCH_MAX_RECORDS)
+}
+
 /// An idempotent producer (acks=all), so retries never duplicate or reorder a partition.
 pub fn producer(kafka: &Kafka, client_id: &str) -> Result<FutureProducer> {
     let mut c = ClientConfig::new();
     c.set("client.id", client_id)
         .set("enable.idempotence", "true")
+        .set("batch.num.messages", BATCH_MAX_RECORDS.to_string())
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "200000")

@@ -143,6 +143,10 @@ struct Apply {
     sql: TableSql,
     /// Topic -> the master whose changes it carries.
     sources: HashMap<String, String>,
+    /// Topic -> the next offset to apply, per partition. Records before it
+    /// were applied already (the consumer starts a little earlier: see
+    /// [`crate::kafka::resume_margin`]).
+    next: HashMap<String, Vec<i64>>,
     progress: Arc<m::Progress>,
 }
 
@@ -171,6 +175,8 @@ impl Apply {
             crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}-{table}", target.name))?;
         let mut tpl = TopicPartitionList::new();
         let mut sources = HashMap::new();
+        let mut next_offsets = HashMap::new();
+        let margin = crate::kafka::resume_margin(&topology.kafka);
         for (master, t, topic) in crate::kafka::all_topics(topology) {
             if master == target.name || t != *table {
                 continue;
@@ -180,16 +186,19 @@ impl Apply {
                 problem: format!("topic {topic} does not exist"),
                 fix: "run `mmsync init` (mmsync creates its topics; it never relies on auto-create)".into(),
             })?;
+            let mut next = Vec::with_capacity(partitions as usize);
             for p in 0..partitions {
-                let next = stored.get(&(topic.clone(), p)).copied();
-                progress.offset(&topic, p, &master, &target.name, next.unwrap_or(0));
-                let offset = next.map_or(Offset::Beginning, Offset::Offset);
-                tpl.add_partition_offset(&topic, p, offset).map_err(Error::kafka("assigning partitions"))?;
+                let n = stored.get(&(topic.clone(), p)).copied().unwrap_or(0);
+                progress.offset(&topic, p, &master, &target.name, n);
+                let from = if n > 0 { Offset::Offset((n - margin).max(0)) } else { Offset::Beginning };
+                tpl.add_partition_offset(&topic, p, from).map_err(Error::kafka("assigning partitions"))?;
+                next.push(n);
             }
+            next_offsets.insert(topic.clone(), next);
             sources.insert(topic, master);
         }
         consumer.assign(&tpl).map_err(Error::kafka("assigning partitions"))?;
-        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, progress })
+        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, next: next_offsets, progress })
     }
 
     async fn run(&mut self, topology: &Topology, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
@@ -198,18 +207,28 @@ impl Apply {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                msg = self.consumer.recv() => msg.map_err(Error::kafka("consuming"))?,
+                msg = self.recv_new() => msg?,
             };
-            let mut batch = vec![Incoming::read(&first)];
-            drop(first);
+            let mut batch = vec![first];
             let deadline = tokio::time::Instant::now() + topology.sync.batch_max_wait;
             while batch.len() < topology.sync.batch_max_changes {
-                match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                    Ok(msg) => batch.push(Incoming::read(&msg.map_err(Error::kafka("consuming"))?)),
+                match tokio::time::timeout_at(deadline, self.recv_new()).await {
+                    Ok(incoming) => batch.push(incoming?),
                     Err(_) => break,
                 }
             }
             self.apply_batch(batch).await?;
+        }
+    }
+
+    /// The next record this sink has not applied yet.
+    async fn recv_new(&self) -> Result<Incoming> {
+        loop {
+            let msg = self.consumer.recv().await.map_err(Error::kafka("consuming"))?;
+            let next = self.next.get(msg.topic()).and_then(|n| n.get(msg.partition() as usize)).copied();
+            if next.is_none_or(|n| msg.offset() >= n) {
+                return Ok(Incoming::read(&msg));
+            }
         }
     }
 
@@ -309,6 +328,9 @@ impl Apply {
             self.progress.applied(&source, &target, commit_ms, (now_ms - commit_ms).max(0) as f64 / 1000.0);
         }
         for ((topic, partition), next) in topics.iter().zip(&partitions).zip(&next) {
+            if let Some(n) = self.next.get_mut(topic).and_then(|n| n.get_mut(*partition as usize)) {
+                *n = *next;
+            }
             if let Some(source) = self.sources.get(topic) {
                 self.progress.offset(topic, *partition, source, &target, *next);
             }
