@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::TryStreamExt as _;
 use metrics::{counter, gauge};
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgConnection, Row as _};
@@ -22,15 +23,11 @@ use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN
 /// How often the retained WAL is measured.
 const MEASURE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// One round read from the slot.
+/// What the decoder made of the messages read so far.
 #[derive(Debug, Default)]
-pub struct Round {
+pub struct Decoded {
     /// This master's own changes, in commit order.
     pub changes: Vec<Change>,
-    /// Where the slot may be advanced once `changes` are acknowledged.
-    pub advance_to: Option<Lsn>,
-    /// Messages read (0 means the slot had nothing new).
-    pub messages: usize,
     /// Changes dropped because another master wrote them.
     pub suppressed: u64,
 }
@@ -180,26 +177,15 @@ impl Capture {
     /// One round: read the slot, produce this master's changes, wait for every
     /// acknowledgement, then advance the slot. Returns the messages read (0
     /// when the slot had nothing new).
+    ///
+    /// Every read of a slot through SQL decodes the WAL again from the slot's
+    /// restart point, which PostgreSQL moves only every few seconds: that
+    /// cost is per round, whatever the round carries, so rounds are large
+    /// (`capture_max_changes`). Rows are decoded as they arrive and produced
+    /// in chunks, so a large round is never held in memory at once.
     pub async fn round(&mut self, topology: &Topology, producer: &FutureProducer) -> Result<usize> {
-        let round = self.read_round(topology.sync.capture_max_changes).await?;
-        tracing::debug!(master = %self.master.name, messages = round.messages, changes = round.changes.len(), suppressed = round.suppressed, "read a round");
-        counter!(m::LOOP_SUPPRESSED, m::MASTER => self.master.name.clone()).increment(round.suppressed);
-        let produced = !round.changes.is_empty();
-        self.publish(topology, producer, round.changes).await?;
-        if produced && self.crash_after_produce {
-            tracing::warn!("MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances");
-            // SAFETY: kill(2) on our own pid with a valid signal.
-            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-        }
-        if let Some(lsn) = round.advance_to {
-            self.advance(lsn).await?;
-        }
-        Ok(round.messages)
-    }
-
-    /// Peeks (does not consume) up to about `max` messages from the slot.
-    pub async fn read_round(&mut self, max: usize) -> Result<Round> {
         let name = self.master.name.clone();
+        let max = topology.sync.capture_max_changes;
         // Everything committed up to the flushed end of WAL now; if the peek
         // returns fewer rows than asked, it read all of it and the slot may
         // move there even when every change was filtered out.
@@ -207,7 +193,7 @@ impl Capture {
             .fetch_one(&mut self.conn)
             .await
             .map_err(Error::db(&name, "reading the WAL position"))?;
-        let rows = sqlx::query(
+        let mut rows = sqlx::query(
             "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
              'proto_version', '1', 'publication_names', $4)",
         )
@@ -215,40 +201,48 @@ impl Capture {
         .bind(&upto)
         .bind(max as i32)
         .bind(PUBLICATION)
-        .fetch_all(&mut self.conn)
-        .await
-        .map_err(Error::db(&name, format!("reading slot {}", self.slot)))?;
-        let mut round = Round { messages: rows.len(), ..Round::default() };
-        let mut last_commit_end = None;
-        for row in &rows {
+        .fetch(&mut self.conn);
+        let (mut messages, mut last_commit_end) = (0, None);
+        let mut decoded = Decoded::default();
+        let mut refused = Vec::new();
+        let mut produced = 0;
+        while let Some(row) = rows.try_next().await.map_err(Error::db(&name, format!("reading slot {}", self.slot)))? {
+            messages += 1;
             let lsn: String = row.get(0);
-            let data: Vec<u8> = row.get(1);
-            let message = pgoutput::parse(&data).map_err(|e| Error::Stream {
-                master: name.clone(),
-                lsn: lsn.clone(),
-                reason: e.to_string(),
-            })?;
+            let data: &[u8] = row.get(1);
+            let stream_error = |reason: String| Error::Stream { master: name.clone(), lsn: lsn.clone(), reason };
+            let message = pgoutput::parse(data).map_err(|e| stream_error(e.to_string()))?;
             if let Message::Commit { end_lsn, .. } = message {
                 last_commit_end = Some(end_lsn);
             }
-            self.decoder.message(message, &mut round).map_err(|reason| Error::Stream {
-                master: name.clone(),
-                lsn,
-                reason,
-            })?;
+            self.decoder.message(message, &mut decoded).map_err(stream_error)?;
+            if decoded.changes.len() >= PRODUCE_CHUNK {
+                produced += decoded.changes.len();
+                refused.extend(produce(topology, producer, &name, std::mem::take(&mut decoded.changes)).await?);
+            }
         }
-        round.advance_to = if rows.len() < max { parse_lsn(&upto) } else { last_commit_end };
-        Ok(round)
+        drop(rows);
+        produced += decoded.changes.len();
+        refused.extend(produce(topology, producer, &name, decoded.changes).await?);
+        tracing::debug!(master = %name, messages, produced, suppressed = decoded.suppressed, "read a round");
+        counter!(m::LOOP_SUPPRESSED, m::MASTER => name.clone()).increment(decoded.suppressed);
+        self.keep_dead_letters(topology, refused).await?;
+        if produced > 0 && self.crash_after_produce {
+            tracing::warn!("MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances");
+            // SAFETY: kill(2) on our own pid with a valid signal.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        let advance_to = if messages < max { parse_lsn(&upto) } else { last_commit_end };
+        if let Some(lsn) = advance_to {
+            self.advance(lsn).await?;
+        }
+        Ok(messages)
     }
 
-    async fn publish(&mut self, topology: &Topology, producer: &FutureProducer, changes: Vec<Change>) -> Result<()> {
-        if changes.is_empty() {
-            return Ok(());
-        }
-        let refused = crate::kafka::produce_all(producer, &topology.kafka.topic_prefix, &changes).await?;
-        for (i, reason) in &refused {
-            // Kept here, where it was written: the other masters never see it.
-            let c = &changes[*i];
+    /// Keeps, on this master, the changes Kafka refused for their size: the
+    /// other masters never see them.
+    async fn keep_dead_letters(&mut self, topology: &Topology, refused: Vec<(Change, String)>) -> Result<()> {
+        for (c, reason) in refused {
             let topic = crate::kafka::topic_name(&topology.kafka.topic_prefix, &c.origin, &c.table);
             tracing::warn!(master = %self.master.name, "dead letter: {} key {}: {reason}", c.table, c.kafka_key());
             sqlx::query(
@@ -256,7 +250,7 @@ impl Capture {
                  VALUES ($1, -1, -1, $2, $3, $4)",
             )
             .bind(&topic)
-            .bind(reason)
+            .bind(&reason)
             .bind(c.kafka_key().into_bytes())
             .bind(c.kafka_value())
             .execute(&mut self.conn)
@@ -264,16 +258,6 @@ impl Capture {
             .map_err(Error::db(&self.master.name, "writing a dead letter"))?;
             counter!(m::DEAD_LETTERS, m::TARGET => self.master.name.clone()).increment(1);
         }
-        // Counted per (table, op) once a round, not once a row.
-        let mut captured: HashMap<(&TableName, Op), u64> = HashMap::new();
-        for c in &changes {
-            *captured.entry((&c.table, c.op)).or_default() += 1;
-        }
-        for ((table, op), n) in captured {
-            counter!(m::CHANGES_CAPTURED, m::MASTER => self.master.name.clone(), m::TABLE => table.to_string(), m::OP => op.name())
-                .increment(n);
-        }
-        counter!(m::RECORDS_PRODUCED, m::MASTER => self.master.name.clone()).increment(changes.len() as u64);
         Ok(())
     }
 
@@ -292,6 +276,35 @@ impl Capture {
         gauge!(m::SLOT_CONFIRMED_LSN, m::MASTER => self.master.name.clone()).set(lsn as f64);
         Ok(())
     }
+}
+
+/// Changes a round produces at a time: what the source holds in memory.
+const PRODUCE_CHUNK: usize = 10_000;
+
+/// Produces a chunk of changes and waits until Kafka acknowledged every one;
+/// returns the changes Kafka refused for their size, with the reason.
+async fn produce(
+    topology: &Topology,
+    producer: &FutureProducer,
+    master: &str,
+    changes: Vec<Change>,
+) -> Result<Vec<(Change, String)>> {
+    if changes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let refused = crate::kafka::produce_all(producer, &topology.kafka.topic_prefix, &changes).await?;
+    // Counted per (table, op) once a chunk, not once a row.
+    let mut captured: HashMap<(&TableName, Op), u64> = HashMap::new();
+    for c in &changes {
+        *captured.entry((&c.table, c.op)).or_default() += 1;
+    }
+    for ((table, op), n) in captured {
+        counter!(m::CHANGES_CAPTURED, m::MASTER => master.to_string(), m::TABLE => table.to_string(), m::OP => op.name())
+            .increment(n);
+    }
+    counter!(m::RECORDS_PRODUCED, m::MASTER => master.to_string()).increment((changes.len() - refused.len()) as u64);
+    let mut changes: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
+    Ok(refused.into_iter().filter_map(|(i, reason)| Some((changes[i].take()?, reason))).collect())
 }
 
 /// What a relation is to mmsync.
@@ -326,7 +339,7 @@ impl Decoder {
     }
 
     /// Handles one message, adding this master's changes to the round.
-    pub fn message(&mut self, message: Message, round: &mut Round) -> std::result::Result<(), String> {
+    pub fn message(&mut self, message: Message, round: &mut Decoded) -> std::result::Result<(), String> {
         match message {
             Message::Begin { final_lsn, commit_time_us, xid } => {
                 self.txid = xid;
@@ -362,7 +375,13 @@ impl Decoder {
         Ok(())
     }
 
-    fn row(&mut self, relation: u32, op: Op, tuple: Vec<Value>, round: &mut Round) -> std::result::Result<(), String> {
+    fn row(
+        &mut self,
+        relation: u32,
+        op: Op,
+        tuple: Vec<Value>,
+        round: &mut Decoded,
+    ) -> std::result::Result<(), String> {
         let (rel, kind) = self
             .relations
             .get(&relation)

@@ -106,7 +106,7 @@ fn default_batch_max_wait_ms() -> Spanned<i64> {
     unspanned(50)
 }
 fn default_capture_max_changes() -> Spanned<i64> {
-    unspanned(10_000)
+    unspanned(100_000)
 }
 fn default_heartbeat_interval_ms() -> Spanned<i64> {
     unspanned(1000)
