@@ -1,7 +1,8 @@
 //! Throughput on this machine, on the test bed (real PostgreSQL, real tansu):
 //!
-//! - capture: one source reads N committed changes from its slot and produces
-//!   them to Kafka, every delivery acknowledged and the slot advanced;
+//! - capture: one source streams N committed changes from its slot and
+//!   produces them to Kafka, until the slot is confirmed past them (every
+//!   delivery acknowledged);
 //! - end to end: `mmsync run` (in process) until the other master holds them.
 //!
 //! `cargo bench --bench throughput` (N = 100,000; set MMSYNC_BENCH_CHANGES).
@@ -58,13 +59,28 @@ async fn main() {
         }
     }
 
-    // Capture: one source, alone.
+    // Capture: one source, alone, until its slot is confirmed past the workload.
     let master = topology.master("a").unwrap().clone();
-    let producer = mmsync::kafka::producer(&topology.kafka, "bench").unwrap();
-    let mut capture = mmsync::source::Capture::connect(&topology, &master).await.unwrap();
+    let target: String =
+        sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(&mut conn).await.unwrap();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    while capture.round(&topology, &producer).await.unwrap() > 0 {}
+    let source = tokio::spawn(mmsync::source::run(std::sync::Arc::new(topology.clone()), master, stopped));
+    wait_for("the source to confirm the workload", Duration::from_secs(1800), || async {
+        let mut c = bed.master("a").connect(BED_DATABASE).await.ok()?;
+        let done: bool = sqlx::query_scalar(
+            "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'mmsync_a'",
+        )
+        .bind(&target)
+        .fetch_one(&mut c)
+        .await
+        .ok()?;
+        done.then_some(())
+    })
+    .await;
     let capture_secs = started.elapsed().as_secs_f64();
+    stop.send(true).unwrap();
+    source.await.unwrap().unwrap();
 
     // End to end: reset nothing; the records are in Kafka, the sink of b applies them.
     let rows = inserts - deletes;

@@ -26,6 +26,14 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// The replication connection of a source.
+    #[error("master {master:?}: {context}: {source}")]
+    Replication {
+        master: String,
+        context: String,
+        #[source]
+        source: crate::replication::ReplicationError,
+    },
     /// Something about a master or table that the operator has to fix.
     #[error("master {master:?}: {problem}; {fix}")]
     Setup { master: String, problem: String, fix: String },
@@ -49,6 +57,14 @@ impl Error {
         move |source| Error::Db { master, context, source }
     }
 
+    pub fn replication(
+        master: &str,
+        context: impl Into<String>,
+    ) -> impl FnOnce(crate::replication::ReplicationError) -> Error {
+        let (master, context) = (master.to_string(), context.into());
+        move |source| Error::Replication { master, context, source }
+    }
+
     pub fn kafka(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
         let context = context.into();
         move |source| Error::Kafka { context, source }
@@ -62,7 +78,8 @@ impl Error {
                 Some(code) if is_fatal_kafka(code) => Class::Fatal,
                 _ => Class::Retry,
             },
-            Error::Missing { .. } => Class::Retry,
+            Error::Replication { source, .. } if source.is_fatal() => Class::Fatal,
+            Error::Missing { .. } | Error::Replication { .. } => Class::Retry,
             Error::Setup { .. } | Error::Stream { .. } | Error::Internal(_) => Class::Fatal,
         }
     }

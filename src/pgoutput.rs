@@ -1,5 +1,5 @@
-//! pgoutput (protocol version 1) messages, as returned in the `data` column of
-//! pg_logical_slot_peek_binary_changes(..., 'proto_version', '1', 'publication_names', ...).
+//! pgoutput (protocol version 1) messages, as a walsender streams them in
+//! XLogData (see [`crate::replication`]).
 //!
 //! Format reference: PostgreSQL 15 docs, "Logical Replication Message Formats".
 //! All integers are big-endian. Streaming and two-phase messages (protocol

@@ -1,27 +1,35 @@
-//! The source of one master: reads its slot through SQL, turns pgoutput
-//! messages into [`Change`]s, drops what came from other masters (loop
-//! suppression), produces the rest to Kafka, and advances the slot only after
-//! Kafka acknowledged every record of the round.
+//! The source of one master: streams its slot (pgoutput, over the
+//! replication protocol), turns the messages into [`Change`]s, drops what came
+//! from other masters (loop suppression), produces the rest to Kafka, and lets
+//! the slot move only past what Kafka acknowledged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::TryStreamExt as _;
 use metrics::{counter, gauge};
 use rdkafka::producer::FutureProducer;
-use sqlx::{PgConnection, Row as _};
+use sqlx::PgConnection;
 use tokio::sync::watch;
 
 use crate::change::{Change, Key, Op, Position, Row};
 use crate::error::{Class, Error, Result};
 use crate::metrics as m;
 use crate::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
+use crate::replication::{WalMessage, WalStream};
 use crate::schema::{slot_name, PUBLICATION};
 use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// How often the retained WAL is measured.
 const MEASURE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often the source looks after its heartbeat, its measurements and an
+/// idle slot.
+const TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The longest the server goes without a status update (its
+/// wal_sender_timeout is 60 s by default).
+const STATUS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the decoder made of the messages read so far.
 #[derive(Debug, Default)]
@@ -76,18 +84,37 @@ pub async fn run(topology: Arc<Topology>, master: Master, mut shutdown: watch::R
     }
 }
 
-/// A connected source.
+/// Resolves once `shutdown` turns true.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// A connected source: a walsender streaming the slot, and an SQL
+/// connection for heartbeats, measurements and dead letters.
 pub struct Capture {
     master: Master,
     conn: PgConnection,
-    slot: String,
+    stream: WalStream,
     decoder: Decoder,
-    /// Where the slot stands; it never moves backwards.
+    /// What the slot has been told is safe; it never moves backwards.
     confirmed: Lsn,
     /// Test hook (`MMSYNC_TEST_CRASH_AFTER_PRODUCE`): SIGKILL this process
-    /// after Kafka acknowledged a round and before the slot moves, the one
-    /// moment where a crash must cost duplicates and never a gap.
+    /// after Kafka acknowledged some changes and before the slot moves, the
+    /// one moment where a crash must cost duplicates and never a gap.
     crash_after_produce: bool,
+}
+
+/// Where the stream is between two transactions, and what may be confirmed.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Inside a transaction: between its Begin and its Commit.
+    in_transaction: bool,
+    /// The end of the last transaction whose Commit was read.
+    last_commit_end: Option<Lsn>,
+    /// The server's WAL end from its last keepalive, not yet confirmed.
+    wal_end: Option<Lsn>,
+    /// The server asked for a status update.
+    reply_requested: bool,
 }
 
 impl Capture {
@@ -106,44 +133,139 @@ impl Capture {
             problem: format!("replication slot {slot} does not exist"),
             fix: "run `mmsync init`".into(),
         })?;
+        let options = crate::db::options(master)?.application_name(&format!("mmsync:{}:source", master.name));
+        let starting = format!("starting replication from slot {slot}");
+        let stream = tokio::time::timeout(
+            crate::replication::START_TIMEOUT,
+            WalStream::start(&options, &slot, PUBLICATION, confirmed),
+        )
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
+        .map_err(Error::replication(&master.name, starting))?;
         Ok(Capture {
             master: master.clone(),
             conn,
-            slot,
+            stream,
             decoder: Decoder::new(&master.name, topology),
             confirmed,
             crash_after_produce: std::env::var_os("MMSYNC_TEST_CRASH_AFTER_PRODUCE").is_some(),
         })
     }
 
+    /// Streams changes until `shutdown`: reads what the walsender sends,
+    /// produces this master's changes (at most `capture_max_changes` at a
+    /// time, waiting for every acknowledgement), and only then tells the
+    /// server the slot may move past them.
     async fn run(
         &mut self,
         topology: &Topology,
         producer: &FutureProducer,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<()> {
-        let (mut last_beat, mut last_measure): (Option<Instant>, Option<Instant>) = (None, None);
+        let name = self.master.name.clone();
+        let chunk = topology.sync.capture_max_changes;
+        let mut decoded = Decoded::default();
+        let mut progress = Progress::default();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut last_beat, mut last_measure, mut last_status): (Option<Instant>, Option<Instant>, Instant) =
+            (None, None, Instant::now());
         loop {
-            // Shutdown first: a round is never cut in half, it is just not started.
-            if *shutdown.borrow() {
-                return Ok(());
+            tokio::select! {
+                biased;
+                // Shutdown first: what was read and not confirmed is sent again next time.
+                _ = stopped(shutdown) => return Ok(()),
+                message = self.stream.recv() => {
+                    self.take(message, &mut decoded, &mut progress)?;
+                    // Everything that is already here, up to a chunk.
+                    while decoded.changes.len() < chunk {
+                        let Some(message) = self.stream.try_recv() else { break };
+                        self.take(message, &mut decoded, &mut progress)?;
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_beat.is_none_or(|t| t.elapsed() >= topology.sync.heartbeat_interval) {
+                        self.beat().await?;
+                        last_beat = Some(Instant::now());
+                    }
+                    if last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
+                        self.measure_retained_wal().await?;
+                        last_measure = Some(Instant::now());
+                    }
+                    // Between transactions with nothing in hand: ask where
+                    // the WAL ends, so the slot follows it even when nothing
+                    // is published (it would keep WAL forever otherwise).
+                    if !progress.in_transaction && decoded.changes.is_empty() {
+                        self.stream.confirm(self.confirmed, true).await.map_err(Error::replication(&name, "asking for the WAL end"))?;
+                        last_status = Instant::now();
+                    }
+                }
             }
-            if last_beat.is_none_or(|t| t.elapsed() >= topology.sync.heartbeat_interval) {
-                self.beat().await?;
-                last_beat = Some(Instant::now());
+            if decoded.suppressed > 0 {
+                counter!(m::LOOP_SUPPRESSED, m::MASTER => name.clone())
+                    .increment(std::mem::take(&mut decoded.suppressed));
             }
-            if last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
-                self.measure_retained_wal().await?;
-                last_measure = Some(Instant::now());
+            // A whole transaction, or a full chunk of a large one.
+            if !decoded.changes.is_empty() && (!progress.in_transaction || decoded.changes.len() >= chunk) {
+                let refused = produce(topology, producer, &name, std::mem::take(&mut decoded.changes)).await?;
+                self.keep_dead_letters(topology, refused).await?;
+                if self.crash_after_produce {
+                    tracing::warn!("MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances");
+                    // SAFETY: kill(2) on our own pid with a valid signal.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                }
             }
-            let messages = self.round(topology, producer).await?;
-            if messages == 0 {
-                tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                    _ = tokio::time::sleep(topology.sync.capture_idle) => {}
+            // Everything read so far is in Kafka: the slot may move to the end
+            // of the last whole transaction, or to the server's WAL end when
+            // no transaction is open.
+            let mut safe = self.confirmed;
+            if decoded.changes.is_empty() {
+                safe = safe.max(progress.last_commit_end.unwrap_or(0));
+                if !progress.in_transaction {
+                    safe = safe.max(progress.wal_end.take().unwrap_or(0));
+                }
+            }
+            if safe > self.confirmed || progress.reply_requested || last_status.elapsed() >= STATUS_EVERY {
+                self.stream.confirm(safe, false).await.map_err(Error::replication(&name, "confirming a position"))?;
+                progress.reply_requested = false;
+                last_status = Instant::now();
+                if safe > self.confirmed {
+                    self.confirmed = safe;
+                    gauge!(m::SLOT_CONFIRMED_LSN, m::MASTER => name.clone()).set(safe as f64);
                 }
             }
         }
+    }
+
+    /// Takes one message from the stream into the decoder.
+    fn take(
+        &mut self,
+        message: std::result::Result<WalMessage, crate::replication::ReplicationError>,
+        decoded: &mut Decoded,
+        progress: &mut Progress,
+    ) -> Result<()> {
+        let name = &self.master.name;
+        match message.map_err(Error::replication(name, "reading the replication stream"))? {
+            WalMessage::Keepalive { wal_end, reply } => {
+                progress.wal_end = Some(wal_end);
+                progress.reply_requested |= reply;
+            }
+            WalMessage::Data(data) => {
+                let after = format_lsn(progress.last_commit_end.unwrap_or(self.confirmed));
+                let stream_error = |reason: String| Error::Stream { master: name.clone(), lsn: after.clone(), reason };
+                let message = pgoutput::parse(&data).map_err(|e| stream_error(e.to_string()))?;
+                match &message {
+                    Message::Begin { .. } => progress.in_transaction = true,
+                    Message::Commit { end_lsn, .. } => {
+                        progress.in_transaction = false;
+                        progress.last_commit_end = Some(*end_lsn);
+                    }
+                    _ => {}
+                }
+                self.decoder.message(message, decoded).map_err(stream_error)?;
+            }
+        }
+        Ok(())
     }
 
     /// Rewrites this master's heartbeat row: a change that flows to every
@@ -165,78 +287,13 @@ impl Capture {
         let retained: Option<i64> = sqlx::query_scalar(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
         )
-        .bind(&self.slot)
+        .bind(slot_name(&self.master.name))
         .fetch_optional(&mut self.conn)
         .await
         .map_err(Error::db(&self.master.name, "measuring retained WAL"))?
         .flatten();
         gauge!(m::SLOT_RETAINED_WAL, m::MASTER => self.master.name.clone()).set(retained.unwrap_or(0) as f64);
         Ok(())
-    }
-
-    /// One round: read the slot, produce this master's changes, wait for every
-    /// acknowledgement, then advance the slot. Returns the messages read (0
-    /// when the slot had nothing new).
-    ///
-    /// Every read of a slot through SQL decodes the WAL again from the slot's
-    /// restart point, which PostgreSQL moves only every few seconds: that
-    /// cost is per round, whatever the round carries, so rounds are large
-    /// (`capture_max_changes`). Rows are decoded as they arrive and produced
-    /// in chunks, so a large round is never held in memory at once.
-    pub async fn round(&mut self, topology: &Topology, producer: &FutureProducer) -> Result<usize> {
-        let name = self.master.name.clone();
-        let max = topology.sync.capture_max_changes;
-        // Everything committed up to the flushed end of WAL now; if the peek
-        // returns fewer rows than asked, it read all of it and the slot may
-        // move there even when every change was filtered out.
-        let upto: String = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
-            .fetch_one(&mut self.conn)
-            .await
-            .map_err(Error::db(&name, "reading the WAL position"))?;
-        let mut rows = sqlx::query(
-            "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, \
-             'proto_version', '1', 'publication_names', $4)",
-        )
-        .bind(&self.slot)
-        .bind(&upto)
-        .bind(max as i32)
-        .bind(PUBLICATION)
-        .fetch(&mut self.conn);
-        let (mut messages, mut last_commit_end) = (0, None);
-        let mut decoded = Decoded::default();
-        let mut refused = Vec::new();
-        let mut produced = 0;
-        while let Some(row) = rows.try_next().await.map_err(Error::db(&name, format!("reading slot {}", self.slot)))? {
-            messages += 1;
-            let lsn: String = row.get(0);
-            let data: &[u8] = row.get(1);
-            let stream_error = |reason: String| Error::Stream { master: name.clone(), lsn: lsn.clone(), reason };
-            let message = pgoutput::parse(data).map_err(|e| stream_error(e.to_string()))?;
-            if let Message::Commit { end_lsn, .. } = message {
-                last_commit_end = Some(end_lsn);
-            }
-            self.decoder.message(message, &mut decoded).map_err(stream_error)?;
-            if decoded.changes.len() >= PRODUCE_CHUNK {
-                produced += decoded.changes.len();
-                refused.extend(produce(topology, producer, &name, std::mem::take(&mut decoded.changes)).await?);
-            }
-        }
-        drop(rows);
-        produced += decoded.changes.len();
-        refused.extend(produce(topology, producer, &name, decoded.changes).await?);
-        tracing::debug!(master = %name, messages, produced, suppressed = decoded.suppressed, "read a round");
-        counter!(m::LOOP_SUPPRESSED, m::MASTER => name.clone()).increment(decoded.suppressed);
-        self.keep_dead_letters(topology, refused).await?;
-        if produced > 0 && self.crash_after_produce {
-            tracing::warn!("MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances");
-            // SAFETY: kill(2) on our own pid with a valid signal.
-            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-        }
-        let advance_to = if messages < max { parse_lsn(&upto) } else { last_commit_end };
-        if let Some(lsn) = advance_to {
-            self.advance(lsn).await?;
-        }
-        Ok(messages)
     }
 
     /// Keeps, on this master, the changes Kafka refused for their size: the
@@ -260,28 +317,9 @@ impl Capture {
         }
         Ok(())
     }
-
-    /// Moves the slot to `lsn` (never backwards), releasing the WAL before it.
-    async fn advance(&mut self, lsn: Lsn) -> Result<()> {
-        if lsn <= self.confirmed {
-            return Ok(());
-        }
-        sqlx::query("SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)")
-            .bind(&self.slot)
-            .bind(format_lsn(lsn))
-            .execute(&mut self.conn)
-            .await
-            .map_err(Error::db(&self.master.name, format!("advancing slot {}", self.slot)))?;
-        self.confirmed = lsn;
-        gauge!(m::SLOT_CONFIRMED_LSN, m::MASTER => self.master.name.clone()).set(lsn as f64);
-        Ok(())
-    }
 }
 
-/// Changes a round produces at a time: what the source holds in memory.
-const PRODUCE_CHUNK: usize = 10_000;
-
-/// Produces a chunk of changes and waits until Kafka acknowledged every one;
+/// Produces changes and waits until Kafka acknowledged every one;
 /// returns the changes Kafka refused for their size, with the reason.
 async fn produce(
     topology: &Topology,

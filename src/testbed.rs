@@ -330,6 +330,16 @@ impl PgCluster {
         PgConnection::connect(&self.url(db)).await
     }
 
+    /// Puts `lines` in front of pg_hba.conf (first match wins) and reloads.
+    pub async fn prepend_hba(&self, lines: &[&str]) -> Result<()> {
+        let path = self.dir.path().join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&path).map_err(io("reading pg_hba.conf"))?;
+        std::fs::write(&path, format!("{}\n{old}", lines.join("\n"))).map_err(io("writing pg_hba.conf"))?;
+        let mut conn = self.connect("postgres").await?;
+        sqlx::query("SELECT pg_reload_conf()").execute(&mut conn).await?;
+        Ok(())
+    }
+
     /// Creates a database (no error if it exists).
     pub async fn create_database(&self, db: &str) -> Result<()> {
         let mut conn = self.connect("postgres").await?;

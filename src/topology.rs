@@ -78,8 +78,6 @@ struct SyncFile {
     batch_max_wait_ms: Spanned<i64>,
     #[serde(default = "default_capture_max_changes")]
     capture_max_changes: Spanned<i64>,
-    #[serde(default = "default_capture_idle_ms")]
-    capture_idle_ms: Spanned<i64>,
     #[serde(default = "default_heartbeat_interval_ms")]
     heartbeat_interval_ms: Spanned<i64>,
 }
@@ -106,13 +104,10 @@ fn default_batch_max_wait_ms() -> Spanned<i64> {
     unspanned(50)
 }
 fn default_capture_max_changes() -> Spanned<i64> {
-    unspanned(100_000)
+    unspanned(10_000)
 }
 fn default_heartbeat_interval_ms() -> Spanned<i64> {
     unspanned(1000)
-}
-fn default_capture_idle_ms() -> Spanned<i64> {
-    unspanned(100)
 }
 
 // ---------------------------------------------------------------------------
@@ -151,10 +146,8 @@ pub struct SyncSettings {
     pub batch_max_changes: usize,
     /// A sink waits at most this long for a batch to fill.
     pub batch_max_wait: Duration,
-    /// A source reads at most about this many messages from its slot per round.
+    /// A source produces at most this many changes before it waits for Kafka to acknowledge them.
     pub capture_max_changes: usize,
-    /// A source sleeps this long when its slot had nothing new.
-    pub capture_idle: Duration,
     /// Each source rewrites its master's heartbeat row this often.
     pub heartbeat_interval: Duration,
 }
@@ -573,9 +566,6 @@ impl Validator<'_> {
                 self.positive(&s.batch_max_wait_ms, "sync.batch_max_wait_ms", 600_000) as u64,
             ),
             capture_max_changes: self.positive(&s.capture_max_changes, "sync.capture_max_changes", 10_000_000) as usize,
-            capture_idle: Duration::from_millis(
-                self.positive(&s.capture_idle_ms, "sync.capture_idle_ms", 600_000) as u64
-            ),
             heartbeat_interval: Duration::from_millis(self.positive(
                 &s.heartbeat_interval_ms,
                 "sync.heartbeat_interval_ms",

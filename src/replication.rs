@@ -1,0 +1,517 @@
+//! The streaming replication protocol, as much of it as a logical source
+//! needs: a walsender connection (`replication=database`), START_REPLICATION
+//! of a pgoutput slot, the XLogData and keepalive messages that follow, and
+//! the standby status updates that move the slot.
+//!
+//! Reading a slot through SQL (`pg_logical_slot_peek_binary_changes`) decodes
+//! the WAL again from the slot's restart point on every call, and PostgreSQL
+//! moves that point only every few seconds: the cost of each read grows with
+//! the write rate. A walsender decodes each record once. sqlx has no walsender
+//! mode, so this module speaks the protocol itself, with the URL, session
+//! settings, TLS modes and authentication of mmsync's other connections.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::ConnectOptions as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+
+use crate::pgoutput::{format_lsn, Lsn};
+
+/// Messages the reader may hold before it stops reading the socket.
+const BUFFERED_MESSAGES: usize = 10_000;
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// What the walsender sends once replication has started.
+#[derive(Debug)]
+pub enum WalMessage {
+    /// One pgoutput message.
+    Data(Vec<u8>),
+    /// The server's WAL end; `reply` asks for a status update at once.
+    Keepalive { wal_end: Lsn, reply: bool },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("{message} (SQLSTATE {code})")]
+    Server { code: String, message: String },
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("unexpected message from the server: {0}")]
+    Protocol(String),
+    #[error("the server ended the replication stream")]
+    Ended,
+}
+
+impl ReplicationError {
+    /// Whether retrying cannot help: bad credentials, TLS set-up, missing
+    /// privileges or objects, a server mmsync does not understand.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ReplicationError::Server { code, .. } => {
+                // 28: authentication; 3D000: no such database; 42: no privilege
+                // or no such object (the slot); 55000: wal_level not logical.
+                code.starts_with("28") || code == "3D000" || code.starts_with("42") || code == "55000"
+            }
+            ReplicationError::Auth(_) | ReplicationError::Tls(_) | ReplicationError::Protocol(_) => true,
+            ReplicationError::Io(_) | ReplicationError::Ended => false,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ReplicationError>;
+
+/// A byte stream to the server: TCP, TLS over TCP, or a Unix socket.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A started replication stream. Messages are read by a task of their own
+/// into a bounded queue, so that waiting for one can be cancelled and the
+/// source can see whether more are ready without blocking.
+pub struct WalStream {
+    rx: mpsc::Receiver<Result<WalMessage>>,
+    writer: WriteHalf<Box<dyn Io>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WalStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl WalStream {
+    /// Connects as a walsender and starts streaming `slot` from `from`,
+    /// pgoutput protocol 1 (whole transactions, at commit) of `publication`.
+    /// `options` are the connection options of the master, with its session settings.
+    pub async fn start(options: &PgConnectOptions, slot: &str, publication: &str, from: Lsn) -> Result<WalStream> {
+        let mut io = connect(options).await?;
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {})",
+            crate::topology::quote_ident(slot),
+            format_lsn(from),
+            crate::topology::quote_literal(&crate::topology::quote_ident(publication)),
+        );
+        io.write_all(&message(b'Q', &cstring(&command))).await?;
+        io.flush().await?;
+        loop {
+            let (tag, body) = read_message(&mut io).await?;
+            match tag {
+                b'W' => break,
+                b'E' => return Err(server_error(&body)),
+                b'N' | b'S' => {}
+                other => {
+                    return Err(ReplicationError::Protocol(format!("{:?} after START_REPLICATION", other as char)))
+                }
+            }
+        }
+        let (reader, writer) = tokio::io::split(io);
+        let (tx, rx) = mpsc::channel(BUFFERED_MESSAGES);
+        let reader = tokio::spawn(read_stream(BufReader::with_capacity(1 << 16, reader), tx));
+        Ok(WalStream { rx, writer, reader })
+    }
+
+    /// The next message; cancel-safe.
+    pub async fn recv(&mut self) -> Result<WalMessage> {
+        self.rx.recv().await.unwrap_or(Err(ReplicationError::Ended))
+    }
+
+    /// The next message if one is already here.
+    pub fn try_recv(&mut self) -> Option<Result<WalMessage>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Tells the server that everything before `flushed` is safe: the slot
+    /// moves there. With `reply`, the server answers with a keepalive that
+    /// carries its WAL end.
+    pub async fn confirm(&mut self, flushed: Lsn, reply: bool) -> Result<()> {
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        let mut body = Vec::with_capacity(34);
+        body.push(b'r');
+        for position in [flushed, flushed, flushed] {
+            body.extend_from_slice(&position.to_be_bytes()); // written, flushed, applied
+        }
+        body.extend_from_slice(&(now_us - PG_EPOCH_OFFSET_US).to_be_bytes());
+        body.push(u8::from(reply));
+        self.writer.write_all(&message(b'd', &body)).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+}
+
+/// Reads CopyData messages until the stream ends or fails; the last item sent is the error.
+async fn read_stream(mut reader: BufReader<ReadHalf<Box<dyn Io>>>, tx: mpsc::Sender<Result<WalMessage>>) {
+    loop {
+        let item = match read_message(&mut reader).await {
+            Ok((b'd', body)) => match body.first() {
+                // XLogData: start, end, send time (8 bytes each), then the message.
+                Some(b'w') if body.len() >= 25 => Ok(WalMessage::Data(body[25..].to_vec())),
+                // Keepalive: WAL end, send time, reply requested.
+                Some(b'k') if body.len() >= 18 => {
+                    Ok(WalMessage::Keepalive { wal_end: be_u64(&body[1..9]), reply: body[17] == 1 })
+                }
+                _ => {
+                    Err(ReplicationError::Protocol(format!("CopyData of kind {:?}", body.first().map(|b| *b as char))))
+                }
+            },
+            Ok((b'N', _)) => continue,
+            Ok((b'E', body)) => Err(server_error(&body)),
+            Ok((b'c', _)) => Err(ReplicationError::Ended),
+            Ok((tag, _)) => Err(ReplicationError::Protocol(format!("{:?} during replication", tag as char))),
+            Err(e) => Err(e),
+        };
+        let failed = item.is_err();
+        if tx.send(item).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connecting: transport, TLS, start-up, authentication.
+
+async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
+    let url = options.to_url_lossy();
+    let query = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+    let password = url
+        .password()
+        .map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned())
+        .or_else(|| std::env::var("PGPASSWORD").ok());
+    let user = options.get_username().to_string();
+
+    let mut io: Box<dyn Io> = match options.get_socket() {
+        Some(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{}", options.get_port()));
+            Box::new(tokio::net::UnixStream::connect(path).await?)
+        }
+        None => {
+            let tcp = tokio::net::TcpStream::connect((options.get_host(), options.get_port())).await?;
+            tcp.set_nodelay(true)?;
+            match options.get_ssl_mode() {
+                PgSslMode::Disable => Box::new(tcp),
+                mode => tls(tcp, mode, options.get_host(), query("sslrootcert")).await?,
+            }
+        }
+    };
+
+    // The same session settings as mmsync's sqlx connections (see crate::db),
+    // so that pgoutput writes every value in the same text form.
+    let mut params: Vec<(&str, String)> = vec![
+        ("user", user.clone()),
+        ("database", options.get_database().unwrap_or(&user).to_string()),
+        ("replication", "database".into()),
+        ("application_name", options.get_application_name().unwrap_or("mmsync").to_string()),
+        ("DateStyle", "ISO, MDY".into()),
+        ("TimeZone", "UTC".into()),
+        ("client_encoding", "UTF8".into()),
+        ("extra_float_digits", "2".into()),
+    ];
+    params.extend(crate::db::CANONICAL_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())));
+    io.write_all(&startup(&params)).await?;
+    io.flush().await?;
+    authenticate(&mut io, &user, password.as_deref()).await?;
+    Ok(io)
+}
+
+/// Asks the server for TLS and sets it up as `sslmode` says.
+async fn tls(mut tcp: tokio::net::TcpStream, mode: PgSslMode, host: &str, root: Option<String>) -> Result<Box<dyn Io>> {
+    // SSLRequest: length 8, code 80877103.
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return match mode {
+            PgSslMode::Allow | PgSslMode::Prefer => Ok(Box::new(tcp)),
+            _ => Err(ReplicationError::Tls(format!(
+                "the server does not accept TLS connections, and sslmode is {mode:?}; enable ssl on the server or \
+                 set sslmode=prefer"
+            ))),
+        };
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+    let config = match mode {
+        // As libpq and sqlx: encrypted, the certificate not checked.
+        PgSslMode::Allow | PgSslMode::Prefer | PgSslMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_no_client_auth(),
+        PgSslMode::VerifyCa | PgSslMode::VerifyFull => {
+            let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            if let Some(path) = root {
+                let pem = tokio::fs::read(&path)
+                    .await
+                    .map_err(|e| ReplicationError::Tls(format!("reading sslrootcert {path}: {e}")))?;
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| ReplicationError::Tls(format!("sslrootcert {path}: {e}")))?;
+                    roots.add(cert).map_err(|e| ReplicationError::Tls(format!("sslrootcert {path}: {e}")))?;
+                }
+            }
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+            if matches!(mode, PgSslMode::VerifyCa) {
+                builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyName(verifier))).with_no_client_auth()
+            } else {
+                builder.with_webpki_verifier(verifier).with_no_client_auth()
+            }
+        }
+        PgSslMode::Disable => unreachable!("no TLS requested"),
+    };
+    let name = ServerName::try_from(host.to_string()).map_err(|e| ReplicationError::Tls(e.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+    Ok(Box::new(stream))
+}
+
+/// Answers the server's authentication requests until it is ready.
+async fn authenticate(io: &mut Box<dyn Io>, user: &str, password: Option<&str>) -> Result<()> {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let need_password = || {
+        password.ok_or_else(|| {
+            ReplicationError::Auth(format!(
+                "the server asks user {user:?} for a password and the url has none; add it to the url or use url_env"
+            ))
+        })
+    };
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let (tag, body) = read_message(io).await?;
+        match tag {
+            b'R' => {
+                let code = body.get(..4).map_or(-1, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                let reply = match code {
+                    0 => None,
+                    3 => Some(cstring(need_password()?)),
+                    5 => {
+                        let salt: [u8; 4] = body
+                            .get(4..8)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or_else(|| ReplicationError::Protocol("md5 request without salt".into()))?;
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            user.as_bytes(),
+                            need_password()?.as_bytes(),
+                            salt,
+                        );
+                        Some(cstring(&hash))
+                    }
+                    10 => {
+                        let offered = String::from_utf8_lossy(&body[4..]).into_owned();
+                        if !offered.split('\0').any(|m| m == "SCRAM-SHA-256") {
+                            return Err(ReplicationError::Auth(format!(
+                                "the server offers SASL mechanisms {offered:?}; mmsync speaks SCRAM-SHA-256"
+                            )));
+                        }
+                        let s = ScramSha256::new(need_password()?.as_bytes(), ChannelBinding::unsupported());
+                        let first = s.message().to_vec();
+                        scram = Some(s);
+                        let mut b = cstring("SCRAM-SHA-256");
+                        b.extend_from_slice(&(first.len() as i32).to_be_bytes());
+                        b.extend_from_slice(&first);
+                        Some(b)
+                    }
+                    11 | 12 => {
+                        let s = scram.as_mut().ok_or_else(|| ReplicationError::Protocol("SASL out of order".into()))?;
+                        let step = if code == 11 { s.update(&body[4..]) } else { s.finish(&body[4..]) };
+                        step.map_err(|e| ReplicationError::Auth(e.to_string()))?;
+                        (code == 11).then(|| s.message().to_vec())
+                    }
+                    other => {
+                        return Err(ReplicationError::Auth(format!(
+                            "the server asks for authentication method {other}, which mmsync does not speak; use \
+                             scram-sha-256, md5, password or trust in pg_hba.conf"
+                        )))
+                    }
+                };
+                if let Some(reply) = reply {
+                    io.write_all(&message(b'p', &reply)).await?;
+                    io.flush().await?;
+                }
+            }
+            b'E' => return Err(server_error(&body)),
+            b'S' | b'K' | b'N' => {}
+            b'Z' => return Ok(()),
+            other => return Err(ReplicationError::Protocol(format!("{:?} while connecting", other as char))),
+        }
+    }
+}
+
+/// Accepts any certificate: sslmode require (encryption without verification).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Verifies the chain but not the host name: sslmode verify-ca.
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        match self.0.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Framing.
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
+}
+
+fn cstring(s: &str) -> Vec<u8> {
+    let mut b = s.as_bytes().to_vec();
+    b.push(0);
+    b
+}
+
+/// A frontend message: tag, length (itself included), body.
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(body.len() + 5);
+    m.push(tag);
+    m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// The start-up message, protocol 3.0.
+fn startup(params: &[(&str, String)]) -> Vec<u8> {
+    let mut body = 196_608i32.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend(cstring(k));
+        body.extend(cstring(v));
+    }
+    body.push(0);
+    let mut m = (body.len() as i32 + 4).to_be_bytes().to_vec();
+    m.extend(body);
+    m
+}
+
+/// One backend message: (tag, body).
+async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<(u8, Vec<u8>)> {
+    let tag = r.read_u8().await?;
+    let len = r.read_i32().await?;
+    if !(4..=1 << 30).contains(&len) {
+        return Err(ReplicationError::Protocol(format!("a message of length {len}")));
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    r.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+/// An ErrorResponse's SQLSTATE and message (with detail and hint when given).
+fn server_error(body: &[u8]) -> ReplicationError {
+    let (mut code, mut text, mut extra) = (String::new(), String::new(), Vec::new());
+    for field in body.split(|b| *b == 0).filter(|f| !f.is_empty()) {
+        let value = String::from_utf8_lossy(&field[1..]).into_owned();
+        match field[0] {
+            b'C' => code = value,
+            b'M' => text = value,
+            b'D' | b'H' => extra.push(value),
+            _ => {}
+        }
+    }
+    if !extra.is_empty() {
+        text = format!("{text} ({})", extra.join("; "));
+    }
+    ReplicationError::Server { code, message: text }
+}
+
+/// How long connecting and starting replication may take.
+pub const START_TIMEOUT: Duration = crate::db::CONNECT_TIMEOUT;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_and_errors_are_read_as_postgres_writes_them() {
+        assert_eq!(message(b'Q', b"x\0"), vec![b'Q', 0, 0, 0, 6, b'x', 0]);
+        let s = startup(&[("user", "u".into())]);
+        assert_eq!(&s[..4], &(s.len() as i32).to_be_bytes());
+        assert_eq!(&s[4..8], &196_608i32.to_be_bytes());
+        assert_eq!(&s[8..], b"user\0u\0\0");
+        let e = server_error(b"SERROR\0C55006\0Mreplication slot \"s\" is active for PID 7\0\0");
+        assert!(matches!(&e, ReplicationError::Server { code, .. } if code == "55006"));
+        assert!(!e.is_fatal(), "a slot still held by an old connection is waited out");
+        assert!(server_error(b"C42704\0Mno such slot\0").is_fatal());
+        assert!(server_error(b"C28P01\0Mpassword authentication failed\0").is_fatal());
+    }
+}
