@@ -215,6 +215,18 @@ async fn check_master(topology: &Topology, master: &Master) -> Result<(String, V
             "master {name:?}: wal_level is {wal_level:?}; set wal_level = logical in postgresql.conf and restart"
         ));
     }
+    let (role, may_replicate): (String, bool) =
+        sqlx::query_as("SELECT rolname::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(Error::db(name, "reading the role"))?;
+    if !may_replicate {
+        problems.push(format!(
+            "master {name:?}: role {role:?} may not stream from a replication slot; run ALTER ROLE {} REPLICATION \
+             (or connect as a superuser)",
+            quote_ident(&role)
+        ));
+    }
     let (slots_used, own_slot): (i64, bool) =
         sqlx::query_as("SELECT count(*), coalesce(bool_or(slot_name = $1), false) FROM pg_replication_slots")
             .bind(slot_name(name))

@@ -85,6 +85,24 @@ async fn check_passes_on_a_good_topology_and_explains_every_broken_one() {
         "{out}"
     );
 
+    // A role that may not stream changes.
+    let mut busan = bed.master("busan").connect(BED_DATABASE).await.unwrap();
+    sqlx::raw_sql("CREATE ROLE app_user LOGIN").execute(&mut busan).await.unwrap();
+    let no_replication = write(
+        dir,
+        "noreplication.toml",
+        &text.replace(
+            &busan_url,
+            &format!("url = \"{}\"", bed.master("busan").url(BED_DATABASE).replace("postgres@", "app_user@")),
+        ),
+    );
+    let (code, out) = mmsync(&no_replication, &["check"], &[]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("master \"busan\": role \"app_user\" may not stream from a replication slot; run ALTER ROLE \"app_user\" REPLICATION"),
+        "{out}"
+    );
+
     let no_pk = write(
         dir,
         "nopk.toml",
