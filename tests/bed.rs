@@ -89,4 +89,11 @@ async fn sqlite_broker_keeps_topics_across_a_kill() {
     })
     .await;
     assert_eq!(partitions, 2);
+    // The bed indexes tansu's record headers (see Broker::index_headers), after a restart too.
+    let indexes = std::process::Command::new("sqlite3")
+        .arg(bed.broker.sqlite_file().unwrap())
+        .arg(".indexes header")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&indexes.stdout).contains("mmsync_bed_header_record"), "{indexes:?}");
 }
