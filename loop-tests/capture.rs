@@ -3,7 +3,7 @@
 
 use mmsync::testbed::BrokerStorage;
 
-use crate::common::{mmsync, Synced};
+use crate::common::{mmsync, Synced, KV};
 
 const TYPES: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -252,4 +252,57 @@ async fn a_delete_reaches_the_other_master_whatever_the_writers_session_settings
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert!(rows[0].contains("\"v\": \"b\""), "{rows:?}");
     s.stop().await;
+}
+
+/// Causality beats clocks for deletes too. A tombstone can be ahead of this
+/// master's clock: it came from a master whose clock runs fast, or it replaced
+/// a row that did. A later insert of its key here must still get a newer
+/// version, however the tombstone got here: written by a local delete,
+/// applied as the sink applies tombstones, or raised by a newer one.
+#[tokio::test]
+async fn an_insert_beats_a_tombstone_from_a_clock_that_runs_ahead() {
+    let s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, KV, &["public.kv"], "").await;
+    let mut seoul = s.conn("seoul").await;
+    let ahead: i64 = sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8 + 3600000000")
+        .fetch_one(&mut seoul)
+        .await
+        .unwrap();
+    let tombstone = |id: i32, version: i64| {
+        format!(
+            "INSERT INTO mmsync.tombstones AS tb (schema_name, table_name, key, version, origin)
+             VALUES ('public', 'kv', jsonb_build_object('id', '{id}'), {version}, 'busan')
+             ON CONFLICT (schema_name, table_name, key) DO UPDATE SET version = EXCLUDED.version
+             WHERE tb.version < EXCLUDED.version;"
+        )
+    };
+    sqlx::raw_sql(&format!(
+        "BEGIN; SET LOCAL mmsync.applier = 'on';
+         -- key 1: a row replicated from busan, an hour ahead, then deleted here
+         INSERT INTO kv VALUES (1, 'fast', 1, 'busan', {ahead});
+         -- key 2: busan's delete, an hour ahead, applied here
+         {}
+         -- key 3: an old tombstone, then a newer one an hour ahead raises it
+         {} {}
+         COMMIT;
+         DELETE FROM kv WHERE id = 1;",
+        tombstone(2, ahead),
+        tombstone(3, 1),
+        tombstone(3, ahead + 5)
+    ))
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    sqlx::raw_sql("INSERT INTO kv VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)").execute(&mut seoul).await.unwrap();
+    let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
+        "SELECT kv.id, kv.mmsync_version, t.version FROM kv JOIN mmsync.tombstones t
+         ON t.table_name = 'kv' AND t.key = jsonb_build_object('id', kv.id::text) ORDER BY kv.id",
+    )
+    .fetch_all(&mut seoul)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for (id, version, tombstone) in rows {
+        assert!(tombstone >= ahead, "key {id}: the tombstone is not ahead of the clock ({tombstone})");
+        assert!(version > tombstone, "key {id}: the insert got {version}, older than its tombstone {tombstone}");
+    }
 }

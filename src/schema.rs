@@ -448,8 +448,8 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
         };
         let sql = format!(
             "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $mmsync${body}$mmsync$;
-             CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
-             CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();"
+             CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW {APPLIER_SKIPS} EXECUTE FUNCTION {function}();
+             CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW {APPLIER_SKIPS} EXECUTE FUNCTION {function}();"
         );
         exec(conn, master, &format!("installing triggers on {}", info.name), &sql).await?;
         done.push(format!("installed triggers on {}", info.name));
@@ -459,8 +459,14 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
 
 /// The trigger: a local write stamps origin = this master and a version that
 /// beats both the clock and what it replaces; a local delete records a
-/// tombstone. Writes of mmsync's applier (`mmsync.applier = on`) keep what the
-/// applier set.
+/// tombstone. Writes of mmsync's applier (`mmsync.applier = on`) never get
+/// here: the triggers' WHEN clause (see [`APPLIER_SKIPS`]) keeps what the
+/// applier set, without entering the function.
+///
+/// An insert (or a key change) must also beat its key's tombstone, but a
+/// tombstone can only matter when its version has reached the clock, and
+/// `mmsync.tombstone_high` bounds them all (migration 0003): the tombstone is
+/// looked up only when that bound has reached the clock.
 fn trigger_body(info: &TableInfo) -> String {
     let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
     let (schema, table) = (quote_literal(&info.name.schema), quote_literal(&info.name.name));
@@ -472,24 +478,24 @@ fn trigger_body(info: &TableInfo) -> String {
         r#"
 -- key text: {key_text}
 DECLARE
+    now_us bigint;
     tombstone bigint;
 BEGIN
-    IF current_setting('mmsync.applier', true) = 'on' THEN
-        RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
-    END IF;
     IF TG_OP = 'DELETE' THEN
         PERFORM mmsync.record_tombstone({schema}, {table}, {old_key}, mmsync.next_version(OLD.{v}), mmsync.local_master());
         RETURN OLD;
     END IF;
-    IF TG_OP = 'INSERT' OR ({key_changed}) THEN
+    now_us := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+    IF (TG_OP = 'INSERT' OR ({key_changed}))
+       AND coalesce(pg_sequence_last_value('mmsync.tombstone_high'), 0) >= now_us THEN
         SELECT version INTO tombstone FROM mmsync.tombstones
          WHERE schema_name = {schema} AND table_name = {table} AND key = {new_key};
     END IF;
     NEW.{o} := mmsync.local_master();
     IF TG_OP = 'INSERT' THEN
-        NEW.{v} := mmsync.next_version(tombstone);
+        NEW.{v} := greatest(now_us, coalesce(tombstone, 0) + 1);
     ELSE
-        NEW.{v} := mmsync.next_version(greatest(OLD.{v}, tombstone));
+        NEW.{v} := greatest(now_us, OLD.{v} + 1, coalesce(tombstone, 0) + 1);
         IF {key_changed} THEN
             -- the old key is gone: to the other masters that is a delete
             PERFORM mmsync.record_tombstone({schema}, {table}, {old_key}, NEW.{v}, mmsync.local_master());
@@ -502,6 +508,9 @@ END
         key_text = if info.key_text_depends_on_settings() { "settings pinned" } else { "independent of settings" },
     )
 }
+
+/// The WHEN clause of the stamping triggers: writes of mmsync's applier skip them.
+const APPLIER_SKIPS: &str = "WHEN (current_setting('mmsync.applier', true) IS DISTINCT FROM 'on')";
 
 /// For integer keys fed by a sequence or identity: increment = number of
 /// masters, and a residue per master, so two masters never mint the same id.
