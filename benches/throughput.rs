@@ -107,7 +107,7 @@ async fn main() {
     println!("| stage | changes | seconds | changes/s |");
     println!("|---|---:|---:|---:|");
     println!("| capture + produce (one source) | {n} | {capture_secs:.2} | {capture_rate:.0} |");
-    println!("| consume + apply (one sink, from Kafka) | {n} | {apply_secs:.2} | {apply_rate:.0} |");
+    println!("| consume + apply (the sinks of one master, from Kafka) | {n} | {apply_secs:.2} | {apply_rate:.0} |");
     let json = serde_json::json!({
         "changes": n,
         "capture": {"seconds": capture_secs, "changes_per_second": capture_rate},

@@ -45,7 +45,10 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
         .with_http_listener(listen)
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
-            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ],
         )
         .and_then(|b| {
             b.set_buckets_for_metric(

@@ -22,9 +22,14 @@ pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output =
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
         tasks.spawn(async move { (format!("source {}", m.name), crate::source::run(t, m, rx).await) });
         for table in topology.synced_tables() {
-            let (t, m, p, rx) = (topology.clone(), master.clone(), progress.clone(), stopped.clone());
-            tasks
-                .spawn(async move { (format!("sink {} {table}", m.name), crate::sink::run(t, m, table, p, rx).await) });
+            let count = topology.sync.apply_workers;
+            for index in 0..count {
+                let (t, m, p, rx) = (topology.clone(), master.clone(), progress.clone(), stopped.clone());
+                let (table, worker) = (table.clone(), crate::sink::Worker { index, count });
+                tasks.spawn(async move {
+                    (format!("sink {worker} {} {table}", m.name), crate::sink::run(t, m, table, worker, p, rx).await)
+                });
+            }
         }
     }
     tracing::info!(masters = topology.masters.len(), tables = topology.tables.len(), "mmsync running");

@@ -27,16 +27,17 @@ pub async fn run(
     topology: Arc<Topology>,
     target: Master,
     table: TableName,
+    worker: Worker,
     progress: Arc<m::Progress>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut backoff = crate::error::Backoff::new();
     let mut was_up = None;
     loop {
-        let result = match Apply::connect(&topology, &target, &table, progress.clone()).await {
+        let result = match Apply::connect(&topology, &target, &table, worker, progress.clone()).await {
             Ok(mut apply) => {
                 if was_up != Some(true) {
-                    tracing::info!(master = %target.name, "sink of {table} connected, applying {} topic(s)", apply.sources.len());
+                    tracing::info!(master = %target.name, "sink {worker} of {table} connected, applying {} topic(s)", apply.sources.len());
                     was_up = Some(true);
                 }
                 backoff.reset();
@@ -53,7 +54,7 @@ pub async fn run(
             Err(e) => {
                 counter!(m::ERRORS, m::STAGE => "apply", m::KIND => "retry").increment(1);
                 if was_up != Some(false) {
-                    tracing::warn!(master = %target.name, "sink of {table} paused, retrying with backoff: {e}");
+                    tracing::warn!(master = %target.name, "sink {worker} of {table} paused, retrying with backoff: {e}");
                     was_up = Some(false);
                 }
             }
@@ -63,6 +64,26 @@ pub async fn run(
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// One of the sinks of a (master, table): worker `index` of `count` applies
+/// the partitions `p` with `p % count == index`.
+#[derive(Debug, Clone, Copy)]
+pub struct Worker {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Worker {
+    fn applies(&self, partition: i32) -> bool {
+        partition as usize % self.count == self.index
+    }
+}
+
+impl std::fmt::Display for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index + 1, self.count)
     }
 }
 
@@ -155,6 +176,7 @@ impl Apply {
         topology: &Topology,
         target: &Master,
         table: &TableName,
+        worker: Worker,
         progress: Arc<m::Progress>,
     ) -> Result<Apply> {
         let mut conn = crate::db::connect(target).await?;
@@ -172,7 +194,7 @@ impl Apply {
         let stored: HashMap<(String, i32), i64> = stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
 
         let consumer: StreamConsumer =
-            crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}-{table}", target.name))?;
+            crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}-{table}-{}", target.name, worker.index))?;
         let mut tpl = TopicPartitionList::new();
         let mut sources = HashMap::new();
         let mut next_offsets = HashMap::new();
@@ -186,13 +208,14 @@ impl Apply {
                 problem: format!("topic {topic} does not exist"),
                 fix: "run `mmsync init` (mmsync creates its topics; it never relies on auto-create)".into(),
             })?;
-            let mut next = Vec::with_capacity(partitions as usize);
-            for p in 0..partitions {
+            // Indexed by partition; only this worker's share is read.
+            let mut next = vec![0; partitions as usize];
+            for p in (0..partitions).filter(|p| worker.applies(*p)) {
                 let n = stored.get(&(topic.clone(), p)).copied().unwrap_or(0);
                 progress.offset(&topic, p, &master, &target.name, n);
                 let from = if n > 0 { Offset::Offset((n - margin).max(0)) } else { Offset::Beginning };
                 tpl.add_partition_offset(&topic, p, from).map_err(Error::kafka("assigning partitions"))?;
-                next.push(n);
+                next[p as usize] = n;
             }
             next_offsets.insert(topic.clone(), next);
             sources.insert(topic, master);

@@ -78,6 +78,8 @@ struct SyncFile {
     batch_max_wait_ms: Spanned<i64>,
     #[serde(default = "default_capture_max_changes")]
     capture_max_changes: Spanned<i64>,
+    #[serde(default = "default_apply_workers")]
+    apply_workers: Spanned<i64>,
     #[serde(default = "default_heartbeat_interval_ms")]
     heartbeat_interval_ms: Spanned<i64>,
 }
@@ -101,7 +103,10 @@ fn default_batch_max_changes() -> Spanned<i64> {
     unspanned(1000)
 }
 fn default_batch_max_wait_ms() -> Spanned<i64> {
-    unspanned(50)
+    unspanned(5)
+}
+fn default_apply_workers() -> Spanned<i64> {
+    unspanned(2)
 }
 fn default_capture_max_changes() -> Spanned<i64> {
     unspanned(10_000)
@@ -148,6 +153,10 @@ pub struct SyncSettings {
     pub batch_max_wait: Duration,
     /// A source produces at most this many changes before it waits for Kafka to acknowledge them.
     pub capture_max_changes: usize,
+    /// Sinks per (master, table), each applying its share of the partitions
+    /// on its own connection: a key's changes stay in one partition, so
+    /// they stay in order.
+    pub apply_workers: usize,
     /// Each source rewrites its master's heartbeat row this often.
     pub heartbeat_interval: Duration,
 }
@@ -566,6 +575,18 @@ impl Validator<'_> {
                 self.positive(&s.batch_max_wait_ms, "sync.batch_max_wait_ms", 600_000) as u64,
             ),
             capture_max_changes: self.positive(&s.capture_max_changes, "sync.capture_max_changes", 10_000_000) as usize,
+            apply_workers: {
+                let partitions = i64::from((*k.partitions.get_ref()).max(1));
+                let n = *s.apply_workers.get_ref();
+                if n > partitions {
+                    self.problem(
+                        &s.apply_workers,
+                        "sync.apply_workers",
+                        format!("is {n}, more than kafka.partitions ({partitions}); a worker applies whole partitions"),
+                    );
+                }
+                self.positive(&s.apply_workers, "sync.apply_workers", 64).min(partitions) as usize
+            },
             heartbeat_interval: Duration::from_millis(self.positive(
                 &s.heartbeat_interval_ms,
                 "sync.heartbeat_interval_ms",
@@ -643,7 +664,15 @@ tables = ["public.users", "messages", 'public."Order Items"']
         assert_eq!(t.tables[2].quoted(), r#""public"."Order Items""#);
         assert_eq!(t.kafka.client["security.protocol"], "plaintext");
         assert_eq!(t.sync.batch_max_changes, 1000);
-        assert_eq!(t.sync.batch_max_wait, Duration::from_millis(50));
+        assert_eq!(t.sync.batch_max_wait, Duration::from_millis(5));
+        assert_eq!(t.sync.apply_workers, 2);
+    }
+
+    #[test]
+    fn apply_workers_cannot_outnumber_partitions() {
+        let text = GOOD.replace("partitions = 6", "partitions = 3").replace("[sync]", "[sync]\napply_workers = 4");
+        let msg = problems(&text);
+        assert!(msg.contains("sync.apply_workers: is 4, more than kafka.partitions (3)"), "{msg}");
     }
 
     #[test]
