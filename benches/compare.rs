@@ -2,17 +2,18 @@
 //! the same workload, in one run on this machine (the test bed: real
 //! PostgreSQL 15 clusters, a real tansu broker, the release `mmsync` binary).
 //!
-//! `cargo bench --bench compare` (MMSYNC_BENCH_CHANGES changes, default 200,000;
-//! MMSYNC_BENCH_SECONDS per timed load phase, default 20). Prints a table and
-//! writes target/bench/compare.json. pglogical runs when Debian's
-//! postgresql-15-pglogical is installed (scripts/setup installs it).
+//! `cargo bench --bench compare` (MMSYNC_BENCH_CHANGES changes, default
+//! 1,000,000; MMSYNC_BENCH_SECONDS per timed load phase, default 20). Prints a
+//! table and writes target/bench/compare.json. pglogical runs when Debian's
+//! postgresql-15-pglogical is installed (scripts/bench installs it).
 //!
 //! 1. one-way throughput: N changes (40% inserts, 50% updates, 10% deletes)
 //!    written on A as fast as they go; time until B holds the same rows;
 //! 2. catch-up: the same backlog written while the replicator is stopped, then drained;
 //! 3. lag under steady load: both masters writing 2,000 changes/s each;
-//! 4. cost on the master: pgbench upserts on a table with mmsync's columns and
-//!    triggers against the same table without them;
+//! 4. cost on the master: pgbench upserts on a synced table against a plain
+//!    one, with mmsync's triggers alone (mmsync stopped), and with each
+//!    replicator running;
 //! 5. peak resident memory of `mmsync run`.
 
 use std::path::Path;
@@ -176,13 +177,28 @@ fn pgbench(cluster: &PgCluster, db: &str, table: &str, secs: u64, dir: &Path) ->
         .unwrap_or_else(|| panic!("pgbench said: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// The write cost of syncing a table: pgbench upserts on `wc_plain` and on
+/// `wc_synced`, alternated twice against noise; (plain tps, synced tps).
+fn write_cost(cluster: &PgCluster, db: &str, secs: u64, dir: &Path) -> (f64, f64) {
+    let (mut plain, mut synced) = (0.0, 0.0);
+    for _ in 0..2 {
+        plain += pgbench(cluster, db, "wc_plain", secs, dir) / 2.0;
+        synced += pgbench(cluster, db, "wc_synced", secs, dir) / 2.0;
+    }
+    (plain, synced)
+}
+
+fn cost_percent((plain, synced): (f64, f64)) -> f64 {
+    (1.0 - synced / plain) * 100.0
+}
+
 fn pglogical_installed() -> bool {
     mmsync::testbed::pg_bin_dir().is_ok_and(|bin| bin.join("../lib/pglogical.so").exists())
 }
 
 #[tokio::main]
 async fn main() {
-    let n = env_num("MMSYNC_BENCH_CHANGES", 200_000) as i64;
+    let n = env_num("MMSYNC_BENCH_CHANGES", 1_000_000) as i64;
     let secs = env_num("MMSYNC_BENCH_SECONDS", 20);
     let with_pglogical = pglogical_installed();
     let extra = if with_pglogical {
@@ -206,6 +222,10 @@ async fn main() {
     let metrics_addr = mmsync::topology::Topology::load(&topology).unwrap().metrics_listen;
     let log = bed.dir.path().join("mmsync.log");
     let db = mmsync::testbed::BED_DATABASE;
+
+    // Cost on the master of the triggers and columns alone, mmsync stopped.
+    let dir = bed.dir.path();
+    let cost_triggers = write_cost(a, db, secs, dir);
 
     // mmsync: one way, while running.
     let run = MmsyncProcess::spawn(bin, &topology, &["run"], &[], log.clone()).unwrap();
@@ -238,9 +258,7 @@ async fn main() {
     let (lag_p50, lag_p99, lag_max) = (lag(0.5), lag(0.99), lag(1.0));
     let rss_steady = rss_peak_kib(pid);
     // cost on the master, with mmsync running.
-    let dir = bed.dir.path();
-    let tps_plain = pgbench(a, db, "wc_plain", secs, dir);
-    let tps_synced = pgbench(a, db, "wc_synced", secs, dir);
+    let cost_running = write_cost(a, db, secs, dir);
     assert!(run.terminate().await.success());
 
     // Native logical replication, one way, on its own databases.
@@ -249,7 +267,7 @@ async fn main() {
         let mut conn = c.connect("native").await.unwrap();
         exec(&mut conn, TABLE).await;
     }
-    exec(&mut a.connect("native").await.unwrap(), "CREATE PUBLICATION bench_pub FOR TABLE bench").await;
+    exec(&mut a.connect("native").await.unwrap(), "CREATE PUBLICATION bench_pub FOR TABLE bench, wc_synced").await;
     exec(
         &mut b.connect("native").await.unwrap(),
         &format!("CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port={} dbname=native user=postgres' PUBLICATION bench_pub", a.port()),
@@ -275,6 +293,7 @@ async fn main() {
     })
     .await;
     let native_catch_up = started.elapsed().as_secs_f64();
+    let native_cost = write_cost(a, "native", secs, dir);
 
     // pglogical 2, both ways, last_update_wins, forward_origins '{}'.
     let mut pglogical = None;
@@ -287,6 +306,7 @@ async fn main() {
             exec(&mut conn, "CREATE EXTENSION pglogical").await;
             exec(&mut conn, &format!("SELECT pglogical.create_node(node_name := '{name}', dsn := '{}')", dsn(c))).await;
             exec(&mut conn, "SELECT pglogical.replication_set_add_table('default', 'bench')").await;
+            exec(&mut conn, "SELECT pglogical.replication_set_add_table('default', 'wc_synced')").await;
         }
         for (name, sub, provider) in [("b_from_a", b, a), ("a_from_b", a, b)] {
             let mut conn = sub.connect("pgl").await.unwrap();
@@ -321,21 +341,22 @@ async fn main() {
             (state(b, "pgl").await == want).then_some(())
         })
         .await;
-        pglogical = Some((one, started.elapsed().as_secs_f64()));
+        let catch_up = started.elapsed().as_secs_f64();
+        pglogical = Some((one, catch_up, write_cost(a, "pgl", secs, dir)));
     }
 
     let rate = |s: f64| n as f64 / s;
     println!("\nmmsync beside the anchors, {n} changes (40% inserts, 50% updates, 10% deletes), this machine\n");
     println!("| figure | mmsync | native logical replication | pglogical 2 | mmsync / native | mmsync / pglogical |");
     println!("|---|---:|---:|---:|---:|---:|");
-    let pgl = |f: fn((f64, f64)) -> f64| pglogical.map(f);
+    let pgl = |f: fn((f64, f64, (f64, f64))) -> f64| pglogical.map(f);
     let row = |name: &str, m: f64, nat: f64, p: Option<f64>, unit: &str| {
         let p_cell = p.map_or("-".to_string(), |p| format!("{p:.0} {unit}"));
         let p_ratio = p.map_or("-".to_string(), |p| format!("{:.2}", m / p));
         println!("| {name} | {m:.0} {unit} | {nat:.0} {unit} | {p_cell} | {:.2} | {p_ratio} |", m / nat);
     };
-    row("one-way throughput", rate(mmsync_one_way), rate(native_one_way), pgl(|(o, _)| n_rate(o)), "changes/s");
-    row("catch-up of a backlog", rate(mmsync_catch_up), rate(native_catch_up), pgl(|(_, c)| n_rate(c)), "changes/s");
+    row("one-way throughput", rate(mmsync_one_way), rate(native_one_way), pgl(|(o, _, _)| n_rate(o)), "changes/s");
+    row("catch-up of a backlog", rate(mmsync_catch_up), rate(native_catch_up), pgl(|(_, c, _)| n_rate(c)), "changes/s");
     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("≤ {:.0} ms", v * 1000.0));
     println!(
         "| lag p50 / p99 / max at 2,000 changes/s per master | {} / {} / {} | (one way only) | | | |",
@@ -343,7 +364,18 @@ async fn main() {
         fmt(lag_p99),
         fmt(lag_max)
     );
-    println!("| master write rate (pgbench upserts, 2 clients) | {tps_synced:.0} tps synced vs {tps_plain:.0} tps plain: cost {:.1}% | | | | |", (1.0 - tps_synced / tps_plain) * 100.0);
+    let tps =
+        |(plain, synced): (f64, f64)| format!("{:.1}% ({synced:.0} vs {plain:.0} tps)", cost_percent((plain, synced)));
+    println!(
+        "| master write cost, pgbench upserts (2 clients): triggers and columns, replicator stopped | {} | (no triggers) | (no triggers) | | |",
+        tps(cost_triggers)
+    );
+    println!(
+        "| master write cost, same, replicator running on this machine | {} | {} | {} | | |",
+        tps(cost_running),
+        tps(native_cost),
+        pglogical.map_or("-".into(), |(_, _, c)| tps(c))
+    );
     println!(
         "| peak RSS of mmsync run | {} MiB (one-way), {} MiB (steady) | | | | |",
         rss_one_way / 1024,
@@ -355,13 +387,18 @@ async fn main() {
         "mmsync": {"one_way_s": mmsync_one_way, "catch_up_s": mmsync_catch_up, "lag_p50_s": lag_p50, "lag_p99_s": lag_p99, "lag_max_s": lag_max,
                    "rss_one_way_kib": rss_one_way, "rss_steady_kib": rss_steady},
         "native": {"one_way_s": native_one_way, "catch_up_s": native_catch_up},
-        "pglogical": pglogical.map(|(o, c)| serde_json::json!({"one_way_s": o, "catch_up_s": c})),
-        "master_cost": {"tps_plain": tps_plain, "tps_synced": tps_synced},
+        "pglogical": pglogical.map(|(o, c, w)| serde_json::json!({"one_way_s": o, "catch_up_s": c,
+                                   "write_cost": {"tps_plain": w.0, "tps_synced": w.1}})),
+        "master_cost": {
+            "triggers_only": {"tps_plain": cost_triggers.0, "tps_synced": cost_triggers.1},
+            "mmsync_running": {"tps_plain": cost_running.0, "tps_synced": cost_running.1},
+            "native_running": {"tps_plain": native_cost.0, "tps_synced": native_cost.1},
+        },
     });
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/compare.json", serde_json::to_string_pretty(&json).unwrap()).unwrap();
 }
 
 fn n_rate(secs: f64) -> f64 {
-    env_num("MMSYNC_BENCH_CHANGES", 200_000) as f64 / secs
+    env_num("MMSYNC_BENCH_CHANGES", 1_000_000) as f64 / secs
 }
