@@ -106,7 +106,7 @@ pub struct Capture {
 
 /// Where the stream is between two transactions, and what may be confirmed.
 #[derive(Debug, Default)]
-struct Progress {
+struct StreamState {
     /// Inside a transaction: between its Begin and its Commit.
     in_transaction: bool,
     /// The end of the last transaction whose Commit was read.
@@ -165,7 +165,7 @@ impl Capture {
         let name = self.master.name.clone();
         let chunk = topology.sync.capture_max_changes;
         let mut decoded = Decoded::default();
-        let mut progress = Progress::default();
+        let mut stream_state = StreamState::default();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut last_beat, mut last_measure, mut last_status): (Option<Instant>, Option<Instant>, Instant) =
@@ -176,11 +176,11 @@ impl Capture {
                 // Shutdown first: what was read and not confirmed is sent again next time.
                 _ = stopped(shutdown) => return Ok(()),
                 message = self.stream.recv() => {
-                    self.take(message, &mut decoded, &mut progress)?;
+                    self.take(message, &mut decoded, &mut stream_state)?;
                     // Everything that is already here, up to a chunk.
                     while decoded.changes.len() < chunk {
                         let Some(message) = self.stream.try_recv() else { break };
-                        self.take(message, &mut decoded, &mut progress)?;
+                        self.take(message, &mut decoded, &mut stream_state)?;
                     }
                 }
                 _ = tick.tick() => {
@@ -195,7 +195,7 @@ impl Capture {
                     // Between transactions with nothing in hand: ask where
                     // the WAL ends, so the slot follows it even when nothing
                     // is published (it would keep WAL forever otherwise).
-                    if !progress.in_transaction && decoded.changes.is_empty() {
+                    if !stream_state.in_transaction && decoded.changes.is_empty() {
                         self.stream.confirm(self.confirmed, true).await.map_err(Error::replication(&name, "asking for the WAL end"))?;
                         last_status = Instant::now();
                     }
@@ -206,7 +206,7 @@ impl Capture {
                     .increment(std::mem::take(&mut decoded.suppressed));
             }
             // A whole transaction, or a full chunk of a large one.
-            if !decoded.changes.is_empty() && (!progress.in_transaction || decoded.changes.len() >= chunk) {
+            if !decoded.changes.is_empty() && (!stream_state.in_transaction || decoded.changes.len() >= chunk) {
                 let refused = produce(topology, producer, &name, std::mem::take(&mut decoded.changes)).await?;
                 self.keep_dead_letters(topology, refused).await?;
                 if self.crash_after_produce {
@@ -220,14 +220,14 @@ impl Capture {
             // no transaction is open.
             let mut safe = self.confirmed;
             if decoded.changes.is_empty() {
-                safe = safe.max(progress.last_commit_end.unwrap_or(0));
-                if !progress.in_transaction {
-                    safe = safe.max(progress.wal_end.take().unwrap_or(0));
+                safe = safe.max(stream_state.last_commit_end.unwrap_or(0));
+                if !stream_state.in_transaction {
+                    safe = safe.max(stream_state.wal_end.take().unwrap_or(0));
                 }
             }
-            if safe > self.confirmed || progress.reply_requested || last_status.elapsed() >= STATUS_EVERY {
+            if safe > self.confirmed || stream_state.reply_requested || last_status.elapsed() >= STATUS_EVERY {
                 self.stream.confirm(safe, false).await.map_err(Error::replication(&name, "confirming a position"))?;
-                progress.reply_requested = false;
+                stream_state.reply_requested = false;
                 last_status = Instant::now();
                 if safe > self.confirmed {
                     self.confirmed = safe;
@@ -242,23 +242,23 @@ impl Capture {
         &mut self,
         message: std::result::Result<WalMessage, crate::replication::ReplicationError>,
         decoded: &mut Decoded,
-        progress: &mut Progress,
+        state: &mut StreamState,
     ) -> Result<()> {
         let name = &self.master.name;
         match message.map_err(Error::replication(name, "reading the replication stream"))? {
             WalMessage::Keepalive { wal_end, reply } => {
-                progress.wal_end = Some(wal_end);
-                progress.reply_requested |= reply;
+                state.wal_end = Some(wal_end);
+                state.reply_requested |= reply;
             }
             WalMessage::Data(data) => {
-                let after = format_lsn(progress.last_commit_end.unwrap_or(self.confirmed));
+                let after = format_lsn(state.last_commit_end.unwrap_or(self.confirmed));
                 let stream_error = |reason: String| Error::Stream { master: name.clone(), lsn: after.clone(), reason };
                 let message = pgoutput::parse(&data).map_err(|e| stream_error(e.to_string()))?;
                 match &message {
-                    Message::Begin { .. } => progress.in_transaction = true,
+                    Message::Begin { .. } => state.in_transaction = true,
                     Message::Commit { end_lsn, .. } => {
-                        progress.in_transaction = false;
-                        progress.last_commit_end = Some(*end_lsn);
+                        state.in_transaction = false;
+                        state.last_commit_end = Some(*end_lsn);
                     }
                     _ => {}
                 }

@@ -39,6 +39,19 @@ async fn stream(url: String) -> Result<WalStream, ReplicationError> {
     Ok(stream)
 }
 
+/// Waits until the server has seen a stream's connection go and the slot is free again.
+async fn slot_released(cluster: &PgCluster) {
+    wait_for("the slot to be released", Duration::from_secs(30), || async {
+        let mut conn = cluster.connect("postgres").await.ok()?;
+        let active: bool = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = 's'")
+            .fetch_one(&mut conn)
+            .await
+            .ok()?;
+        (!active).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_replication_connection_honours_sslmode() {
     let cluster = PgCluster::start(PgOptions { ssl: true, ..PgOptions::default() }).await.unwrap();
@@ -58,16 +71,7 @@ async fn the_replication_connection_honours_sslmode() {
     let s = stream(url("require")).await.expect("TLS with sslmode=require");
     assert!(walsender_ssl().await, "the walsender's connection is not encrypted");
     drop(s);
-    // The slot is free again once the server has seen the connection go.
-    wait_for("the first stream to end", Duration::from_secs(30), || async {
-        let mut conn = cluster.connect("postgres").await.ok()?;
-        let active: bool = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = 's'")
-            .fetch_one(&mut conn)
-            .await
-            .ok()?;
-        (!active).then_some(())
-    })
-    .await;
+    slot_released(&cluster).await;
 
     let s = stream(url("disable")).await.expect("plain with sslmode=disable");
     assert!(!walsender_ssl().await);
@@ -117,16 +121,7 @@ async fn the_replication_connection_authenticates_with_scram_md5_and_password() 
     for (user, password) in [("scram_user", "sc r@m"), ("md5_user", "md5 pw"), ("plain_user", "plain pw")] {
         let s = stream(url(user, Some(password))).await.unwrap_or_else(|e| panic!("{user}: {e}"));
         drop(s);
-        // One walsender per slot: wait until this one has gone.
-        wait_for("the stream to end", Duration::from_secs(30), || async {
-            let mut conn = cluster.connect("postgres").await.ok()?;
-            let active: bool = sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = 's'")
-                .fetch_one(&mut conn)
-                .await
-                .ok()?;
-            (!active).then_some(())
-        })
-        .await;
+        slot_released(&cluster).await;
     }
 
     let err = stream(url("scram_user", Some("wrong"))).await.err().expect("a wrong password is refused");
