@@ -157,7 +157,11 @@ async fn read_stream(mut reader: BufReader<ReadHalf<Box<dyn Io>>>, tx: mpsc::Sen
         let item = match read_message(&mut reader).await {
             Ok((b'd', body)) => match body.first() {
                 // XLogData: start, end, send time (8 bytes each), then the message.
-                Some(b'w') if body.len() >= 25 => Ok(WalMessage::Data(body[25..].to_vec())),
+                Some(b'w') if body.len() >= 25 => {
+                    let mut data = body;
+                    data.drain(..25); // in place: no second copy per row
+                    Ok(WalMessage::Data(data))
+                }
                 // Keepalive: WAL end, send time, reply requested.
                 Some(b'k') if body.len() >= 18 => {
                     Ok(WalMessage::Keepalive { wal_end: be_u64(&body[1..9]), reply: body[17] == 1 })

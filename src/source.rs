@@ -251,8 +251,9 @@ impl Capture {
                 state.reply_requested |= reply;
             }
             WalMessage::Data(data) => {
-                let after = format_lsn(state.last_commit_end.unwrap_or(self.confirmed));
-                let stream_error = |reason: String| Error::Stream { master: name.clone(), lsn: after.clone(), reason };
+                let after = state.last_commit_end.unwrap_or(self.confirmed);
+                let stream_error =
+                    |reason: String| Error::Stream { master: name.clone(), lsn: format_lsn(after), reason };
                 let message = pgoutput::parse(&data).map_err(|e| stream_error(e.to_string()))?;
                 match &message {
                     Message::Begin { .. } => state.in_transaction = true,
