@@ -248,33 +248,34 @@ async fn tls(mut tcp: tokio::net::TcpStream, mode: PgSslMode, host: &str, root: 
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| ReplicationError::Tls(e.to_string()))?;
-    let config = match mode {
-        // As libpq and sqlx: encrypted, the certificate not checked.
-        PgSslMode::Allow | PgSslMode::Prefer | PgSslMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth(),
-        PgSslMode::VerifyCa | PgSslMode::VerifyFull => {
-            let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            if let Some(path) = root {
-                let pem = tokio::fs::read(&path)
+    // As libpq and sqlx: require (and prefer, allow) encrypts without checking
+    // the certificate; verify-ca checks its chain; verify-full its name too.
+    let verify = matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull);
+    let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let (true, Some(root)) = (verify, root) {
+        // sqlx writes sslrootcert back as "file: <path>", or as the PEM itself.
+        let (what, pem) = match root.strip_prefix("file: ") {
+            Some(path) => (
+                path.to_string(),
+                tokio::fs::read(path)
                     .await
-                    .map_err(|e| ReplicationError::Tls(format!("reading sslrootcert {path}: {e}")))?;
-                for cert in CertificateDer::pem_slice_iter(&pem) {
-                    let cert = cert.map_err(|e| ReplicationError::Tls(format!("sslrootcert {path}: {e}")))?;
-                    roots.add(cert).map_err(|e| ReplicationError::Tls(format!("sslrootcert {path}: {e}")))?;
-                }
-            }
-            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| ReplicationError::Tls(e.to_string()))?;
-            if matches!(mode, PgSslMode::VerifyCa) {
-                builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyName(verifier))).with_no_client_auth()
-            } else {
-                builder.with_webpki_verifier(verifier).with_no_client_auth()
-            }
+                    .map_err(|e| ReplicationError::Tls(format!("reading sslrootcert {path}: {e}")))?,
+            ),
+            None => ("sslrootcert".to_string(), root.into_bytes()),
+        };
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| ReplicationError::Tls(format!("sslrootcert {what}: {e}")))?;
+            roots.add(cert).map_err(|e| ReplicationError::Tls(format!("sslrootcert {what}: {e}")))?;
         }
-        PgSslMode::Disable => unreachable!("no TLS requested"),
+    }
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
+    let config = if matches!(mode, PgSslMode::VerifyFull) {
+        builder.with_webpki_verifier(webpki).with_no_client_auth()
+    } else {
+        let relaxed = Relaxed { webpki, check_chain: verify };
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(relaxed)).with_no_client_auth()
     };
     let name = ServerName::try_from(host.to_string()).map_err(|e| ReplicationError::Tls(e.to_string()))?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -356,47 +357,15 @@ async fn authenticate(io: &mut Box<dyn Io>, user: &str, password: Option<&str>) 
     }
 }
 
-/// Accepts any certificate: sslmode require (encryption without verification).
+/// The certificate checks of the sslmodes below verify-full: none (require),
+/// or the chain without the host name (verify-ca). Signatures are always checked.
 #[derive(Debug)]
-struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Relaxed {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    check_chain: bool,
 }
 
-/// Verifies the chain but not the host name: sslmode verify-ca.
-#[derive(Debug)]
-struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyName {
+impl ServerCertVerifier for Relaxed {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -405,7 +374,10 @@ impl ServerCertVerifier for AnyName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+        if !self.check_chain {
+            return Ok(ServerCertVerified::assertion());
+        }
+        match self.webpki.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -418,7 +390,7 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.webpki.verify_tls12_signature(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -426,10 +398,10 @@ impl ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.webpki.verify_tls13_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.webpki.supported_verify_schemes()
     }
 }
 

@@ -236,15 +236,31 @@ impl PgCluster {
         ];
         conf.extend(opts.extra_conf);
         if opts.ssl {
-            let out = Command::new("openssl")
-                .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=mmsync-test"])
-                .args(["-newkey", "rsa:2048", "-keyout", "server.key", "-out", "server.crt"])
-                .current_dir(&data)
-                .output()
-                .await
-                .map_err(io("running openssl"))?;
-            if !out.status.success() {
-                return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
+            // A CA, and a server certificate it signed (for the name
+            // "mmsync-test", not 127.0.0.1: verify-full must refuse it).
+            std::fs::write(data.join("server.ext"), "basicConstraints=CA:FALSE\nsubjectAltName=DNS:mmsync-test\n")
+                .map_err(io("writing server.ext"))?;
+            let steps: [&[&str]; 3] = [
+                &["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=mmsync-test-ca"],
+                &["req", "-new", "-nodes", "-subj", "/CN=mmsync-test", "-newkey", "rsa:2048"],
+                &["x509", "-req", "-days", "2", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key"],
+            ];
+            let outputs: [&[&str]; 3] = [
+                &["-newkey", "rsa:2048", "-keyout", "ca.key", "-out", "ca.crt"],
+                &["-keyout", "server.key", "-out", "server.csr"],
+                &["-CAcreateserial", "-extfile", "server.ext", "-out", "server.crt"],
+            ];
+            for (step, out) in steps.iter().zip(outputs) {
+                let out = Command::new("openssl")
+                    .args(*step)
+                    .args(out)
+                    .current_dir(&data)
+                    .output()
+                    .await
+                    .map_err(io("running openssl"))?;
+                if !out.status.success() {
+                    return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
+                }
             }
             for file in ["server.key", "server.crt"] {
                 chown_tree(&data.join(file), owner)?;
@@ -328,6 +344,11 @@ impl PgCluster {
 
     pub async fn connect(&self, db: &str) -> std::result::Result<PgConnection, sqlx::Error> {
         PgConnection::connect(&self.url(db)).await
+    }
+
+    /// The CA that signed the certificate of a cluster started with `ssl: true`.
+    pub fn tls_root_certificate(&self) -> PathBuf {
+        self.dir.path().join("data/ca.crt")
     }
 
     /// Puts `lines` in front of pg_hba.conf (first match wins) and reloads.

@@ -77,9 +77,22 @@ async fn the_replication_connection_honours_sslmode() {
     assert!(!walsender_ssl().await);
     drop(s);
 
-    let err = stream(url("verify-full")).await.err().expect("a self-signed certificate is not trusted");
+    let err = stream(url("verify-full")).await.err().expect("a certificate of an unknown CA is not trusted");
     assert!(matches!(err, ReplicationError::Tls(_)) && err.is_fatal(), "{err:?}");
     assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+    let err = stream(url("verify-ca")).await.err().expect("verify-ca checks the chain");
+    assert!(matches!(err, ReplicationError::Tls(_)), "{err:?}");
+
+    // With the bed's CA as the root: verify-ca trusts the chain and skips the
+    // name; verify-full still wants the name (the certificate is for
+    // "mmsync-test", not 127.0.0.1).
+    let root = |mode: &str| format!("{}&sslrootcert={}", url(mode), cluster.tls_root_certificate().display());
+    let s = stream(root("verify-ca")).await.expect("verify-ca with the bed's CA as root");
+    assert!(walsender_ssl().await);
+    drop(s);
+    slot_released(&cluster).await;
+    let err = stream(root("verify-full")).await.err().expect("the name does not match");
+    assert!(err.to_string().to_lowercase().contains("name"), "{err}");
 }
 
 #[tokio::test]
