@@ -7,6 +7,18 @@
 -- transaction lock, so two concurrent raises never leave it below either.
 CREATE SEQUENCE IF NOT EXISTS mmsync.tombstone_high MINVALUE 0 START 0;
 
+-- The clock of version stamps, in microseconds; next_version is the one rule
+-- that turns it into a stamp.
+CREATE OR REPLACE FUNCTION mmsync.now_us() RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint
+$$;
+
+CREATE OR REPLACE FUNCTION mmsync.next_version(previous bigint) RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    SELECT greatest(mmsync.now_us(), coalesce(previous, 0) + 1)
+$$;
+
 SELECT setval('mmsync.tombstone_high', max(version) + 1000000)
 FROM mmsync.tombstones HAVING count(*) > 0;
 

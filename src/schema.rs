@@ -478,24 +478,22 @@ fn trigger_body(info: &TableInfo) -> String {
         r#"
 -- key text: {key_text}
 DECLARE
-    now_us bigint;
     tombstone bigint;
 BEGIN
     IF TG_OP = 'DELETE' THEN
         PERFORM mmsync.record_tombstone({schema}, {table}, {old_key}, mmsync.next_version(OLD.{v}), mmsync.local_master());
         RETURN OLD;
     END IF;
-    now_us := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
     IF (TG_OP = 'INSERT' OR ({key_changed}))
-       AND coalesce(pg_sequence_last_value('mmsync.tombstone_high'), 0) >= now_us THEN
+       AND coalesce(pg_sequence_last_value('mmsync.tombstone_high'), 0) >= mmsync.now_us() THEN
         SELECT version INTO tombstone FROM mmsync.tombstones
          WHERE schema_name = {schema} AND table_name = {table} AND key = {new_key};
     END IF;
     NEW.{o} := mmsync.local_master();
     IF TG_OP = 'INSERT' THEN
-        NEW.{v} := greatest(now_us, coalesce(tombstone, 0) + 1);
+        NEW.{v} := mmsync.next_version(tombstone);
     ELSE
-        NEW.{v} := greatest(now_us, OLD.{v} + 1, coalesce(tombstone, 0) + 1);
+        NEW.{v} := mmsync.next_version(greatest(OLD.{v}, tombstone));
         IF {key_changed} THEN
             -- the old key is gone: to the other masters that is a delete
             PERFORM mmsync.record_tombstone({schema}, {table}, {old_key}, NEW.{v}, mmsync.local_master());
