@@ -87,12 +87,12 @@ impl std::fmt::Display for Worker {
     }
 }
 
-/// Where a record was read from.
+/// Where a record was read from (partition and offset -1: never produced).
 #[derive(Debug, Clone)]
-struct RecordId {
-    topic: String,
-    partition: i32,
-    offset: i64,
+pub(crate) struct RecordId {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// A change with the record it came in.
@@ -101,15 +101,36 @@ struct Rec {
     at: RecordId,
 }
 
-/// A record that cannot be applied, kept whole with the reason.
-struct DeadLetter {
-    at: RecordId,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    reason: String,
+/// A record that cannot be applied (or produced), kept whole with the reason.
+pub(crate) struct DeadLetter {
+    pub at: RecordId,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub reason: String,
 }
 
 impl DeadLetter {
+    /// Writes it to `master`'s mmsync.dead_letters and counts it.
+    pub async fn keep(&self, conn: &mut PgConnection, master: &str) -> Result<()> {
+        let RecordId { topic, partition, offset } = &self.at;
+        tracing::warn!(master = %master, "dead letter from {topic}[{partition}]@{offset}: {}", self.reason);
+        sqlx::query(
+            "INSERT INTO mmsync.dead_letters (topic, partition, kafka_offset, reason, record_key, record_value)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .bind(&self.reason)
+        .bind(&self.key)
+        .bind(&self.value)
+        .execute(conn)
+        .await
+        .map_err(Error::db(master, "writing a dead letter"))?;
+        counter!(m::DEAD_LETTERS, m::TARGET => master.to_string()).increment(1);
+        Ok(())
+    }
+
     fn of(rec: Rec, reason: String) -> DeadLetter {
         DeadLetter {
             key: Some(rec.change.kafka_key().into_bytes()),
@@ -315,21 +336,7 @@ impl Apply {
             dead.extend(refused);
         }
         for d in dead {
-            let RecordId { topic, partition, offset } = d.at;
-            tracing::warn!(master = %target, "dead letter from {topic}[{partition}]@{offset}: {}", d.reason);
-            sqlx::query(
-                "INSERT INTO mmsync.dead_letters (topic, partition, kafka_offset, reason, record_key, record_value) VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&topic)
-            .bind(partition)
-            .bind(offset)
-            .bind(&d.reason)
-            .bind(&d.key)
-            .bind(&d.value)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("writing a dead letter"))?;
-            counter!(m::DEAD_LETTERS, m::TARGET => target.clone()).increment(1);
+            d.keep(&mut tx, &target).await?;
         }
         let (topics, rest): (Vec<String>, Vec<(i32, i64)>) = offsets.into_iter().map(|((t, p), o)| (t, (p, o))).unzip();
         let (partitions, next): (Vec<i32>, Vec<i64>) = rest.into_iter().unzip();

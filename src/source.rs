@@ -18,6 +18,7 @@ use crate::metrics as m;
 use crate::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
 use crate::replication::{WalMessage, WalStream};
 use crate::schema::{slot_name, PUBLICATION};
+use crate::sink::{DeadLetter, RecordId};
 use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// How often the retained WAL is measured.
@@ -302,19 +303,13 @@ impl Capture {
     async fn keep_dead_letters(&mut self, topology: &Topology, refused: Vec<(Change, String)>) -> Result<()> {
         for (c, reason) in refused {
             let topic = crate::kafka::topic_name(&topology.kafka.topic_prefix, &c.origin, &c.table);
-            tracing::warn!(master = %self.master.name, "dead letter: {} key {}: {reason}", c.table, c.kafka_key());
-            sqlx::query(
-                "INSERT INTO mmsync.dead_letters (topic, partition, kafka_offset, reason, record_key, record_value)
-                 VALUES ($1, -1, -1, $2, $3, $4)",
-            )
-            .bind(&topic)
-            .bind(&reason)
-            .bind(c.kafka_key().into_bytes())
-            .bind(c.kafka_value())
-            .execute(&mut self.conn)
-            .await
-            .map_err(Error::db(&self.master.name, "writing a dead letter"))?;
-            counter!(m::DEAD_LETTERS, m::TARGET => self.master.name.clone()).increment(1);
+            let letter = DeadLetter {
+                at: RecordId { topic, partition: -1, offset: -1 },
+                key: Some(c.kafka_key().into_bytes()),
+                value: Some(c.kafka_value()),
+                reason,
+            };
+            letter.keep(&mut self.conn, &self.master.name).await?;
         }
         Ok(())
     }
