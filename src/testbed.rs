@@ -177,7 +177,7 @@ pub struct PgOptions {
     pub port: Option<u16>,
     /// Extra lines for postgresql.conf.
     pub extra_conf: Vec<String>,
-    /// Serve TLS with a fresh self-signed certificate (made with openssl).
+    /// Serve TLS with a server certificate signed by a fresh CA of its own (made with openssl).
     pub ssl: bool,
 }
 
