@@ -1,6 +1,6 @@
 //! mmsync beside PostgreSQL's native logical replication and pglogical 2, on
 //! the same workload, in one run on this machine (the test bed: real
-//! PostgreSQL 15 clusters, a real tansu broker, the release `mmsync` binary).
+//! PostgreSQL 15 clusters, Apache Kafka (KRaft), the release `mmsync` binary).
 //!
 //! `cargo bench --bench compare` (MMSYNC_BENCH_CHANGES changes, default
 //! 1,000,000; MMSYNC_BENCH_SECONDS per timed load phase, default 20). Prints a
@@ -19,7 +19,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mmsync::testbed::{wait_for, Bed, BrokerStorage, MmsyncProcess, PgCluster};
+use mmsync::testbed::{wait_for, Bed, BedKafka, MmsyncProcess, PgCluster};
 use sqlx::PgConnection;
 
 const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2), at timestamptz);
@@ -212,7 +212,7 @@ async fn main() {
     } else {
         Vec::new()
     };
-    let bed = Bed::start_with(&["a", "b"], BrokerStorage::Memory, extra).await.expect("bed");
+    let bed = Bed::start_with(&["a", "b"], BedKafka::own(), extra).await.expect("bed");
     let (a, b) = (bed.master("a"), bed.master("b"));
     bed.sql_everywhere(TABLE).await.unwrap();
     let topology = bed.write_topology(&["public.bench", "public.wc_synced"], "");

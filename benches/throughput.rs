@@ -1,4 +1,4 @@
-//! Throughput on this machine, on the test bed (real PostgreSQL, real tansu):
+//! Throughput on this machine, on the test bed (real PostgreSQL, real Apache Kafka):
 //!
 //! - capture: one source streams N committed changes from its slot and
 //!   produces them to Kafka, until the slot is confirmed past them (every
@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use mmsync::testbed::{wait_for, Bed, BrokerStorage, BED_DATABASE};
+use mmsync::testbed::{wait_for, Bed, BedKafka, BED_DATABASE};
 use mmsync::topology::Topology;
 
 const SCHEMA: &str =
@@ -19,11 +19,7 @@ const SCHEMA: &str =
 #[tokio::main]
 async fn main() {
     let n: i64 = std::env::var("MMSYNC_BENCH_CHANGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-    let storage = match std::env::var("MMSYNC_BENCH_BROKER").as_deref() {
-        Ok("sqlite") => BrokerStorage::Sqlite,
-        _ => BrokerStorage::Memory,
-    };
-    let bed = Bed::start(&["a", "b"], storage).await.expect("bed");
+    let bed = Bed::start(&["a", "b"], BedKafka::own()).await.expect("bed");
     bed.sql_everywhere(SCHEMA).await.unwrap();
     let path = bed.write_topology(&["public.bench"], "");
     let topology = Topology::load(&path).unwrap();

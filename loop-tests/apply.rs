@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mmsync::testbed::{wait_for, BrokerStorage};
+use mmsync::testbed::{wait_for, BedKafka};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
@@ -13,7 +13,7 @@ const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT
 
 #[tokio::test]
 async fn a_row_written_on_one_master_appears_on_the_other() {
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, USERS, &["public.users"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, USERS, &["public.users"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     sqlx::raw_sql("INSERT INTO users (name, score) VALUES ('kim', 1), ('lee', 2)").execute(&mut seoul).await.unwrap();
@@ -38,7 +38,7 @@ async fn a_row_written_on_one_master_appears_on_the_other() {
     s.stop().await;
 }
 
-/// End offsets of every topic, from a broker whose watermarks are right (SQLite storage).
+/// End offsets of every topic.
 fn end_offsets(s: &Synced) -> Vec<(String, i32, i64)> {
     let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
     let mut out = Vec::new();
@@ -56,14 +56,9 @@ fn end_offsets(s: &Synced) -> Vec<(String, i32, i64)> {
 async fn no_echo_once_writes_stop() {
     // Heartbeats are changes too; here they would blur "nothing moves", so
     // they beat once at start and not again during the test.
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Sqlite,
-        USERS,
-        &["public.users"],
-        "heartbeat_interval_ms = 3600000",
-    )
-    .await;
+    let mut s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, USERS, &["public.users"], "heartbeat_interval_ms = 3600000")
+            .await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     // 1,000 changes: 600 inserts, 300 updates, 100 deletes.
@@ -124,8 +119,13 @@ async fn no_echo_once_writes_stop() {
     let before = (counters(&s.metrics().await), end_offsets(&s));
     let records =
         |prefix: &str| -> i64 { before.1.iter().filter(|(t, _, _)| t.starts_with(prefix)).map(|(_, _, h)| h).sum() };
-    assert_eq!(records("mmsync.busan.public."), 0, "busan produced records of seoul's changes: {:?}", before.1);
-    assert_eq!(records("mmsync.seoul.public.users"), 1000, "{:?}", before.1);
+    assert_eq!(
+        records(&format!("{}.busan.public.", s.bed.topic_prefix)),
+        0,
+        "busan produced records of seoul's changes: {:?}",
+        before.1
+    );
+    assert_eq!(records(&s.bed.topic("seoul", "public.users")), 1000, "{:?}", before.1);
     assert_eq!([before.0[0], before.0[2]], [1000.0, 1000.0], "captured, applied or skipped");
     let quiet_until = std::time::Instant::now() + Duration::from_millis(1500);
     while std::time::Instant::now() < quiet_until {
@@ -139,7 +139,7 @@ async fn no_echo_once_writes_stop() {
 /// Concurrent random writes on the same keys at every master; when quiet,
 /// every master equals the last-writer-wins model of all acknowledged writes.
 async fn converge_under_conflict(masters: &[&str], ops: usize) -> Synced {
-    let mut s = Synced::new(masters, BrokerStorage::Memory, KV, &["public.kv"], "").await;
+    let mut s = Synced::new(masters, BedKafka::Shared, KV, &["public.kv"], "").await;
     s.start();
     let seed = seed("converge_under_conflict");
     let mut writers = Vec::new();
@@ -218,7 +218,7 @@ async fn replaying_every_record_changes_no_row() {
 
 #[tokio::test]
 async fn delete_versus_update_ends_by_the_versions_everywhere() {
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, KV, &["public.kv"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     let mut busan = s.conn("busan").await;
@@ -259,8 +259,7 @@ async fn delete_versus_update_ends_by_the_versions_everywhere() {
 #[tokio::test]
 async fn a_blocked_table_does_not_hold_the_others_back() {
     let schema = "CREATE TABLE slow (id int PRIMARY KEY, v text); CREATE TABLE fast (id int PRIMARY KEY, v text)";
-    let mut s =
-        Synced::new(&["seoul", "busan"], BrokerStorage::Memory, schema, &["public.slow", "public.fast"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, schema, &["public.slow", "public.fast"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     sqlx::raw_sql("INSERT INTO slow VALUES (1, 'a')").execute(&mut seoul).await.unwrap();
@@ -295,8 +294,7 @@ async fn a_blocked_table_does_not_hold_the_others_back() {
 #[tokio::test]
 async fn a_sink_that_stopped_inside_a_producer_batch_resumes_without_a_gap() {
     // Small sink batches: almost every stop lands inside a producer batch.
-    let mut s =
-        Synced::new(&["seoul", "busan"], BrokerStorage::Memory, KV, &["public.kv"], "batch_max_changes = 7\n").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "batch_max_changes = 7\n").await;
     const ROWS: i64 = 5000;
     let mut seoul = s.conn("seoul").await;
     // One transaction, one round of the source: a few big producer batches.

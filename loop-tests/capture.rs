@@ -1,7 +1,7 @@
 //! `mmsync init` and the source: every committed change becomes a Kafka record
 //! with origin and version, nothing is lost, nothing loops.
 
-use mmsync::testbed::BrokerStorage;
+use mmsync::testbed::BedKafka;
 
 use crate::common::{mmsync, Synced, KV};
 
@@ -31,13 +31,13 @@ DELETE FROM types WHERE id = 2;
 
 #[tokio::test]
 async fn every_type_becomes_records_with_origin_and_version_and_round_trips() {
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, TYPES, &["public.types"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, TYPES, &["public.types"], "").await;
     let mut seoul = s.conn("seoul").await;
     sqlx::raw_sql(TYPE_ROWS).execute(&mut seoul).await.unwrap();
     s.start();
 
     // The records: 3 inserts, 1 update, 1 delete, in commit order per key.
-    let mut records = s.records("mmsync.seoul.public.types", 5);
+    let mut records = s.records(&s.bed.topic("seoul", "public.types"), 5);
     records.sort_by_key(|r| (r.partition, r.offset));
     for r in &records {
         let v = &r.value;
@@ -107,7 +107,7 @@ const BIG: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 
 
 #[tokio::test]
 async fn an_update_that_leaves_a_toasted_value_alone_says_unchanged() {
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, DOCS, &["public.docs"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, DOCS, &["public.docs"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     sqlx::raw_sql(&format!("INSERT INTO docs VALUES (1, 'draft', {BIG})")).execute(&mut seoul).await.unwrap();
@@ -122,7 +122,7 @@ async fn an_update_that_leaves_a_toasted_value_alone_says_unchanged() {
     .execute(&mut seoul)
     .await
     .unwrap();
-    let records = s.records("mmsync.seoul.public.docs", 4);
+    let records = s.records(&s.bed.topic("seoul", "public.docs"), 4);
     let updates: Vec<_> = records.iter().filter(|r| r.value["op"] == "u").collect();
     assert_eq!(updates.len(), 2);
     for u in updates {
@@ -144,7 +144,7 @@ const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT
 
 #[tokio::test]
 async fn a_crash_between_produce_and_slot_advance_loses_nothing() {
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, USERS, &["public.users"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, USERS, &["public.users"], "").await;
     let mut seoul = s.conn("seoul").await;
     let slot = "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'mmsync_seoul'";
     let before: String = sqlx::query_scalar(slot).fetch_one(&mut seoul).await.unwrap();
@@ -175,7 +175,7 @@ async fn a_crash_between_produce_and_slot_advance_loses_nothing() {
     let distinct = |records: &[crate::common::Record]| {
         records.iter().map(|r| r.key.as_str()).collect::<std::collections::BTreeSet<_>>().len()
     };
-    let records = s.records_until("mmsync.seoul.public.users", "500 distinct keys", |r| distinct(r) >= 500);
+    let records = s.records_until(&s.bed.topic("seoul", "public.users"), "500 distinct keys", |r| distinct(r) >= 500);
     assert_eq!(distinct(&records), 500);
     s.stop().await;
 }
@@ -184,7 +184,7 @@ async fn a_crash_between_produce_and_slot_advance_loses_nothing() {
 async fn init_twice_changes_nothing_and_adds_only_a_new_table() {
     let s = Synced::new(
         &["seoul", "busan"],
-        BrokerStorage::Memory,
+        BedKafka::Shared,
         "CREATE TABLE users (id bigserial PRIMARY KEY, name text); CREATE TABLE extra (id uuid PRIMARY KEY, v text)",
         &["public.users"],
         "",
@@ -204,7 +204,7 @@ async fn init_twice_changes_nothing_and_adds_only_a_new_table() {
         );
         assert!(out.contains(&format!("master \"{m}\": installed triggers on public.extra")), "{out}");
         assert!(out.contains(&format!("master \"{m}\": publication mmsync now includes public.extra")), "{out}");
-        assert!(out.contains(&format!("kafka: created topic mmsync.{m}.public.extra")), "{out}");
+        assert!(out.contains(&format!("kafka: created topic {}", s.bed.topic(m, "public.extra"))), "{out}");
     }
     assert!(!out.contains("public.users"), "init touched the table it had already set up:\n{out}");
     let (code, out) = mmsync(&with_extra, &["init"]).await;
@@ -213,7 +213,7 @@ async fn init_twice_changes_nothing_and_adds_only_a_new_table() {
 
 #[tokio::test]
 async fn sequences_of_two_masters_never_collide() {
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, USERS, &["public.users"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, USERS, &["public.users"], "").await;
     s.start();
     let insert = "INSERT INTO users (name) SELECT 'u' || i FROM generate_series(1, 10000) i";
     let (mut seoul, mut busan) = (s.conn("seoul").await, s.conn("busan").await);
@@ -234,7 +234,7 @@ async fn sequences_of_two_masters_never_collide() {
 #[tokio::test]
 async fn a_delete_reaches_the_other_master_whatever_the_writers_session_settings() {
     let schema = "CREATE TABLE events (at timestamptz PRIMARY KEY, v text)";
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, schema, &["public.events"], "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, schema, &["public.events"], "").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     sqlx::raw_sql(
@@ -261,7 +261,7 @@ async fn a_delete_reaches_the_other_master_whatever_the_writers_session_settings
 /// applied as the sink applies tombstones, or raised by a newer one.
 #[tokio::test]
 async fn an_insert_beats_a_tombstone_from_a_clock_that_runs_ahead() {
-    let s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, KV, &["public.kv"], "").await;
+    let s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
     let mut seoul = s.conn("seoul").await;
     let ahead: i64 = sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::int8 + 3600000000")
         .fetch_one(&mut seoul)

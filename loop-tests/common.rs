@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mmsync::testbed::{wait_for, Bed, BrokerStorage, MmsyncProcess, BED_DATABASE};
+use mmsync::testbed::{wait_for, Bed, BedKafka, MmsyncProcess, BED_DATABASE};
 use mmsync::topology::Topology;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -30,14 +30,8 @@ pub async fn mmsync(topology: &std::path::Path, args: &[&str]) -> (i32, String) 
 
 impl Synced {
     /// Starts masters and broker, creates the schema on every master, runs init.
-    pub async fn new(
-        masters: &[&str],
-        storage: BrokerStorage,
-        schema: &str,
-        tables: &[&str],
-        extra_sync: &str,
-    ) -> Synced {
-        let bed = Bed::start(masters, storage).await.expect("bed starts");
+    pub async fn new(masters: &[&str], kafka: BedKafka, schema: &str, tables: &[&str], extra_sync: &str) -> Synced {
+        let bed = Bed::start(masters, kafka).await.expect("bed starts");
         bed.sql_everywhere(schema).await.expect("schema");
         let topology = bed.write_topology(tables, extra_sync);
         let (code, out) = mmsync(&topology, &["init"]).await;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use mmsync::testbed::{wait_for, BrokerStorage};
+use mmsync::testbed::{wait_for, BedKafka};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
@@ -32,7 +32,7 @@ async fn count(s: &Synced, master: &str, sql: &str) -> i64 {
 #[tokio::test]
 async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
     let tables = [r#"public."Order Items""#, "public.plain"];
-    let mut s = Synced::new(&["seoul", "busan"], BrokerStorage::Memory, SCHEMA, &tables, "").await;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
     let mut seoul = s.conn("seoul").await;
     let mut busan = s.conn("busan").await;
     // Before the masters see each other, each takes the same email under
@@ -67,7 +67,10 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
         [("{\"id\":\"7\"}", "not json at all"), ("{\"id\":\"7\"}", r#"{"hello":"world"}"#), ("{\"id\":\"8\"}", good)]
     {
         producer
-            .send(FutureRecord::to("mmsync.seoul.public.plain").key(key).payload(value), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&s.bed.topic("seoul", "public.plain")).key(key).payload(value),
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
     }
@@ -153,14 +156,9 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
 
 #[tokio::test]
 async fn check_and_init_refuse_tables_they_cannot_sync() {
-    let s = Synced::new(
-        &["seoul", "busan"],
-        BrokerStorage::Memory,
-        "CREATE TABLE ok (id int PRIMARY KEY)",
-        &["public.ok"],
-        "",
-    )
-    .await;
+    let s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, "CREATE TABLE ok (id int PRIMARY KEY)", &["public.ok"], "")
+            .await;
     s.bed
         .sql_everywhere("CREATE TABLE odd (id int PRIMARY KEY, r regclass); CREATE TABLE nokey (v text)")
         .await

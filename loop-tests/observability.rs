@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mmsync::testbed::{wait_for, BrokerStorage, Prometheus};
+use mmsync::testbed::{wait_for, BedKafka, Prometheus};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
@@ -29,8 +29,7 @@ async fn lag(s: &Synced) -> f64 {
 #[tokio::test]
 async fn prometheus_has_data_for_every_panel_and_lag_follows_a_stopped_master() {
     let mut s =
-        Synced::new(&["seoul", "busan"], BrokerStorage::Sqlite, KV, &["public.kv"], "heartbeat_interval_ms = 500")
-            .await;
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "heartbeat_interval_ms = 500").await;
     s.start();
     let prometheus = Prometheus::start(&[s.topology().metrics_listen]).await.expect("prometheus starts");
 
@@ -44,7 +43,10 @@ async fn prometheus_has_data_for_every_panel_and_lag_follows_a_stopped_master() 
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
     producer
-        .send(FutureRecord::to("mmsync.seoul.public.kv").key("not json").payload("poison"), Duration::from_secs(10))
+        .send(
+            FutureRecord::to(&s.bed.topic("seoul", "public.kv")).key("not json").payload("poison"),
+            Duration::from_secs(10),
+        )
         .await
         .expect("delivered");
     for w in writers {

@@ -162,8 +162,9 @@ pub async fn describe(conn: &mut PgConnection, master: &str, table: &TableName) 
 /// found (empty when all is well); prints what it checked to `out`.
 pub async fn check(topology: &Topology, out: &mut Vec<String>) -> Vec<String> {
     let mut problems = Vec::new();
+    let mut records = Vec::new();
     for master in &topology.masters {
-        match check_master(topology, master).await {
+        match check_master(topology, master, &mut records).await {
             Ok((summary, mut p)) => {
                 if p.is_empty() {
                     out.push(format!("master {:?}: ok ({summary})", master.name));
@@ -178,15 +179,40 @@ pub async fn check(topology: &Topology, out: &mut Vec<String>) -> Vec<String> {
             )),
         }
     }
-    let kafka = topology.kafka.clone();
-    match tokio::task::spawn_blocking(move || crate::kafka::ping(&kafka)).await.expect("ping does not panic") {
-        Ok(()) => out.push(format!("kafka {}: ok", topology.kafka.brokers)),
-        Err(e) => problems.push(format!(
-            "kafka {}: the brokers do not answer ({e}); check [kafka] brokers and that the broker is running",
-            topology.kafka.brokers
-        )),
-    }
+    let kafka = crate::kafka::check::check(topology, &records).await;
+    out.extend(kafka.ok);
+    out.extend(kafka.warnings.into_iter().map(|w| format!("warning: {w}")));
+    problems.extend(kafka.problems);
     problems
+}
+
+/// Tables with at most this many rows (by the planner's estimate) are read
+/// whole to find their largest row; larger ones are sampled down to about it.
+const SIZE_SCAN_ROWS: f64 = 100_000.0;
+
+/// What a record adds to a row's JSON: key, envelope fields, headers.
+const RECORD_OVERHEAD_BYTES: u64 = 512;
+
+/// The largest record a table's rows would make now, and whether it was sampled.
+async fn largest_record(conn: &mut PgConnection, master: &str, table: &TableName) -> Result<(u64, bool)> {
+    let rows: f64 = sqlx::query_scalar("SELECT reltuples::float8 FROM pg_class WHERE oid = $1::regclass")
+        .bind(table.quoted())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(master, format!("estimating the rows of {table}")))?;
+    let sample = if rows > SIZE_SCAN_ROWS {
+        format!(" TABLESAMPLE SYSTEM ({})", (SIZE_SCAN_ROWS / rows * 100.0).max(0.01))
+    } else {
+        String::new()
+    };
+    let largest: i64 = sqlx::query_scalar(&format!(
+        "SELECT coalesce(max(octet_length(row_to_json(t)::text)), 0)::int8 FROM {} t{sample}",
+        table.quoted()
+    ))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(Error::db(master, format!("measuring the largest row of {table}")))?;
+    Ok((largest as u64 + RECORD_OVERHEAD_BYTES, !sample.is_empty()))
 }
 
 fn root_cause(e: &Error) -> String {
@@ -196,7 +222,11 @@ fn root_cause(e: &Error) -> String {
     }
 }
 
-async fn check_master(topology: &Topology, master: &Master) -> Result<(String, Vec<String>)> {
+async fn check_master(
+    topology: &Topology,
+    master: &Master,
+    records: &mut Vec<crate::kafka::check::RecordSize>,
+) -> Result<(String, Vec<String>)> {
     let mut conn = crate::db::connect(master).await?;
     let name = &master.name;
     let mut problems = Vec::new();
@@ -250,7 +280,21 @@ async fn check_master(topology: &Topology, master: &Master) -> Result<(String, V
             None => problems.push(format!(
                 "master {name:?}: table {table} does not exist; create it on every master (same columns) or remove it from [sync] tables"
             )),
-            Some(info) => problems.extend(info.problems().into_iter().map(|p| format!("master {name:?}: {p}"))),
+            Some(info) => {
+                problems.extend(info.problems().into_iter().map(|p| format!("master {name:?}: {p}")));
+                match largest_record(&mut conn, name, table).await {
+                    Ok((bytes, sampled)) => records.push(crate::kafka::check::RecordSize {
+                        topic: crate::kafka::topic_name(&topology.kafka.topic_prefix, name, table),
+                        what: format!("the largest row of {table} on {name}{}", if sampled { " (sampled)" } else { "" }),
+                        bytes,
+                    }),
+                    Err(e) => problems.push(format!(
+                        "master {name:?}: cannot read {table} ({}); mmsync's role needs SELECT, INSERT, UPDATE and \
+                         DELETE on every synced table",
+                        root_cause(&e)
+                    )),
+                }
+            }
         }
     }
     let summary = format!(

@@ -185,10 +185,6 @@ struct Apply {
     sql: TableSql,
     /// Topic -> the master whose changes it carries.
     sources: HashMap<String, String>,
-    /// Topic -> the next offset to apply, per partition. Records before it
-    /// were applied already (the consumer starts a little earlier: see
-    /// [`crate::kafka::resume_margin`]).
-    next: HashMap<String, Vec<i64>>,
     progress: Arc<m::Progress>,
 }
 
@@ -214,12 +210,12 @@ impl Apply {
                 .map_err(Error::db(&target.name, "reading applied offsets (has `mmsync init` run?)"))?;
         let stored: HashMap<(String, i32), i64> = stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
 
-        let consumer: StreamConsumer =
-            crate::kafka::consumer(&topology.kafka, &format!("mmsync-{}-{table}-{}", target.name, worker.index))?;
+        let consumer: StreamConsumer = crate::kafka::consumer(
+            &topology.kafka,
+            &format!("{}-{}-{table}-{}", topology.kafka.topic_prefix, target.name, worker.index),
+        )?;
         let mut tpl = TopicPartitionList::new();
         let mut sources = HashMap::new();
-        let mut next_offsets = HashMap::new();
-        let margin = crate::kafka::resume_margin(&topology.kafka);
         for (master, t, topic) in crate::kafka::all_topics(topology) {
             if master == target.name || t != *table {
                 continue;
@@ -229,20 +225,17 @@ impl Apply {
                 problem: format!("topic {topic} does not exist"),
                 fix: "run `mmsync init` (mmsync creates its topics; it never relies on auto-create)".into(),
             })?;
-            // Indexed by partition; only this worker's share is read.
-            let mut next = vec![0; partitions as usize];
+            // Only this worker's share is read.
             for p in (0..partitions).filter(|p| worker.applies(*p)) {
                 let n = stored.get(&(topic.clone(), p)).copied().unwrap_or(0);
                 progress.offset(&topic, p, &master, &target.name, n);
-                let from = if n > 0 { Offset::Offset((n - margin).max(0)) } else { Offset::Beginning };
+                let from = if n > 0 { Offset::Offset(n) } else { Offset::Beginning };
                 tpl.add_partition_offset(&topic, p, from).map_err(Error::kafka("assigning partitions"))?;
-                next[p as usize] = n;
             }
-            next_offsets.insert(topic.clone(), next);
             sources.insert(topic, master);
         }
         consumer.assign(&tpl).map_err(Error::kafka("assigning partitions"))?;
-        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, next: next_offsets, progress })
+        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, progress })
     }
 
     async fn run(&mut self, topology: &Topology, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
@@ -265,15 +258,11 @@ impl Apply {
         }
     }
 
-    /// The next record this sink has not applied yet.
+    /// The next record: the consumer starts at the stored offsets, so every
+    /// record it hands out is one this sink has not applied yet.
     async fn recv_new(&self) -> Result<Incoming> {
-        loop {
-            let msg = self.consumer.recv().await.map_err(Error::kafka("consuming"))?;
-            let next = self.next.get(msg.topic()).and_then(|n| n.get(msg.partition() as usize)).copied();
-            if next.is_none_or(|n| msg.offset() >= n) {
-                return Ok(Incoming::read(&msg));
-            }
-        }
+        let msg = self.consumer.recv().await.map_err(Error::kafka("consuming"))?;
+        Ok(Incoming::read(&msg))
     }
 
     /// Applies one batch and stores its offsets, in one transaction.
@@ -358,9 +347,6 @@ impl Apply {
             self.progress.applied(&source, &target, commit_ms, (now_ms - commit_ms).max(0) as f64 / 1000.0);
         }
         for ((topic, partition), next) in topics.iter().zip(&partitions).zip(&next) {
-            if let Some(n) = self.next.get_mut(topic).and_then(|n| n.get_mut(*partition as usize)) {
-                *n = *next;
-            }
             if let Some(source) = self.sources.get(topic) {
                 self.progress.offset(topic, *partition, source, &target, *next);
             }

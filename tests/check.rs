@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use mmsync::testbed::{free_port, Bed, BrokerStorage, PgCluster, PgOptions, BED_DATABASE};
+use mmsync::testbed::{free_port, Bed, BedKafka, KafkaCluster, KafkaOptions, PgCluster, PgOptions, BED_DATABASE};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
 
 /// Runs the mmsync binary; returns its exit code and everything it printed.
 async fn mmsync(topology: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
@@ -18,7 +21,7 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn check_passes_on_a_good_topology_and_explains_every_broken_one() {
-    let bed = Bed::start(&["seoul", "busan"], BrokerStorage::Memory).await.expect("bed starts");
+    let bed = Bed::start(&["seoul", "busan"], BedKafka::Shared).await.expect("bed starts");
     bed.sql_everywhere("CREATE TABLE users (id bigserial PRIMARY KEY, name text); CREATE TABLE notes (body text)")
         .await
         .unwrap();
@@ -127,4 +130,83 @@ async fn help_explains_every_subcommand() {
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync")).arg("nonsense").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Points a bed's topology at other brokers, with `[kafka.client]` lines.
+fn with_kafka(text: &str, brokers: &str, client: &str) -> String {
+    let old = text.lines().find(|l| l.starts_with("brokers = ")).expect("a brokers line").to_string();
+    format!("{}\n[kafka.client]\n{client}\n", text.replace(&old, &format!("brokers = \"{brokers}\"")))
+}
+
+#[tokio::test]
+async fn check_reports_what_a_misconfigured_kafka_lacks_with_the_fix() {
+    let opts = KafkaOptions {
+        scram_users: vec![("admin".into(), "admin-secret".into()), ("alice".into(), "alice-secret".into())],
+        extra: vec!["message.max.bytes=4000".into(), "min.insync.replicas=2".into()],
+        ..KafkaOptions::default()
+    };
+    let bed = Bed::start(&["seoul", "busan"], BedKafka::Own(opts)).await.expect("bed starts");
+    bed.sql_everywhere("CREATE TABLE docs (id int PRIMARY KEY, body text)").await.unwrap();
+    let mut seoul = bed.master("seoul").connect(BED_DATABASE).await.unwrap();
+    sqlx::raw_sql("INSERT INTO docs VALUES (1, repeat('x', 10000))").execute(&mut seoul).await.unwrap();
+    // A topic someone made by hand, with another partition count.
+    let busan_topic = bed.topic("busan", "public.docs");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bed.broker.address()).create().unwrap();
+    let made = admin
+        .create_topics([&NewTopic::new(&busan_topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(made[0].is_ok(), "{made:?}");
+    let topology = bed.write_topology(&["public.docs"], "");
+    let text = std::fs::read_to_string(&topology).unwrap();
+
+    let (code, out) = mmsync(&topology, &["check"], &[]).await;
+    assert_eq!(code, 1, "{out}");
+    let seoul_topic = bed.topic("seoul", "public.docs");
+    for expected in [
+        format!("kafka topic {busan_topic} has 1 partition(s), but [kafka] partitions is 3; set partitions = 1"),
+        format!("kafka topic {seoul_topic}: the largest row of public.docs on seoul is a record of about"),
+        "but the brokers' message.max.bytes is 4000: such rows would become dead letters; raise message.max.bytes"
+            .to_string(),
+        format!("kafka topic {busan_topic}: the topic's min.insync.replicas is 2 but the topic has 1 replica(s)"),
+        format!("kafka topic {seoul_topic}: the brokers' min.insync.replicas is 2 but the topic has 1 replica(s)"),
+    ] {
+        assert!(out.contains(&expected), "missing {expected:?} in:\n{out}");
+    }
+
+    // SCRAM: a user without ACLs may not create topics; a wrong password is
+    // named as such, with the brokers, and never printed.
+    let sasl = |user: &str| {
+        format!(
+            "\"security.protocol\" = \"sasl_plaintext\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\
+             \"sasl.username\" = \"{user}\"\n\"sasl.password\" = {{ env = \"MMSYNC_TEST_KAFKA_PASSWORD\" }}"
+        )
+    };
+    let alice = write(bed.dir.path(), "alice.toml", &with_kafka(&text, &bed.broker.sasl_address(), &sasl("alice")));
+    let (code, out) = mmsync(&alice, &["check"], &[("MMSYNC_TEST_KAFKA_PASSWORD", "alice-secret")]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("mmsync's user may not create its topics"), "{out}");
+    assert!(out.contains("grant it CREATE on the cluster or on topics with the prefix"), "{out}");
+    let (code, out) = mmsync(&alice, &["check"], &[("MMSYNC_TEST_KAFKA_PASSWORD", "wrong-secret-123")]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "kafka {}: the brokers refused mmsync's credentials (user \"alice\")",
+            bed.broker.sasl_address()
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("wrong-secret-123"), "the password was printed:\n{out}");
+
+    // A broker that advertises an address nobody can reach.
+    let dead_end = format!("127.0.0.1:{}", free_port());
+    let lost = KafkaCluster::start(KafkaOptions { advertise: Some(dead_end.clone()), ..KafkaOptions::default() })
+        .await
+        .unwrap();
+    let lost_toml = write(bed.dir.path(), "lost.toml", &with_kafka(&text, &lost.address(), ""));
+    let (code, out) = mmsync(&lost_toml, &["check"], &[]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("kafka broker 1 advertises {dead_end}, which mmsync cannot reach")), "{out}");
+    assert!(out.contains("set advertised.listeners on that broker"), "{out}");
 }

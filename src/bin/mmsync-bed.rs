@@ -8,12 +8,12 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use mmsync::testbed::{wait_for, Bed, Broker, BrokerStorage, MmsyncProcess, PgCluster, PgOptions};
+use mmsync::testbed::{wait_for, Bed, BedKafka, KafkaCluster, KafkaOptions, MmsyncProcess, PgCluster, PgOptions};
 use mmsync::topology::Topology;
 use sqlx::postgres::PgConnectOptions;
 
 #[derive(Parser)]
-#[command(name = "mmsync-bed", about = "Real PostgreSQL masters and a tansu broker on loopback, for demos and tests.")]
+#[command(name = "mmsync-bed", about = "Real PostgreSQL masters and Apache Kafka on loopback, for demos and tests.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,8 +92,10 @@ async fn demo(path: &Path) -> ExitCode {
         .and_then(|b| b.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .expect("[kafka] brokers is host:port");
-    println!("demo: starting tansu on port {broker_port}");
-    let _broker = Broker::start_on(BrokerStorage::Memory, broker_port).await.expect("tansu starts");
+    println!("demo: starting Apache Kafka {} on port {broker_port}", mmsync::testbed::kafka::KAFKA_VERSION);
+    let _broker = KafkaCluster::start(KafkaOptions { port: Some(broker_port), ..KafkaOptions::default() })
+        .await
+        .expect("Kafka starts");
     let mut clusters = Vec::new();
     for m in &topology.masters {
         let opts = PgConnectOptions::from_str(m.url.expose()).expect("a valid url");
@@ -151,7 +153,7 @@ async fn demo(path: &Path) -> ExitCode {
 async fn up(masters: usize, tables: &[String]) -> ExitCode {
     let names: Vec<String> = (1..=masters).map(|i| format!("m{i}")).collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let bed = Bed::start(&names, BrokerStorage::Memory).await.expect("bed starts");
+    let bed = Bed::start(&names, BedKafka::own()).await.expect("bed starts");
     let tables: Vec<&str> = tables.iter().map(String::as_str).collect();
     let topology = bed.write_topology(&tables, "");
     println!("topology: {}", topology.display());

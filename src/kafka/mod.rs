@@ -1,10 +1,13 @@
 //! Kafka: client settings, topic names, topic creation, and producing one
 //! round of changes with every delivery acknowledged before returning.
+//! [`check`] holds what `mmsync check` asks of a cluster.
+
+pub mod check;
 
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::{ClientConfig, FromClientConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -66,20 +69,14 @@ fn with_topology_settings(c: &mut ClientConfig, kafka: &Kafka) {
     }
 }
 
-/// The most records one produced batch holds (librdkafka's `batch.num.messages`
-/// on mmsync's producers, unless `[kafka.client]` sets it).
-const BATCH_MAX_RECORDS: i64 = 2000;
+/// The largest record mmsync's producer sends unless `[kafka.client]` sets
+/// `message.max.bytes`: rows of many MiB are carried when the broker takes
+/// them; beyond this (or the broker's own limit) they become dead letters.
+pub const PRODUCER_MAX_RECORD_BYTES: u64 = 16 * 1024 * 1024;
 
-/// How many records before its stored offset a sink starts reading again.
-///
-/// A sink's own batches end anywhere, often inside a batch the producer sent.
-/// Kafka answers a fetch from the middle of a batch with the whole batch, but
-/// tansu 0.6 (memory storage) answers it with the *next* batch, which would
-/// skip the rest of the one the sink stopped in. Starting one producer batch
-/// earlier always takes in the batch that holds the stored offset; the sink
-/// drops what it had already applied.
-pub fn resume_margin(kafka: &Kafka) -> i64 {
-    kafka.client.get("batch.num.messages").and_then(|v| v.parse().ok()).unwrap_or(BATCH_MAX_RECORDS)
+/// The largest record the producer sends, `[kafka.client]` included.
+pub fn producer_max_record_bytes(kafka: &Kafka) -> u64 {
+    kafka.client.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(PRODUCER_MAX_RECORD_BYTES)
 }
 
 /// An idempotent producer (acks=all), so retries never duplicate or reorder a partition.
@@ -87,14 +84,11 @@ pub fn producer(kafka: &Kafka, client_id: &str) -> Result<FutureProducer> {
     let mut c = ClientConfig::new();
     c.set("client.id", client_id)
         .set("enable.idempotence", "true")
-        .set("batch.num.messages", BATCH_MAX_RECORDS.to_string())
         .set("acks", "all")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "200000")
         .set("message.timeout.ms", "30000")
-        // Rows of many MiB are carried when the broker takes them; beyond
-        // this (or the broker's own limit) they become dead letters.
-        .set("message.max.bytes", "16777216");
+        .set("message.max.bytes", PRODUCER_MAX_RECORD_BYTES.to_string());
     with_topology_settings(&mut c, kafka);
     c.create().map_err(Error::kafka("creating the producer"))
 }
@@ -216,14 +210,6 @@ fn size_reason(bytes: usize, code: RDKafkaErrorCode) -> String {
 /// `Ok(Some(reason))` when Kafka refused the record for its size.
 async fn await_delivery(fut: DeliveryFuture) -> Result<Option<String>> {
     match fut.await {
-        // librdkafka reports a "duplicate sequence" answer as delivered with
-        // no offset. A correct broker says that only for a retry it already
-        // stored; a broker that gave this new producer a used producer id says
-        // it for records it then drops (seen with tansu 0.6, memory storage).
-        // Unconfirmed means not done: the round is produced again by a new producer.
-        Ok(Ok(delivery)) if delivery.offset < 0 => Err(Error::kafka(
-            "delivery not confirmed (the broker answered \"duplicate sequence\" without an offset); producing the round again",
-        )(KafkaError::MessageProduction(RDKafkaErrorCode::DuplicateSequenceNumber))),
         Ok(Ok(_)) => Ok(None),
         Ok(Err((KafkaError::MessageProduction(code), msg))) if is_too_large(code) => {
             use rdkafka::message::Message as _;
@@ -234,10 +220,104 @@ async fn await_delivery(fut: DeliveryFuture) -> Result<Option<String>> {
     }
 }
 
-/// Whether the brokers answer a metadata request.
+/// A client context that keeps the errors librdkafka reported on its own (an
+/// authentication failure, a broker it cannot resolve), so that a request
+/// that merely timed out can say why. librdkafka's messages name the broker
+/// and never hold a password.
+#[derive(Default)]
+pub struct Recording {
+    seen: std::sync::Mutex<Vec<(RDKafkaErrorCode, String)>>,
+}
+
+impl Recording {
+    /// The most telling error reported: a refused login or TLS handshake
+    /// before anything else (later "all brokers are down" only follow from it).
+    pub fn last_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.iter().find(|(code, _)| *code == RDKafkaErrorCode::Authentication).or(seen.first()).cloned()
+    }
+}
+
+impl Recording {
+    fn record(&self, mut code: RDKafkaErrorCode, reason: &str) {
+        if reason.contains("SASL authentication error") || reason.contains("Authentication failed") {
+            code = RDKafkaErrorCode::Authentication;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() < 16 {
+            seen.push((code, reason.to_string()));
+        }
+    }
+}
+
+impl ClientContext for Recording {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!("kafka: {reason}");
+        self.record(error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Unknown), reason);
+    }
+
+    /// librdkafka says why a connection failed (a refused login, a TLS
+    /// handshake) in its log, from its own threads.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error | L::Warning) {
+            tracing::warn!("librdkafka {fac}: {log_message}");
+            self.record(RDKafkaErrorCode::Unknown, log_message);
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Recording {}
+
+/// Whether the brokers answer a metadata request; on failure, the reason
+/// (librdkafka's, when it reported one, such as a refused password), naming
+/// the brokers and never a secret.
 pub fn ping(kafka: &Kafka) -> std::result::Result<(), String> {
-    let consumer: BaseConsumer = client_config(kafka).create().map_err(|e| e.to_string())?;
-    consumer.fetch_metadata(None, REQUEST_TIMEOUT).map(|_| ()).map_err(|e| e.to_string())
+    metadata(kafka).map(|_| ())
+}
+
+/// The cluster's metadata (every topic the user may see), or why there is none.
+pub fn metadata(kafka: &Kafka) -> std::result::Result<rdkafka::metadata::Metadata, String> {
+    let consumer: BaseConsumer<Recording> =
+        client_config(kafka).create_with_context(Recording::default()).map_err(|e| e.to_string())?;
+    match consumer.fetch_metadata(None, REQUEST_TIMEOUT) {
+        Ok(md) => Ok(md),
+        Err(e) => {
+            // Errors librdkafka raised on its own wait in the client's queue
+            // until it is polled; polling hands them to the context.
+            let _ = consumer.poll(Duration::ZERO);
+            Err(explain(&kafka.brokers, consumer.context().last_error(), &e.to_string(), &kafka.client))
+        }
+    }
+}
+
+/// Says why the brokers did not answer, with the fix.
+pub(crate) fn explain(
+    brokers: &str,
+    reported: Option<(RDKafkaErrorCode, String)>,
+    error: &str,
+    client: &std::collections::BTreeMap<String, String>,
+) -> String {
+    match reported {
+        Some((RDKafkaErrorCode::Authentication, reason)) => {
+            let user = client.get("sasl.username").map(String::as_str).unwrap_or("(none)");
+            format!(
+                "kafka {brokers}: the brokers refused mmsync's credentials (user {user:?}): {reason}; check \
+                 sasl.mechanism, sasl.username and sasl.password in [kafka.client] (passwords are best given as \
+                 {{ env = \"VARIABLE\" }})"
+            )
+        }
+        Some((_, reason)) if reason.contains("SSL") || reason.contains("certificate") => format!(
+            "kafka {brokers}: TLS failed: {reason}; check security.protocol and ssl.ca.location in [kafka.client]"
+        ),
+        Some((_, reason)) => format!(
+            "kafka {brokers}: the brokers do not answer ({error}; librdkafka: {reason}); check [kafka] brokers, \
+             [kafka.client] and that the brokers are running"
+        ),
+        None => format!(
+            "kafka {brokers}: the brokers do not answer ({error}); check [kafka] brokers and that the brokers are running"
+        ),
+    }
 }
 
 #[cfg(test)]

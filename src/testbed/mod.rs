@@ -1,5 +1,5 @@
-//! The test bed: real PostgreSQL clusters and a real tansu broker on loopback,
-//! started in temporary folders and removed when dropped. Shared by the
+//! The test bed: real PostgreSQL clusters and real Apache Kafka ([`kafka`]) on
+//! loopback, started in temporary folders and removed when dropped. Shared by the
 //! integration tests, `loop-tests/`, the benchmarks and the demo
 //! (`mmsync-bed`).
 //!
@@ -15,8 +15,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, PgConnection};
+use std::sync::Arc;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
+
+pub mod kafka;
+
+pub use kafka::{KafkaCluster, KafkaOptions};
 
 /// How long a server may take to start before the bed gives up.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -105,6 +110,37 @@ where
         assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Makes `ca.key`/`ca.crt`, a CA of the bed's own, and `server.key`/`server.crt`,
+/// a server certificate it signed for `subject_alt_names` (openssl's form:
+/// `DNS:name,IP:127.0.0.1`), in `dir`.
+async fn make_certificates(dir: &Path, subject_alt_names: &str) -> Result<()> {
+    std::fs::write(dir.join("server.ext"), format!("basicConstraints=CA:FALSE\nsubjectAltName={subject_alt_names}\n"))
+        .map_err(io("writing server.ext"))?;
+    let steps: [&[&str]; 3] = [
+        &["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=mmsync-test-ca"],
+        &["req", "-new", "-nodes", "-subj", "/CN=mmsync-test", "-newkey", "rsa:2048"],
+        &["x509", "-req", "-days", "2", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key"],
+    ];
+    let outputs: [&[&str]; 3] = [
+        &["-newkey", "rsa:2048", "-keyout", "ca.key", "-out", "ca.crt"],
+        &["-keyout", "server.key", "-out", "server.csr"],
+        &["-CAcreateserial", "-extfile", "server.ext", "-out", "server.crt"],
+    ];
+    for (step, out) in steps.iter().zip(outputs) {
+        let out = Command::new("openssl")
+            .args(*step)
+            .args(out)
+            .current_dir(dir)
+            .output()
+            .await
+            .map_err(io("running openssl"))?;
+        if !out.status.success() {
+            return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+    }
+    Ok(())
 }
 
 fn log_tail(path: &Path) -> String {
@@ -236,32 +272,8 @@ impl PgCluster {
         ];
         conf.extend(opts.extra_conf);
         if opts.ssl {
-            // A CA, and a server certificate it signed (for the name
-            // "mmsync-test", not 127.0.0.1: verify-full must refuse it).
-            std::fs::write(data.join("server.ext"), "basicConstraints=CA:FALSE\nsubjectAltName=DNS:mmsync-test\n")
-                .map_err(io("writing server.ext"))?;
-            let steps: [&[&str]; 3] = [
-                &["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=mmsync-test-ca"],
-                &["req", "-new", "-nodes", "-subj", "/CN=mmsync-test", "-newkey", "rsa:2048"],
-                &["x509", "-req", "-days", "2", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key"],
-            ];
-            let outputs: [&[&str]; 3] = [
-                &["-newkey", "rsa:2048", "-keyout", "ca.key", "-out", "ca.crt"],
-                &["-keyout", "server.key", "-out", "server.csr"],
-                &["-CAcreateserial", "-extfile", "server.ext", "-out", "server.crt"],
-            ];
-            for (step, out) in steps.iter().zip(outputs) {
-                let out = Command::new("openssl")
-                    .args(*step)
-                    .args(out)
-                    .current_dir(&data)
-                    .output()
-                    .await
-                    .map_err(io("running openssl"))?;
-                if !out.status.success() {
-                    return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
-                }
-            }
+            // For the name "mmsync-test", not 127.0.0.1: verify-full must refuse it.
+            make_certificates(&data, "DNS:mmsync-test").await?;
             for file in ["server.key", "server.crt"] {
                 chown_tree(&data.join(file), owner)?;
             }
@@ -396,188 +408,62 @@ impl Drop for PgCluster {
     }
 }
 
-/// Where a broker keeps its data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BrokerStorage {
-    /// Lost when the broker stops; the default.
-    Memory,
-    /// An SQLite file in the broker's folder: survives a kill.
-    Sqlite,
-}
-
-/// A tansu broker on a free loopback port.
-pub struct Broker {
-    dir: TempDir,
-    port: u16,
-    storage: BrokerStorage,
-    bin: PathBuf,
-    child: Option<Child>,
-}
-
-/// The tansu binary: `$MMSYNC_TANSU_BIN`, else `tansu` on the `PATH`, else `~/.cargo/bin/tansu`.
-pub fn tansu_bin() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("MMSYNC_TANSU_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    which("tansu")
-        .or_else(|| {
-            let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
-            p.is_file().then_some(p)
-        })
-        .ok_or_else(|| {
-            BedError::Setup(
-                "tansu not found; run scripts/setup (it installs tansu 0.6.0) or set MMSYNC_TANSU_BIN".into(),
-            )
-        })
-}
-
-impl Broker {
-    pub async fn start(storage: BrokerStorage) -> Result<Broker> {
-        Broker::start_on(storage, free_port()).await
-    }
-
-    /// Starts a broker on a given port.
-    pub async fn start_on(storage: BrokerStorage, port: u16) -> Result<Broker> {
-        let dir = temp_dir("mmsync-tansu-")?;
-        let mut broker = Broker { dir, port, storage, bin: tansu_bin()?, child: None };
-        broker.launch().await?;
-        Ok(broker)
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("tansu.log")
-    }
-
-    async fn launch(&mut self) -> Result<()> {
-        let storage = match self.storage {
-            BrokerStorage::Memory => "memory://tansu/".to_string(),
-            BrokerStorage::Sqlite => "sqlite://tansu.db".to_string(),
-        };
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(io("opening the tansu log"))?;
-        let child = Command::new(&self.bin)
-            .arg("broker")
-            .arg(format!("--storage-engine={storage}"))
-            .arg(format!("--advertised-listener-url={url}"))
-            .arg(format!("--listener-url={url}"))
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io("log"))?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(io(format!("starting {}", self.bin.display())))?;
-        self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
-                return match self.storage {
-                    BrokerStorage::Sqlite => self.index_headers().await,
-                    BrokerStorage::Memory => Ok(()),
-                };
-            }
-            let exited = matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
-            if exited || start.elapsed() > START_DEADLINE {
-                self.kill().await;
-                return Err(BedError::NotStarted {
-                    what: format!("tansu on port {}", self.port),
-                    secs: START_DEADLINE.as_secs(),
-                    log: self.log_path().display().to_string(),
-                    tail: log_tail(&self.log_path()),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// tansu 0.6's SQLite schema has no index on its `header` table, and it
-    /// reads a record's headers with one query per record: every record it
-    /// serves scans every header it ever stored (4 ms a record at 26,000
-    /// records). Its storage serves one request at a time, so after a long
-    /// run produce requests queue behind fetches until they time out and the
-    /// broker looks hung. The index changes nothing else; the bed adds it so
-    /// long runs measure mmsync, not that scan.
-    async fn index_headers(&self) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            let out = Command::new("sqlite3")
-                .args(["-cmd", ".timeout 5000", "tansu.db"])
-                .arg("CREATE INDEX IF NOT EXISTS mmsync_bed_header_record ON header (topition, offset_id)")
-                .current_dir(self.dir.path())
-                .output()
-                .await
-                .map_err(io("running sqlite3 (scripts/setup installs it)"))?;
-            if out.status.success() {
-                return Ok(());
-            }
-            // tansu may not have made its tables yet.
-            if start.elapsed() > START_DEADLINE {
-                return Err(BedError::Setup(format!(
-                    "indexing tansu's headers failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The SQLite file of a broker with SQLite storage.
-    pub fn sqlite_file(&self) -> Option<PathBuf> {
-        matches!(self.storage, BrokerStorage::Sqlite).then(|| self.dir.path().join("tansu.db"))
-    }
-
-    /// `host:port` for `[kafka] brokers`.
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Kills the broker with SIGKILL.
-    pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
-    }
-
-    /// Starts the broker again on the same port (and, with SQLite, the same data).
-    pub async fn restart(&mut self) -> Result<()> {
-        self.kill().await;
-        self.launch().await
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-        }
-    }
-}
-
 /// N masters (one database `app` each) and a broker, plus a topology file
 /// describing them.
 pub struct Bed {
     pub masters: Vec<(String, PgCluster)>,
-    pub broker: Broker,
+    pub broker: Arc<KafkaCluster>,
+    /// The topology's `topic_prefix`: a bed on the shared cluster has one of its own.
+    pub topic_prefix: String,
     pub dir: TempDir,
 }
+
+/// Which Kafka a bed runs on.
+#[derive(Debug, Clone)]
+pub enum BedKafka {
+    /// The cluster this test binary shares ([`KafkaCluster::shared`]): for
+    /// tests that never kill the broker.
+    Shared,
+    /// A cluster of the bed's own, which it may kill and restart.
+    Own(KafkaOptions),
+}
+
+impl BedKafka {
+    /// A one-node cluster of the bed's own.
+    pub fn own() -> BedKafka {
+        BedKafka::Own(KafkaOptions::default())
+    }
+
+    /// Three nodes of the bed's own: replication factor 3, `min.insync.replicas = 2`.
+    pub fn three_nodes() -> BedKafka {
+        BedKafka::Own(KafkaOptions { nodes: 3, ..KafkaOptions::default() })
+    }
+}
+
+static BEDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Database name of every master in the bed.
 pub const BED_DATABASE: &str = "app";
 
 impl Bed {
     /// Starts `names.len()` masters and a broker concurrently.
-    pub async fn start(names: &[&str], storage: BrokerStorage) -> Result<Bed> {
-        Bed::start_with(names, storage, Vec::new()).await
+    pub async fn start(names: &[&str], kafka: BedKafka) -> Result<Bed> {
+        Bed::start_with(names, kafka, Vec::new()).await
     }
 
     /// Like [`Bed::start`], with extra postgresql.conf lines for every master.
-    pub async fn start_with(names: &[&str], storage: BrokerStorage, extra_conf: Vec<String>) -> Result<Bed> {
+    pub async fn start_with(names: &[&str], kafka: BedKafka, extra_conf: Vec<String>) -> Result<Bed> {
         let dir = temp_dir("mmsync-bed-")?;
-        let broker = Broker::start(storage);
+        let topic_prefix = match kafka {
+            BedKafka::Shared => format!("mmsync-t{}", BEDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            BedKafka::Own(_) => "mmsync".to_string(),
+        };
+        let broker = async {
+            match kafka {
+                BedKafka::Shared => KafkaCluster::shared().await,
+                BedKafka::Own(opts) => Ok(Arc::new(KafkaCluster::start(opts).await?)),
+            }
+        };
         let masters = async {
             let mut started = Vec::new();
             for name in names {
@@ -589,7 +475,7 @@ impl Bed {
             Ok::<_, BedError>(started)
         };
         let (broker, masters) = tokio::join!(broker, masters);
-        Ok(Bed { masters: masters?, broker: broker?, dir })
+        Ok(Bed { masters: masters?, broker: broker?, topic_prefix, dir })
     }
 
     pub fn master(&self, name: &str) -> &PgCluster {
@@ -604,8 +490,10 @@ impl Bed {
     /// lines, and returns its path.
     pub fn write_topology(&self, tables: &[&str], extra_sync: &str) -> PathBuf {
         let mut text = format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"mmsync\"\npartitions = 3\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n",
+            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\nreplication_factor = {}\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n",
             self.broker.address(),
+            self.topic_prefix,
+            self.broker.node_count(),
             free_port()
         );
         for (name, cluster) in &self.masters {
@@ -616,6 +504,12 @@ impl Bed {
         let path = self.dir.path().join("topology.toml");
         std::fs::write(&path, text).expect("the bed folder is writable");
         path
+    }
+
+    /// The topic of `master`'s changes to `table` (`schema.table`) in this bed.
+    pub fn topic(&self, master: &str, table: &str) -> String {
+        let table = crate::topology::TableName::parse(table).expect("a valid table name");
+        crate::kafka::topic_name(&self.topic_prefix, master, &table)
     }
 
     /// Runs SQL on every master.
