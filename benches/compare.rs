@@ -1,11 +1,14 @@
-//! mmsync beside PostgreSQL's native logical replication and pglogical 2, on
-//! the same workload, in one run on this machine (the test bed: real
-//! PostgreSQL 15 clusters, Apache Kafka (KRaft), the release `mmsync` binary).
+//! mmsync beside PostgreSQL's native logical replication, pglogical 2 and
+//! Debezium (its PostgreSQL source and JDBC sink in Kafka Connect, the usual
+//! way to move PostgreSQL rows through Kafka), on the same workload, in one
+//! run on this machine (the test bed: real PostgreSQL 15 clusters, Apache
+//! Kafka (KRaft), the release `mmsync` binary).
 //!
 //! `cargo bench --bench compare` (MMSYNC_BENCH_CHANGES changes, default
 //! 1,000,000; MMSYNC_BENCH_SECONDS per timed load phase, default 20). Prints a
 //! table and writes target/bench/compare.json. pglogical runs when Debian's
-//! postgresql-15-pglogical is installed (scripts/bench installs it).
+//! postgresql-15-pglogical is installed, Debezium when its jars are in the
+//! cache (scripts/bench does both; MMSYNC_BENCH_DEBEZIUM=0 skips Debezium).
 //!
 //! 1. one-way throughput: N changes (40% inserts, 50% updates, 10% deletes)
 //!    written on A as fast as they go; time until B holds the same rows;
@@ -14,11 +17,15 @@
 //! 4. cost on the master: pgbench upserts on a synced table against a plain
 //!    one, with mmsync's triggers alone (mmsync stopped), and with each
 //!    replicator running;
-//! 5. peak resident memory of `mmsync run`.
+//! 5. peak resident memory of `mmsync run` (and of the Connect worker).
+//!
+//! Native logical replication and Debezium replicate one way, A to B; their
+//! lag, where measured, is one way too.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mmsync::testbed::connect::{self, Connector, KafkaConnect};
 use mmsync::testbed::{wait_for, Bed, BedKafka, MmsyncProcess, PgCluster};
 use sqlx::PgConnection;
 
@@ -192,6 +199,124 @@ fn cost_percent((plain, synced): (f64, f64)) -> f64 {
     (1.0 - synced / plain) * 100.0
 }
 
+/// What Debezium measured: seconds, and tps for the write cost.
+struct Debezium {
+    one_way_s: f64,
+    catch_up_s: f64,
+    /// Of the catch-up: from starting the worker to its connectors running.
+    connect_start_s: f64,
+    /// p50, p99, max.
+    lag_s: (f64, f64, f64),
+    write_cost: (f64, f64),
+    rss_peak_kib: u64,
+}
+
+/// Debezium's PostgreSQL source on A and its JDBC sink into B, in one Kafka
+/// Connect worker (standalone) on the bed's broker, on databases `dbz`.
+///
+/// Configured as Debezium documents a PostgreSQL-to-PostgreSQL pipeline:
+/// pgoutput, a publication of the two tables, no snapshot (only the workload
+/// streams, as for the other rows); the sink upserts, deletes by record key,
+/// maps each topic to its source table and leaves B's tables as they are.
+/// Deletes travel as delete events alone (`tombstones.on.delete=false`): the
+/// sink deletes on those, and a tombstone would only be one more record.
+///
+/// Lag: a trigger on B notes when each row of the steady load lands
+/// (`clock_timestamp()`), against the `now()` of the transaction that wrote
+/// it on A; one clock, one machine, so the difference is the lag itself,
+/// not a histogram bucket as mmsync's figure is.
+async fn debezium(bed: &Bed, n: i64, secs: u64, dir: &Path) -> Result<Debezium, String> {
+    const DB: &str = "dbz";
+    let (a, b) = (bed.master("a"), bed.master("b"));
+    for c in [a, b] {
+        c.create_database(DB).await.map_err(|e| e.to_string())?;
+        exec(&mut c.connect(DB).await.unwrap(), TABLE).await;
+    }
+    let brokers = bed.broker.address();
+    connect::create_topics(&brokers, &["dbz.public.bench", "dbz.public.wc_synced"], 1)
+        .await
+        .map_err(|e| e.to_string())?;
+    let source = Connector::new("dbz-source", "io.debezium.connector.postgresql.PostgresConnector")
+        .set("tasks.max", 1)
+        .set("plugin.name", "pgoutput")
+        .set("database.hostname", "127.0.0.1")
+        .set("database.port", a.port())
+        .set("database.user", "postgres")
+        .set("database.dbname", DB)
+        .set("topic.prefix", "dbz")
+        .set("table.include.list", "public.bench,public.wc_synced")
+        .set("slot.name", "dbz_bench")
+        .set("publication.name", "dbz_bench")
+        .set("publication.autocreate.mode", "filtered")
+        .set("snapshot.mode", "no_data")
+        .set("tombstones.on.delete", false);
+    let sink = Connector::new("dbz-sink", "io.debezium.connector.jdbc.JdbcSinkConnector")
+        .set("tasks.max", 1)
+        .set("topics", "dbz.public.bench,dbz.public.wc_synced")
+        .set("connection.url", format!("jdbc:postgresql://127.0.0.1:{}/{DB}", b.port()))
+        .set("connection.username", "postgres")
+        .set("connection.password", "")
+        .set("insert.mode", "upsert")
+        .set("delete.enabled", true)
+        .set("primary.key.mode", "record_key")
+        .set("schema.evolution", "none")
+        .set("collection.name.format", "${source.table}");
+    let mut worker = KafkaConnect::new(&brokers, &[source, sink], &[]).map_err(|e| e.to_string())?;
+    worker.start().await.map_err(|e| e.to_string())?;
+    // The slot is made when the source starts; a change written before it is not streamed.
+    wait_for("Debezium's slot streaming", Duration::from_secs(120), || async {
+        let mut conn = a.connect(DB).await.ok()?;
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = 'dbz_bench'")
+                .fetch_optional(&mut conn)
+                .await
+                .ok()?;
+        (active == Some(true)).then_some(())
+    })
+    .await;
+    let one_way_s = one_way(a, b, DB, 1, n).await;
+
+    // catch-up: the worker stopped as an operator would, the backlog written, the worker started.
+    worker.stop().await.map_err(|e| e.to_string())?;
+    workload(&mut a.connect(DB).await.unwrap(), 10_000_000, n).await;
+    let want = state(a, DB).await;
+    let started = Instant::now();
+    worker.start().await.map_err(|e| format!("{e}\n{}", worker.log_tail()))?;
+    let connect_start_s = started.elapsed().as_secs_f64();
+    wait_for("Debezium catch-up", Duration::from_secs(3600), || async { (state(b, DB).await == want).then_some(()) })
+        .await;
+    let catch_up_s = started.elapsed().as_secs_f64();
+
+    // lag under steady load, one way.
+    exec(
+        &mut b.connect(DB).await.unwrap(),
+        "CREATE TABLE lag_seen (at timestamptz, seen timestamptz);
+         CREATE FUNCTION lag_seen() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO lag_seen VALUES (NEW.at, clock_timestamp()); RETURN NULL; END $$;
+         CREATE TRIGGER lag_seen AFTER INSERT OR UPDATE ON bench FOR EACH ROW WHEN (NEW.name = 'steady')
+           EXECUTE FUNCTION lag_seen();",
+    )
+    .await;
+    steady(a, DB, 2000, secs, 20_000_000).await;
+    let want = state(a, DB).await;
+    wait_for("Debezium after the steady load", Duration::from_secs(600), || async {
+        (state(b, DB).await == want).then_some(())
+    })
+    .await;
+    let lag_s: (f64, f64, f64) = sqlx::query_as(
+        "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY l), percentile_disc(0.99) WITHIN GROUP (ORDER BY l), max(l)
+         FROM (SELECT extract(epoch FROM seen - at)::float8 AS l FROM lag_seen) s",
+    )
+    .fetch_one(&mut b.connect(DB).await.unwrap())
+    .await
+    .map_err(|e| format!("the lag of the steady load: {e}"))?;
+
+    let write_cost = write_cost(a, DB, secs, dir);
+    let rss_peak_kib = worker.pid().map_or(0, rss_peak_kib);
+    worker.stop().await.map_err(|e| e.to_string())?;
+    Ok(Debezium { one_way_s, catch_up_s, connect_start_s, lag_s, write_cost, rss_peak_kib })
+}
+
 fn pglogical_installed() -> bool {
     mmsync::testbed::pg_bin_dir().is_ok_and(|bin| bin.join("../lib/pglogical.so").exists())
 }
@@ -345,21 +470,60 @@ async fn main() {
         pglogical = Some((one, catch_up, write_cost(a, "pgl", secs, dir)));
     }
 
+    // Debezium, one way, in Kafka Connect.
+    let debezium = match (std::env::var("MMSYNC_BENCH_DEBEZIUM").as_deref(), connect::connect_libs()) {
+        (Ok("0"), _) => Err("skipped (MMSYNC_BENCH_DEBEZIUM=0)".to_string()),
+        (_, Err(e)) => Err(format!("skipped: {e}")),
+        (_, Ok(_)) => debezium(&bed, n, secs, dir).await.map_err(|e| format!("failed: {e}")),
+    };
+    if let Err(why) = &debezium {
+        eprintln!("compare: Debezium {why}");
+    }
+    let dbz = debezium.as_ref().ok();
+
     let rate = |s: f64| n as f64 / s;
     println!("\nmmsync beside the anchors, {n} changes (40% inserts, 50% updates, 10% deletes), this machine\n");
-    println!("| figure | mmsync | native logical replication | pglogical 2 | mmsync / native | mmsync / pglogical |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    let pgl = |f: fn((f64, f64, (f64, f64))) -> f64| pglogical.map(f);
-    let row = |name: &str, m: f64, nat: f64, p: Option<f64>, unit: &str| {
-        let p_cell = p.map_or("-".to_string(), |p| format!("{p:.0} {unit}"));
-        let p_ratio = p.map_or("-".to_string(), |p| format!("{:.2}", m / p));
-        println!("| {name} | {m:.0} {unit} | {nat:.0} {unit} | {p_cell} | {:.2} | {p_ratio} |", m / nat);
-    };
-    row("one-way throughput", rate(mmsync_one_way), rate(native_one_way), pgl(|(o, _, _)| n_rate(o)), "changes/s");
-    row("catch-up of a backlog", rate(mmsync_catch_up), rate(native_catch_up), pgl(|(_, c, _)| n_rate(c)), "changes/s");
-    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("≤ {:.0} ms", v * 1000.0));
     println!(
-        "| lag p50 / p99 / max at 2,000 changes/s per master | {} / {} / {} | (one way only) | | | |",
+        "| figure | mmsync | native logical replication | pglogical 2 | Debezium (PostgreSQL source, JDBC sink) \
+         | mmsync / native | mmsync / pglogical | mmsync / Debezium |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let pgl = |f: fn((f64, f64, (f64, f64))) -> f64| pglogical.map(f);
+    let row = |name: &str, m: f64, nat: f64, p: Option<f64>, d: Option<f64>, unit: &str| {
+        let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} {unit}"));
+        let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", m / v));
+        println!(
+            "| {name} | {m:.0} {unit} | {nat:.0} {unit} | {} | {} | {:.2} | {} | {} |",
+            cell(p),
+            cell(d),
+            m / nat,
+            ratio(p),
+            ratio(d)
+        );
+    };
+    row(
+        "one-way throughput",
+        rate(mmsync_one_way),
+        rate(native_one_way),
+        pgl(|(o, _, _)| n_rate(o)),
+        dbz.map(|d| rate(d.one_way_s)),
+        "changes/s",
+    );
+    row(
+        "catch-up of a backlog",
+        rate(mmsync_catch_up),
+        rate(native_catch_up),
+        pgl(|(_, c, _)| n_rate(c)),
+        dbz.map(|d| rate(d.catch_up_s)),
+        "changes/s",
+    );
+    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("≤ {:.0} ms", v * 1000.0));
+    let dbz_lag = dbz.map_or("-".to_string(), |d| {
+        let (p50, p99, max) = d.lag_s;
+        format!("{:.0} / {:.0} / {:.0} ms (A to B only)", p50 * 1000.0, p99 * 1000.0, max * 1000.0)
+    });
+    println!(
+        "| lag p50 / p99 / max at 2,000 changes/s per master | {} / {} / {} | (one way only) | | {dbz_lag} | | | |",
         fmt(lag_p50),
         fmt(lag_p99),
         fmt(lag_max)
@@ -367,20 +531,32 @@ async fn main() {
     let tps =
         |(plain, synced): (f64, f64)| format!("{:.1}% ({synced:.0} vs {plain:.0} tps)", cost_percent((plain, synced)));
     println!(
-        "| master write cost, pgbench upserts (2 clients): triggers and columns, replicator stopped | {} | (no triggers) | (no triggers) | | |",
+        "| master write cost, pgbench upserts (2 clients): triggers and columns, replicator stopped | {} | (no triggers) | (no triggers) | (no triggers) | | | |",
         tps(cost_triggers)
     );
     println!(
-        "| master write cost, same, replicator running on this machine | {} | {} | {} | | |",
+        "| master write cost, same, replicator running on this machine | {} | {} | {} | {} | | | |",
         tps(cost_running),
         tps(native_cost),
-        pglogical.map_or("-".into(), |(_, _, c)| tps(c))
+        pglogical.map_or("-".into(), |(_, _, c)| tps(c)),
+        dbz.map_or("-".into(), |d| tps(d.write_cost))
     );
     println!(
-        "| peak RSS of mmsync run | {} MiB (one-way), {} MiB (steady) | | | | |",
+        "| peak RSS of mmsync run (Debezium: of the Connect worker) | {} MiB (one-way), {} MiB (steady) | | | {} | | | |",
         rss_one_way / 1024,
-        rss_steady / 1024
+        rss_steady / 1024,
+        dbz.map_or("-".into(), |d| format!("{} MiB", d.rss_peak_kib / 1024))
     );
+    match &debezium {
+        Ok(d) => println!(
+            "\nDebezium {} in Kafka Connect {} (standalone, JSON converters with schemas); its catch-up includes \
+             {:.1} s from starting the worker to its connectors running.",
+            connect::DEBEZIUM_VERSION,
+            connect::CONNECT_VERSION,
+            d.connect_start_s
+        ),
+        Err(why) => println!("\nDebezium: {why}"),
+    }
     let json = serde_json::json!({
         "changes": n,
         "seconds_per_load_phase": secs,
@@ -389,6 +565,13 @@ async fn main() {
         "native": {"one_way_s": native_one_way, "catch_up_s": native_catch_up},
         "pglogical": pglogical.map(|(o, c, w)| serde_json::json!({"one_way_s": o, "catch_up_s": c,
                                    "write_cost": {"tps_plain": w.0, "tps_synced": w.1}})),
+        "debezium": match &debezium {
+            Ok(d) => serde_json::json!({"version": connect::DEBEZIUM_VERSION, "connect_version": connect::CONNECT_VERSION,
+                "one_way_s": d.one_way_s, "catch_up_s": d.catch_up_s, "connect_start_s": d.connect_start_s,
+                "lag_p50_s": d.lag_s.0, "lag_p99_s": d.lag_s.1, "lag_max_s": d.lag_s.2,
+                "write_cost": {"tps_plain": d.write_cost.0, "tps_synced": d.write_cost.1}, "rss_peak_kib": d.rss_peak_kib}),
+            Err(why) => serde_json::json!({"skipped": why}),
+        },
         "master_cost": {
             "triggers_only": {"tps_plain": cost_triggers.0, "tps_synced": cost_triggers.1},
             "mmsync_running": {"tps_plain": cost_running.0, "tps_synced": cost_running.1},

@@ -287,10 +287,11 @@ async fn a_blocked_table_does_not_hold_the_others_back() {
 }
 
 /// A sink stores its offsets after each of its own batches, which end
-/// wherever they end: usually inside a batch the producer sent. On restart it
-/// must go on from exactly there. (tansu 0.6 with memory storage answers a
-/// fetch from the middle of a batch with the *next* batch, so a sink that
-/// trusted its broker would skip the rest of the batch it stopped in.)
+/// wherever they end: usually inside a batch the producer sent, which the
+/// broker stores and serves whole. On restart it must go on from exactly
+/// there, neither skipping the rest of that batch nor applying its start
+/// twice. The test reads the broker's log to be sure the stop did land
+/// inside a producer batch.
 #[tokio::test]
 async fn a_sink_that_stopped_inside_a_producer_batch_resumes_without_a_gap() {
     // Small sink batches: almost every stop lands inside a producer batch.
@@ -303,7 +304,23 @@ async fn a_sink_that_stopped_inside_a_producer_batch_resumes_without_a_gap() {
         .execute(&mut seoul)
         .await
         .unwrap();
+    let written: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text").fetch_one(&mut seoul).await.unwrap();
     s.start();
+    // Seoul's slot must be past the insert before the crash: otherwise the
+    // restarted source produces it all again, and those duplicates would
+    // hide a sink that skipped records.
+    wait_for("seoul's slot to confirm the insert", DEADLINE, || async {
+        let mut seoul = s.conn("seoul").await;
+        sqlx::query_scalar::<_, bool>(
+            "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = 'mmsync_seoul'",
+        )
+        .bind(&written)
+        .fetch_one(&mut seoul)
+        .await
+        .ok()?
+        .then_some(())
+    })
+    .await;
     let count = |s: &Synced| {
         let busan = s.bed.master("busan").url(mmsync::testbed::BED_DATABASE);
         async move {
@@ -319,6 +336,24 @@ async fn a_sink_that_stopped_inside_a_producer_batch_resumes_without_a_gap() {
     sqlx::raw_sql("ROLLBACK").execute(&mut busan).await.unwrap();
     let stopped_at = count(&s).await.unwrap();
     assert!(stopped_at < ROWS, "the sink finished before it could be stopped; the test proves nothing");
+    // Where busan stopped, per partition, and whether that is inside a batch
+    // the producer sent (not at its first record, not past its last).
+    let topic = s.bed.topic("seoul", "public.kv");
+    let stored: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, next_offset FROM mmsync.applied_offsets WHERE topic = $1")
+            .bind(&topic)
+            .fetch_all(&mut busan)
+            .await
+            .unwrap();
+    let mut inside = Vec::new();
+    for (partition, next) in &stored {
+        let batches = s.bed.broker.batches(0, &topic, *partition).await.unwrap();
+        assert!(!batches.is_empty(), "no batches read for {topic}-{partition}");
+        if batches.iter().any(|(base, last)| base < next && next <= last) {
+            inside.push((*partition, *next));
+        }
+    }
+    assert!(!inside.is_empty(), "no stop landed inside a producer batch ({stored:?}); the test proves nothing");
     s.start();
     let rows = s.converged("kv").await;
     assert_eq!(rows.len() as i64, ROWS, "stopped at {stopped_at} rows");

@@ -1,5 +1,5 @@
-//! End-to-end tests on the test bed: real PostgreSQL clusters, a real tansu
-//! broker and the real `mmsync` binary as a child process. One test binary
+//! End-to-end tests on the test bed: real PostgreSQL clusters, real Apache
+//! Kafka brokers and the real `mmsync` binary as a child process. One test binary
 //! (like etl's), one module per concern.
 
 mod apply;
@@ -7,4 +7,5 @@ mod capture;
 mod chaos;
 mod common;
 mod hardening;
+mod kafka;
 mod observability;

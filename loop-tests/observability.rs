@@ -93,3 +93,46 @@ async fn prometheus_has_data_for_every_panel_and_lag_follows_a_stopped_master() 
     assert!(lines.iter().any(|l| l.starts_with("busan -> seoul")), "{out}");
     s.stop().await;
 }
+
+/// `mmsync_kafka_pending_records` and `status`'s PENDING are Kafka's end
+/// offsets minus what the target stored as applied: with busan's table
+/// locked, they must equal the records seoul produced (counted by reading
+/// them back), and fall to zero once busan applies them.
+#[tokio::test]
+async fn pending_records_are_the_records_produced_and_not_yet_applied() {
+    let mut s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "heartbeat_interval_ms = 3600000").await;
+    s.start();
+    let mut busan = s.conn("busan").await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE kv IN EXCLUSIVE MODE").execute(&mut busan).await.unwrap();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql(
+        "INSERT INTO kv SELECT i, 'v' || i, i FROM generate_series(1, 700) i;
+         UPDATE kv SET n = n + 1 WHERE id <= 100;",
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    let topic = s.bed.topic("seoul", "public.kv");
+    let produced = s.records(&topic, 800).len();
+    assert_eq!(produced, 800, "records on {topic}");
+
+    wait_for("pending records to show what seoul produced", DEADLINE, || async {
+        pending(&s).await.filter(|p| *p == (800, 800))
+    })
+    .await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut busan).await.unwrap();
+    s.converged("kv").await;
+    wait_for("pending records to fall to zero", DEADLINE, || async { pending(&s).await.filter(|p| *p == (0, 0)) })
+        .await;
+    s.stop().await;
+}
+
+/// Records waiting for busan from seoul: (the metric, `status --json`).
+async fn pending(s: &Synced) -> Option<(i64, i64)> {
+    let metric = s.metric("mmsync_kafka_pending_records", &[("source", "seoul"), ("target", "busan")]).await;
+    let (_, out) = mmsync(&s.topology, &["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    let link = v["links"].as_array()?.iter().find(|l| l["source"] == "seoul" && l["target"] == "busan")?.clone();
+    Some((metric as i64, link["pending_records"].as_i64()?))
+}

@@ -34,6 +34,9 @@ pub enum Error {
         #[source]
         source: crate::replication::ReplicationError,
     },
+    /// Something about the Kafka cluster that the operator has to fix (the message says what).
+    #[error("{0}")]
+    KafkaSetup(String),
     /// Something about a master or table that the operator has to fix.
     #[error("master {master:?}: {problem}; {fix}")]
     Setup { master: String, problem: String, fix: String },
@@ -80,7 +83,7 @@ impl Error {
             },
             Error::Replication { source, .. } if source.is_fatal() => Class::Fatal,
             Error::Missing { .. } | Error::Replication { .. } => Class::Retry,
-            Error::Setup { .. } | Error::Stream { .. } | Error::Internal(_) => Class::Fatal,
+            Error::Setup { .. } | Error::KafkaSetup(_) | Error::Stream { .. } | Error::Internal(_) => Class::Fatal,
         }
     }
 }

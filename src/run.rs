@@ -12,6 +12,14 @@ use crate::topology::Topology;
 /// Runs every source and sink until `shutdown` resolves or one of them fails
 /// fatally. On shutdown, running batches finish and positions are stored.
 pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    // Credentials the brokers refuse are a mistake no retry mends: say so
+    // now. Brokers that do not answer may be restarting: the links retry.
+    let kafka = topology.kafka.clone();
+    match tokio::task::spawn_blocking(move || crate::kafka::metadata(&kafka)).await {
+        Ok(Err(why)) if why.refused_credentials => return Err(Error::KafkaSetup(why.message)),
+        Ok(Err(why)) => tracing::warn!("{why}; the links retry until the brokers answer"),
+        _ => {}
+    }
     let topology = Arc::new(topology);
     let (stop, stopped) = watch::channel(false);
     let progress = Arc::new(crate::metrics::Progress::default());

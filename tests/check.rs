@@ -132,12 +132,6 @@ async fn help_explains_every_subcommand() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-/// Points a bed's topology at other brokers, with `[kafka.client]` lines.
-fn with_kafka(text: &str, brokers: &str, client: &str) -> String {
-    let old = text.lines().find(|l| l.starts_with("brokers = ")).expect("a brokers line").to_string();
-    format!("{}\n[kafka.client]\n{client}\n", text.replace(&old, &format!("brokers = \"{brokers}\"")))
-}
-
 #[tokio::test]
 async fn check_reports_what_a_misconfigured_kafka_lacks_with_the_fix() {
     let opts = KafkaOptions {
@@ -159,7 +153,6 @@ async fn check_reports_what_a_misconfigured_kafka_lacks_with_the_fix() {
         .unwrap();
     assert!(made[0].is_ok(), "{made:?}");
     let topology = bed.write_topology(&["public.docs"], "");
-    let text = std::fs::read_to_string(&topology).unwrap();
 
     let (code, out) = mmsync(&topology, &["check"], &[]).await;
     assert_eq!(code, 1, "{out}");
@@ -183,7 +176,7 @@ async fn check_reports_what_a_misconfigured_kafka_lacks_with_the_fix() {
              \"sasl.username\" = \"{user}\"\n\"sasl.password\" = {{ env = \"MMSYNC_TEST_KAFKA_PASSWORD\" }}"
         )
     };
-    let alice = write(bed.dir.path(), "alice.toml", &with_kafka(&text, &bed.broker.sasl_address(), &sasl("alice")));
+    let alice = bed.write_topology_as("alice.toml", &["public.docs"], "", &bed.broker.sasl_address(), &sasl("alice"));
     let (code, out) = mmsync(&alice, &["check"], &[("MMSYNC_TEST_KAFKA_PASSWORD", "alice-secret")]).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("mmsync's user may not create its topics"), "{out}");
@@ -204,7 +197,7 @@ async fn check_reports_what_a_misconfigured_kafka_lacks_with_the_fix() {
     let lost = KafkaCluster::start(KafkaOptions { advertise: Some(dead_end.clone()), ..KafkaOptions::default() })
         .await
         .unwrap();
-    let lost_toml = write(bed.dir.path(), "lost.toml", &with_kafka(&text, &lost.address(), ""));
+    let lost_toml = bed.write_topology_as("lost.toml", &["public.docs"], "", &lost.address(), "");
     let (code, out) = mmsync(&lost_toml, &["check"], &[]).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains(&format!("kafka broker 1 advertises {dead_end}, which mmsync cannot reach")), "{out}");

@@ -48,19 +48,19 @@ pub async fn check(topology: &Topology, records: &[RecordSize]) -> Report {
     let mut report = Report::default();
     let kafka = &topology.kafka;
     let brokers = &kafka.brokers;
-    let admin: AdminClient<Recording> = match client_config(kafka).create_with_context(Recording::default()) {
-        Ok(a) => a,
-        Err(e) => {
-            report.problems.push(format!("kafka {brokers}: [kafka.client] is not a valid client configuration: {e}"));
-            return report;
-        }
-    };
     // 1. Metadata: the brokers answer, and say who they are.
     let k = kafka.clone();
     let md = match tokio::task::spawn_blocking(move || super::metadata(&k)).await.expect("metadata does not panic") {
         Ok(md) => md,
         Err(why) => {
-            report.problems.push(why);
+            report.problems.push(why.message);
+            return report;
+        }
+    };
+    let admin: AdminClient<Recording> = match client_config(kafka).create_with_context(Recording::default()) {
+        Ok(a) => a,
+        Err(e) => {
+            report.problems.push(format!("kafka {brokers}: an admin client: {e}"));
             return report;
         }
     };

@@ -269,24 +269,40 @@ impl ClientContext for Recording {
 
 impl rdkafka::consumer::ConsumerContext for Recording {}
 
-/// Whether the brokers answer a metadata request; on failure, the reason
-/// (librdkafka's, when it reported one, such as a refused password), naming
-/// the brokers and never a secret.
-pub fn ping(kafka: &Kafka) -> std::result::Result<(), String> {
-    metadata(kafka).map(|_| ())
+/// Why the brokers gave no metadata, said for the operator.
+#[derive(Debug, Clone)]
+pub struct Unanswered {
+    /// The brokers refused the credentials of `[kafka.client]`: no retry helps.
+    pub refused_credentials: bool,
+    /// What happened and the fix; names the brokers, never a secret.
+    pub message: String,
 }
 
-/// The cluster's metadata (every topic the user may see), or why there is none.
-pub fn metadata(kafka: &Kafka) -> std::result::Result<rdkafka::metadata::Metadata, String> {
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The cluster's metadata (every topic the user may see), or why there is
+/// none: librdkafka's own reason when it gave one, such as a refused password.
+pub fn metadata(kafka: &Kafka) -> std::result::Result<rdkafka::metadata::Metadata, Unanswered> {
+    let unanswered = |message: String| Unanswered { refused_credentials: false, message };
     let consumer: BaseConsumer<Recording> =
-        client_config(kafka).create_with_context(Recording::default()).map_err(|e| e.to_string())?;
+        client_config(kafka).create_with_context(Recording::default()).map_err(|e| {
+            unanswered(format!("kafka {}: [kafka.client] is not a valid client configuration: {e}", kafka.brokers))
+        })?;
     match consumer.fetch_metadata(None, REQUEST_TIMEOUT) {
         Ok(md) => Ok(md),
         Err(e) => {
             // Errors librdkafka raised on its own wait in the client's queue
             // until it is polled; polling hands them to the context.
             let _ = consumer.poll(Duration::ZERO);
-            Err(explain(&kafka.brokers, consumer.context().last_error(), &e.to_string(), &kafka.client))
+            let reported = consumer.context().last_error();
+            Err(Unanswered {
+                refused_credentials: matches!(reported, Some((RDKafkaErrorCode::Authentication, _))),
+                message: explain(&kafka.brokers, reported, &e.to_string(), &kafka.client),
+            })
         }
     }
 }

@@ -460,6 +460,29 @@ if [ -n "$MMSYNC_REMOVE" ]; then rm -rf "$MMSYNC_REMOVE"; fi"#;
         }
     }
 
+    /// The record batches of a partition as node `index` (0-based) stores
+    /// them, `(base offset, last offset)` each, read with Kafka's own
+    /// `DumpLogSegments` from the node's log directory.
+    pub async fn batches(&self, index: usize, topic: &str, partition: i32) -> Result<Vec<(i64, i64)>> {
+        let dir = self.node_dir(index + 1).join("data").join(format!("{topic}-{partition}"));
+        let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(io(format!("reading {}", dir.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        segments.sort();
+        let mut cmd = self.java(index + 1);
+        cmd.args(["-Xmx256m", "kafka.tools.DumpLogSegments", "--files"])
+            .arg(segments.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(","));
+        let out = tokio::process::Command::from(cmd).output().await.map_err(io("running DumpLogSegments"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |line: &str, name: &str| -> Option<i64> {
+            line.split(name).nth(1)?.split_whitespace().next()?.parse().ok()
+        };
+        Ok(text.lines().filter_map(|l| Some((field(l, "baseOffset: ")?, field(l, "lastOffset: ")?))).collect())
+    }
+
     /// SIGKILLs node `index` (0-based), as a crash would.
     pub fn kill_node(&self, index: usize) {
         assert!(!self.shared, "the shared Kafka cluster is never killed; start the bed with a cluster of its own");

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+pub mod connect;
 pub mod kafka;
 
 pub use kafka::{KafkaCluster, KafkaOptions};
@@ -489,9 +490,22 @@ impl Bed {
     /// Writes a topology for this bed with the given tables and extra `[sync]`
     /// lines, and returns its path.
     pub fn write_topology(&self, tables: &[&str], extra_sync: &str) -> PathBuf {
+        self.write_topology_as("topology.toml", tables, extra_sync, &self.broker.address(), "")
+    }
+
+    /// Like [`Bed::write_topology`], into file `name` of the bed's folder,
+    /// with other brokers (the SASL or TLS listeners, say) and `[kafka.client]` lines.
+    pub fn write_topology_as(
+        &self,
+        name: &str,
+        tables: &[&str],
+        extra_sync: &str,
+        brokers: &str,
+        kafka_client: &str,
+    ) -> PathBuf {
         let mut text = format!(
-            "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{}\"\npartitions = 3\nreplication_factor = {}\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n",
-            self.broker.address(),
+            "[kafka]\nbrokers = \"{brokers}\"\ntopic_prefix = \"{}\"\npartitions = 3\nreplication_factor = {}\n\n\
+             [kafka.client]\n{kafka_client}\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n",
             self.topic_prefix,
             self.broker.node_count(),
             free_port()
@@ -501,7 +515,7 @@ impl Bed {
         }
         let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
         text.push_str(&format!("[sync]\ntables = [{}]\n{extra_sync}\n", tables.join(", ")));
-        let path = self.dir.path().join("topology.toml");
+        let path = self.dir.path().join(name);
         std::fs::write(&path, text).expect("the bed folder is writable");
         path
     }
