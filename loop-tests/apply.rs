@@ -359,3 +359,39 @@ async fn a_sink_that_stopped_inside_a_producer_batch_resumes_without_a_gap() {
     assert_eq!(rows.len() as i64, ROWS, "stopped at {stopped_at} rows");
     s.stop().await;
 }
+
+/// Two runs of one topology would apply everything twice and rewind each
+/// other's offsets: the second stops at once and names the first, which goes
+/// on; once the first has crashed, a new run takes over.
+#[tokio::test]
+async fn a_second_mmsync_run_stops_and_names_the_first_which_goes_on() {
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql("INSERT INTO kv VALUES (1, 'first', 1)").execute(&mut seoul).await.unwrap();
+    s.converged("kv").await;
+
+    // Same masters and topics, its own metrics port.
+    let second = s.bed.write_topology_as("second.toml", &["public.kv"], "", &s.bed.broker.address(), "");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_mmsync"));
+    let log = s.bed.dir.path().join("second.log");
+    let run = mmsync::testbed::MmsyncProcess::spawn(bin, &second, &["run"], &[], log.clone()).unwrap();
+    let status = tokio::time::timeout(DEADLINE, run.wait()).await.expect("the second run stops by itself");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("another mmsync run is syncing this master"), "{text}");
+    assert!(text.contains("mmsync:seoul:run") || text.contains("mmsync:busan:run"), "{text}");
+    assert!(text.contains("run one `mmsync run` per topology"), "{text}");
+
+    // The first goes on.
+    sqlx::raw_sql("INSERT INTO kv VALUES (2, 'still', 2)").execute(&mut seoul).await.unwrap();
+    assert_eq!(s.converged("kv").await.len(), 2);
+
+    // A crashed run leaves no lock behind.
+    s.kill().await;
+    let log = s.bed.dir.path().join("third.log");
+    let run = mmsync::testbed::MmsyncProcess::spawn(bin, &second, &["run"], &[], log).unwrap();
+    sqlx::raw_sql("INSERT INTO kv VALUES (3, 'after', 3)").execute(&mut seoul).await.unwrap();
+    assert_eq!(s.converged("kv").await.len(), 3, "{}", run.log());
+    assert!(run.terminate().await.success());
+}

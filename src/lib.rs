@@ -10,6 +10,8 @@
 pub mod change;
 pub mod db;
 pub mod error;
+pub mod failpoint;
+pub mod fence;
 pub mod kafka;
 pub mod metrics;
 pub mod pgoutput;

@@ -97,6 +97,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: not in log files or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let topology = match Topology::load(&cli.topology) {
         Ok(t) => t,

@@ -20,12 +20,28 @@ pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output =
         Ok(Err(why)) => tracing::warn!("{why}; the links retry until the brokers answer"),
         _ => {}
     }
+    // One run per master: take every master's run lock before anything moves.
+    let mut locks = Vec::new();
+    for master in &topology.masters {
+        match crate::fence::acquire(master).await {
+            Ok(conn) => locks.push((master.clone(), Some(conn))),
+            Err(e) if e.class() == crate::error::Class::Fatal => return Err(e),
+            Err(e) => {
+                tracing::warn!("{e}; its run lock is taken when it answers");
+                locks.push((master.clone(), None));
+            }
+        }
+    }
     let topology = Arc::new(topology);
     let (stop, stopped) = watch::channel(false);
     let progress = Arc::new(crate::metrics::Progress::default());
     let mut tasks: JoinSet<(String, Result<()>)> = JoinSet::new();
     let (t, p, rx) = (topology.clone(), progress.clone(), stopped.clone());
     tasks.spawn(async move { ("monitor".to_string(), monitor(t, p, rx).await) });
+    for (master, held) in locks {
+        let rx = stopped.clone();
+        tasks.spawn(async move { (format!("run lock {}", master.name), crate::fence::keep(master, held, rx).await) });
+    }
     for master in &topology.masters {
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
         tasks.spawn(async move { (format!("source {}", m.name), crate::source::run(t, m, rx).await) });

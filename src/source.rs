@@ -99,9 +99,10 @@ pub struct Capture {
     decoder: Decoder,
     /// What the slot has been told is safe; it never moves backwards.
     confirmed: Lsn,
-    /// Test hook (`MMSYNC_TEST_CRASH_AFTER_PRODUCE`): SIGKILL this process
-    /// after Kafka acknowledged some changes and before the slot moves, the
-    /// one moment where a crash must cost duplicates and never a gap.
+    /// Failpoint [`crate::failpoint::CRASH_AFTER_PRODUCE`] (debug builds
+    /// only): SIGKILL this process after Kafka acknowledged some changes and
+    /// before the slot moves, the one moment where a crash must cost
+    /// duplicates and never a gap.
     crash_after_produce: bool,
 }
 
@@ -149,7 +150,7 @@ impl Capture {
             stream,
             decoder: Decoder::new(&master.name, topology),
             confirmed,
-            crash_after_produce: std::env::var_os("MMSYNC_TEST_CRASH_AFTER_PRODUCE").is_some(),
+            crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
         })
     }
 
@@ -211,9 +212,7 @@ impl Capture {
                 let refused = produce(topology, producer, &name, std::mem::take(&mut decoded.changes)).await?;
                 self.keep_dead_letters(topology, refused).await?;
                 if self.crash_after_produce {
-                    tracing::warn!("MMSYNC_TEST_CRASH_AFTER_PRODUCE: killing mmsync before the slot advances");
-                    // SAFETY: kill(2) on our own pid with a valid signal.
-                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
                 }
             }
             // Everything read so far is in Kafka: the slot may move to the end

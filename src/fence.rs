@@ -1,0 +1,102 @@
+//! One `mmsync run` per master at a time.
+//!
+//! Two runs of one topology would not corrupt anything (a slot streams to one
+//! walsender only, and last-writer-wins makes a change applied twice
+//! harmless), but both would apply every record, rewind each other's stored
+//! offsets and fight over row locks; a second run with an older topology or
+//! binary would be worse. So each run holds a session-level advisory lock on
+//! every master for as long as it runs, and a second run finds it taken and
+//! stops, naming the holder. The server drops the lock when the holder's
+//! connection ends, so a run that crashed never leaves it behind.
+//!
+//! Kafka offers two other fences (a `transactional.id` per source, a consumer
+//! group per sink); the README's "Kafka transactions and consumer groups" says,
+//! with figures, why mmsync does not use them.
+
+use std::time::Duration;
+
+use sqlx::{Connection, PgConnection};
+use tokio::sync::watch;
+
+use crate::error::{Backoff, Class, Error, Result};
+use crate::topology::Master;
+
+/// The advisory lock's key, the same on every master: "mmsync" in ASCII.
+pub const LOCK_KEY: i64 = 0x6d6d_7379_6e63;
+
+/// How often a held lock's connection is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Takes the lock on `master`: the connection that holds it, or why not.
+/// Another run holding it is fatal; a master that does not answer is not.
+pub async fn acquire(master: &Master) -> Result<PgConnection> {
+    use sqlx::ConnectOptions;
+    let opts = crate::db::options(master)?.application_name(&format!("mmsync:{}:run", master.name));
+    let mut conn = tokio::time::timeout(crate::db::CONNECT_TIMEOUT, opts.connect())
+        .await
+        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        .map_err(Error::db(&master.name, format!("connecting to {}", master.url)))?;
+    let db = |what: &str| Error::db(&master.name, what.to_string());
+    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await
+        .map_err(db("taking mmsync's run lock"))?;
+    if taken {
+        return Ok(conn);
+    }
+    let holder: Option<(i32, String, String, String)> = sqlx::query_as(
+        "SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'a local socket'),
+                to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ')
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::int8::oid AND l.objid = $2::int8::oid
+           AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .bind(LOCK_KEY >> 32)
+    .bind(LOCK_KEY & 0xffff_ffff)
+    .fetch_optional(&mut conn)
+    .await
+    .map_err(db("finding the holder of mmsync's run lock"))?;
+    let who = match holder {
+        Some((pid, app, from, since)) => format!("backend pid {pid}, {app:?}, from {from}, since {since}"),
+        None => "a session that has just ended".into(),
+    };
+    Err(Error::Setup {
+        master: master.name.clone(),
+        problem: format!("another mmsync run is syncing this master ({who})"),
+        fix: "stop it before starting this one: run one `mmsync run` per topology".into(),
+    })
+}
+
+/// Keeps the lock on `master` until `shutdown`: checks the connection that
+/// holds it, and takes the lock again after the master came back. Returns an
+/// error only when another run took it meanwhile.
+pub async fn keep(master: Master, mut held: Option<PgConnection>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    let mut backoff = Backoff::new();
+    loop {
+        let wait = match held.as_mut() {
+            Some(conn) => match conn.ping().await {
+                Ok(()) => CHECK_EVERY,
+                Err(e) => {
+                    tracing::warn!(master = %master.name, "lost the connection that holds the run lock ({e}); taking it again");
+                    held = None;
+                    Duration::ZERO
+                }
+            },
+            None => match acquire(&master).await {
+                Ok(conn) => {
+                    held = Some(conn);
+                    backoff.reset();
+                    CHECK_EVERY
+                }
+                Err(e) if e.class() == Class::Fatal => return Err(e),
+                Err(_) => backoff.next_delay(),
+            },
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
