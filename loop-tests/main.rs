@@ -6,6 +6,7 @@ mod apply;
 mod capture;
 mod chaos;
 mod common;
+mod constraints;
 mod hardening;
 mod kafka;
 mod observability;

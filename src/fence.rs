@@ -21,8 +21,16 @@ use tokio::sync::watch;
 use crate::error::{Backoff, Class, Error, Result};
 use crate::topology::Master;
 
-/// The advisory lock's key, the same on every master: "mmsync" in ASCII.
-pub const LOCK_KEY: i64 = 0x6d6d_7379_6e63;
+/// The run lock's key, the same on every master: "mmsyncR" in ASCII. It
+/// must differ from the one other advisory lock mmsync takes, "mmsync"
+/// (0x6d6d73796e63, [`TOMBSTONE_HIGH_LOCK_KEY`]), which every local delete's
+/// trigger may take for a moment: sharing it would block those deletes for
+/// as long as a run lives.
+pub const LOCK_KEY: i64 = 0x6d6d_7379_6e63_52;
+
+/// The transaction-level advisory lock under which migration 0003's trigger
+/// raises `mmsync.tombstone_high`.
+pub const TOMBSTONE_HIGH_LOCK_KEY: i64 = 0x6d6d_7379_6e63;
 
 /// How often a held lock's connection is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -98,5 +106,18 @@ pub async fn keep(master: Master, mut held: Option<PgConnection>, mut shutdown: 
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_lock_never_blocks_the_tombstone_trigger() {
+        let migration = include_str!("../migrations/0003_tombstone_high.sql");
+        assert!(migration.contains(&format!("pg_advisory_xact_lock({TOMBSTONE_HIGH_LOCK_KEY})")), "{migration}");
+        assert!(!migration.contains(&LOCK_KEY.to_string()));
+        assert_ne!(LOCK_KEY, TOMBSTONE_HIGH_LOCK_KEY);
     }
 }

@@ -257,6 +257,20 @@ async fn check_master(
             quote_ident(&role)
         ));
     }
+    let may_apply: bool = sqlx::query_scalar(
+        "SELECT rolsuper OR has_parameter_privilege('session_replication_role', 'SET') FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(Error::db(name, "reading the role's privileges"))?;
+    if !may_apply {
+        problems.push(format!(
+            "master {name:?}: role {role:?} may not set session_replication_role, which mmsync's applier uses so that \
+             replicated rows skip foreign-key checks and ordinary triggers (as PostgreSQL's own replication does); \
+             run GRANT SET ON PARAMETER session_replication_role TO {} (or connect as a superuser)",
+            quote_ident(&role)
+        ));
+    }
     let (slots_used, own_slot): (i64, bool) =
         sqlx::query_as("SELECT count(*), coalesce(bool_or(slot_name = $1), false) FROM pg_replication_slots")
             .bind(slot_name(name))
@@ -492,8 +506,9 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
         };
         let sql = format!(
             "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $mmsync${body}$mmsync$;
-             CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW {APPLIER_SKIPS} EXECUTE FUNCTION {function}();
-             CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW {APPLIER_SKIPS} EXECUTE FUNCTION {function}();"
+             CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
+             CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
+             ALTER TABLE {t} ENABLE TRIGGER mmsync_stamp, ENABLE TRIGGER mmsync_tombstone;"
         );
         exec(conn, master, &format!("installing triggers on {}", info.name), &sql).await?;
         done.push(format!("installed triggers on {}", info.name));
@@ -503,9 +518,9 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
 
 /// The trigger: a local write stamps origin = this master and a version that
 /// beats both the clock and what it replaces; a local delete records a
-/// tombstone. Writes of mmsync's applier (`mmsync.applier = on`) never get
-/// here: the triggers' WHEN clause (see [`APPLIER_SKIPS`]) keeps what the
-/// applier set, without entering the function.
+/// tombstone. Writes of mmsync's applier never get here: it writes with
+/// `session_replication_role = replica` ([`crate::sink::APPLIER_SESSION`]),
+/// in which ordinary triggers do not fire, so what it sets is kept.
 ///
 /// An insert (or a key change) must also beat its key's tombstone, but a
 /// tombstone can only matter when its version has reached the clock, and
@@ -520,7 +535,7 @@ fn trigger_body(info: &TableInfo) -> String {
         info.key.iter().map(|k| format!("NEW.{0} IS DISTINCT FROM OLD.{0}", quote_ident(k))).collect();
     format!(
         r#"
--- key text: {key_text}
+-- key text: {key_text}; the applier's writes (session_replication_role = replica) skip this trigger
 DECLARE
     tombstone bigint;
 BEGIN
@@ -550,9 +565,6 @@ END
         key_text = if info.key_text_depends_on_settings() { "settings pinned" } else { "independent of settings" },
     )
 }
-
-/// The WHEN clause of the stamping triggers: writes of mmsync's applier skip them.
-const APPLIER_SKIPS: &str = "WHEN (current_setting('mmsync.applier', true) IS DISTINCT FROM 'on')";
 
 /// For integer keys fed by a sequence or identity: increment = number of
 /// masters, and a residue per master, so two masters never mint the same id.

@@ -314,10 +314,7 @@ impl Apply {
             }
         }
         let mut tx = sqlx::Connection::begin(&mut self.conn).await.map_err(db("beginning a transaction"))?;
-        sqlx::query("SET LOCAL mmsync.applier = 'on'")
-            .execute(&mut *tx)
-            .await
-            .map_err(db("marking the applier session"))?;
+        sqlx::query(APPLIER_SESSION).execute(&mut *tx).await.map_err(db("marking the applier session"))?;
         let mut applied: Vec<Change> = Vec::new();
         if !recs.is_empty() {
             let (ok, refused) = self.sql.apply_isolated(&mut tx, &target, recs).await?;
@@ -777,6 +774,16 @@ async fn savepoint(conn: &mut PgConnection, target: &str, sql: &'static str) -> 
     Ok(())
 }
 
+/// What makes a transaction the applier's, as PostgreSQL's own apply worker
+/// does it: replicated rows skip foreign-key checks and ordinary triggers
+/// (mmsync's stamping triggers, which would restamp them, and the
+/// application's own; `ENABLE REPLICA` or `ENABLE ALWAYS` triggers still
+/// fire). A change of one source therefore never waits for another table's
+/// sink, whatever order the tables' changes arrive in. An application role
+/// cannot set it: it takes a superuser or `GRANT SET ON PARAMETER
+/// session_replication_role`, which `mmsync check` asks for.
+pub const APPLIER_SESSION: &str = "SET LOCAL session_replication_role = replica";
+
 /// The canonical key text of a key object read back from the database.
 fn key_text(v: serde_json::Value) -> String {
     let key: Key = serde_json::from_value(v).unwrap_or_default();
@@ -834,10 +841,7 @@ pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<
         }
     }
     let mut tx = sqlx::Connection::begin(&mut conn).await.map_err(Error::db(name, "beginning a transaction"))?;
-    sqlx::query("SET LOCAL mmsync.applier = 'on'")
-        .execute(&mut *tx)
-        .await
-        .map_err(Error::db(name, "marking the applier"))?;
+    sqlx::query(APPLIER_SESSION).execute(&mut *tx).await.map_err(Error::db(name, "marking the applier"))?;
     let mut applied_ids: Vec<i64> = Vec::new();
     for (table, entries) in groups {
         let Some(info) = describe(&mut tx, name, &table).await? else {
