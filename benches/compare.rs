@@ -260,7 +260,8 @@ async fn debezium(bed: &Bed, n: i64, secs: u64, dir: &Path) -> Result<Debezium, 
         .set("delete.enabled", true)
         .set("primary.key.mode", "record_key")
         .set("schema.evolution", "none")
-        .set("collection.name.format", "${source.table}");
+        .set("collection.name.format", "${source.table}")
+        .set("dialect.postgres.unnest.insert.enabled", true);
     let mut worker = KafkaConnect::new(&brokers, &[source, sink], &[]).map_err(|e| e.to_string())?;
     worker.start().await.map_err(|e| e.to_string())?;
     // The slot is made when the source starts; a change written before it is not streamed.

@@ -299,16 +299,27 @@ async fn one_broker_of_three_killed_under_load_loses_nothing_and_changes_keep_fl
             let marker = 100_000 + (cycle as i32) * 2 + (from == "busan") as i32;
             let mut conn = s.conn(from).await;
             sqlx::query("INSERT INTO kv VALUES ($1, 'marker', 0)").bind(marker).execute(&mut conn).await.unwrap();
-            wait_for(&format!("marker {marker} from {from} on {to} with broker {victim} down"), DEADLINE, || async {
-                let mut conn = s.bed.master(to).connect(BED_DATABASE).await.ok()?;
-                sqlx::query_scalar::<_, i32>("SELECT id FROM kv WHERE id = $1")
-                    .bind(marker)
-                    .fetch_optional(&mut conn)
-                    .await
-                    .ok()
-                    .flatten()
+            let crossed = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    if let Ok(mut conn) = s.bed.master(to).connect(BED_DATABASE).await {
+                        let found = sqlx::query_scalar::<_, i32>("SELECT id FROM kv WHERE id = $1")
+                            .bind(marker)
+                            .fetch_optional(&mut conn)
+                            .await;
+                        if matches!(found, Ok(Some(_))) {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             })
             .await;
+            assert!(
+                crossed.is_ok(),
+                "seed {seed}: marker {marker} from {from} never reached {to} with broker {} down; mmsync log:\n{}",
+                victim + 1,
+                s.log()
+            );
         }
         load.progress(&["seoul", "busan"], 150).await;
         s.bed.broker.restart_node(victim).await.unwrap();

@@ -169,3 +169,60 @@ async fn a_room_deleted_on_one_master_while_another_posts_in_it_converges_withou
     }
     s.stop().await;
 }
+
+/// Every master takes the same e-mail addresses under keys of its own while
+/// none sees the others (mmsync stopped). Only one row may keep each address:
+/// the newest write by (version, origin), on every master; each loser is
+/// removed everywhere and logged with its whole row; nothing is a dead letter.
+#[tokio::test]
+async fn an_email_taken_on_three_masters_at_once_ends_with_the_newest_owner_everywhere() {
+    const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, email text NOT NULL UNIQUE, name text NOT NULL)";
+    let names = ["seoul", "busan", "jeju"];
+    let mut s = Synced::new(&names, BedKafka::Shared, USERS, &["public.users"], "").await;
+    let seed = crate::common::seed("unique_email");
+    let mut rng = crate::common::Rng::new(seed);
+    let mut conns = Vec::new();
+    for m in names {
+        conns.push(s.conn(m).await);
+    }
+    // 40 addresses; each taken on every master, in a random order of masters.
+    let mut newest = std::collections::BTreeMap::new();
+    for e in 0..40 {
+        let mut order = vec![0usize, 1, 2];
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        for m in order {
+            sqlx::query("INSERT INTO users (email, name) VALUES ($1, $2)")
+                .bind(format!("user{e}@example.com"))
+                .bind(names[m])
+                .execute(&mut conns[m])
+                .await
+                .unwrap();
+            newest.insert(format!("user{e}@example.com"), names[m]);
+        }
+    }
+    s.start();
+    let rows = s.converged("users").await;
+    assert_eq!(rows.len(), 40, "seed {seed}: one owner per address: {rows:?}");
+    let (code, out) = mmsync(&s.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
+    let mut seoul = s.conn("seoul").await;
+    let owners: Vec<(String, String)> =
+        sqlx::query_as("SELECT email, name FROM users ORDER BY email").fetch_all(&mut seoul).await.unwrap();
+    for (email, name) in &owners {
+        assert_eq!(newest[email], name, "seed {seed}: {email} went to an older write");
+    }
+    for m in names {
+        assert_eq!(dead_letters(&s, m).await, 0, "dead letters on {m}");
+        let mut conn = s.conn(m).await;
+        // Every loser that reached this master was logged here with its row.
+        let logged = scalar(
+            &mut conn,
+            "SELECT count(*) FROM mmsync.conflicts WHERE kind = 'unique_value_lost' AND loser_row ? 'email'",
+        )
+        .await;
+        assert!(logged >= 40, "{m} logged {logged} unique-value conflicts");
+    }
+    s.stop().await;
+}

@@ -45,6 +45,18 @@ pub struct TableInfo {
     /// Primary key columns in key order.
     pub key: Vec<String>,
     pub replica_identity: String,
+    /// Unique indexes besides the primary key.
+    pub unique: Vec<UniqueIndex>,
+}
+
+/// A unique index other than the primary key: two masters can each take the
+/// same value under different keys, and only one row can keep it.
+#[derive(Debug, Clone)]
+pub struct UniqueIndex {
+    pub name: String,
+    /// Its columns, in index order; empty when it indexes expressions or is
+    /// partial (such a conflict cannot be settled by columns alone).
+    pub columns: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,12 +158,29 @@ pub async fn describe(conn: &mut PgConnection, master: &str, table: &TableName) 
         columns.push(ColumnInfo { name, sql_type: r.get(1), type_name: r.get(2) });
     }
     key.sort();
+    let unique = sqlx::query_as::<_, (String, Vec<String>, bool)>(
+        "SELECT ic.relname::text,
+                array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n),
+                i.indpred IS NULL AND i.indexprs IS NULL
+         FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+         WHERE i.indrelid = $1::oid AND i.indisunique AND NOT i.indisprimary
+         ORDER BY 1",
+    )
+    .bind(oid)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(Error::db(master, format!("reading the unique indexes of {table}")))?
+    .into_iter()
+    .map(|(name, columns, plain)| UniqueIndex { name, columns: if plain { columns } else { Vec::new() } })
+    .collect();
     Ok(Some(TableInfo {
         name: table.clone(),
         oid,
         columns,
         key: key.into_iter().map(|(_, n)| n).collect(),
         replica_identity,
+        unique,
     }))
 }
 

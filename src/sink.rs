@@ -379,6 +379,14 @@ struct Outcome {
     dead: Vec<(usize, String)>,
 }
 
+/// Why the target database refused records as data.
+#[derive(Debug)]
+struct Refusal {
+    code: Option<String>,
+    constraint: Option<String>,
+    message: String,
+}
+
 /// A version stamp with its tie-breaker; compares like the SQL `(version, origin COLLATE "C")`.
 type Stamp = (i64, String);
 
@@ -396,6 +404,9 @@ struct TableSql {
     tombstone: String,
     lock_rows: String,
     read_tombstones: String,
+    /// Per plain unique index besides the key: (index name, the statement
+    /// that finds and locks the rows holding a record's values under another key).
+    unique_holders: Vec<(String, String)>,
 }
 
 impl TableSql {
@@ -464,14 +475,34 @@ impl TableSql {
             quote_literal(&info.name.schema),
             quote_literal(&info.name.name)
         );
+        let same_key: Vec<String> =
+            info.key.iter().map(|k| format!("t.{} = {}", quote_ident(k), cast(k, "($1->'row')"))).collect();
+        let unique_holders = info
+            .unique
+            .iter()
+            .filter(|u| !u.columns.is_empty())
+            .map(|u| {
+                let same: Vec<String> =
+                    u.columns.iter().map(|c| format!("t.{} = {}", quote_ident(c), cast(c, "($1->'row')"))).collect();
+                let sql = format!(
+                    "SELECT {}, t.{v}, t.{o}::text, to_jsonb(t) FROM {t} AS t
+                     WHERE {} AND NOT ({}) FOR UPDATE",
+                    info.key_json_sql("t"),
+                    same.join(" AND "),
+                    same_key.join(" AND ")
+                );
+                (u.name.clone(), sql)
+            })
+            .collect();
         let mut columns: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
         columns.sort_unstable();
-        TableSql { info, columns, upsert, delete, tombstone, lock_rows, read_tombstones }
+        TableSql { info, columns, upsert, delete, tombstone, lock_rows, read_tombstones, unique_holders }
     }
 
     /// Applies a table's records in a savepoint. If the database refuses them
     /// as data (a constraint, a value the column cannot take, a missing
-    /// column), each record is tried alone and the ones it still refuses
+    /// column), each record is tried alone: a unique value another key holds
+    /// is settled by [`TableSql::apply_one`], and the records still refused
     /// become dead letters, so one bad row never blocks its partition.
     async fn apply_isolated(
         &self,
@@ -481,16 +512,15 @@ impl TableSql {
     ) -> Result<(Vec<Change>, Vec<DeadLetter>)> {
         let outcome = match self.apply_in_savepoint(conn, target, &recs).await? {
             Ok(outcome) => outcome,
-            Err(reason) if recs.len() == 1 => Outcome { applied: Vec::new(), dead: vec![(0, reason)] },
             Err(_) => {
                 let mut total = Outcome::default();
-                for i in 0..recs.len() {
-                    match self.apply_in_savepoint(conn, target, std::slice::from_ref(&recs[i])).await? {
+                for (i, rec) in recs.iter().enumerate() {
+                    match self.apply_one(conn, target, rec).await? {
                         Ok(o) => {
                             total.applied.extend(o.applied.iter().map(|_| i));
                             total.dead.extend(o.dead.into_iter().map(|(_, r)| (i, r)));
                         }
-                        Err(reason) => total.dead.push((i, reason)),
+                        Err(refusal) => total.dead.push((i, refusal.message)),
                     }
                 }
                 total
@@ -503,13 +533,99 @@ impl TableSql {
         Ok((applied, dead))
     }
 
-    /// `Ok(Err(reason))` when the database refused the data; `Err` for everything else.
+    /// One record alone. When a unique index besides the key refuses it, the
+    /// value goes to the newer of the two writes by (version, origin), as
+    /// every master decides alike: the older key's row is removed (with a
+    /// tombstone at the winner's stamp, and logged with its whole row to
+    /// `mmsync.conflicts`), then the record is tried again.
+    async fn apply_one(
+        &self,
+        conn: &mut PgConnection,
+        target: &str,
+        rec: &Rec,
+    ) -> Result<std::result::Result<Outcome, Refusal>> {
+        // Each round settles one index; a row can clash on each of them.
+        for _ in 0..=self.unique_holders.len() {
+            let refusal = match self.apply_in_savepoint(conn, target, std::slice::from_ref(rec)).await? {
+                Ok(outcome) => return Ok(Ok(outcome)),
+                Err(refusal) => refusal,
+            };
+            let index = refusal.constraint.as_deref().filter(|_| refusal.code.as_deref() == Some("23505"));
+            let Some((_, holders)) = self.unique_holders.iter().find(|(name, _)| Some(name.as_str()) == index) else {
+                return Ok(Err(refusal));
+            };
+            if !self.settle_unique(conn, target, rec, holders).await? {
+                // The incoming change lost: settled, nothing left to apply.
+                return Ok(Ok(Outcome::default()));
+            }
+        }
+        self.apply_in_savepoint(conn, target, std::slice::from_ref(rec)).await
+    }
+
+    /// Settles a unique value that `rec` and rows under other keys both hold.
+    /// Returns whether `rec` won (and should be applied again).
+    async fn settle_unique(&self, conn: &mut PgConnection, target: &str, rec: &Rec, holders: &str) -> Result<bool> {
+        let db = |what: &str| Error::db(target, format!("{what} of {}", self.info.name));
+        let change = &rec.change;
+        let incoming = self.row_json(change);
+        let rows = sqlx::query(holders)
+            .bind(&incoming)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("finding a unique value's holder"))?;
+        let held: Vec<(serde_json::Value, Stamp, serde_json::Value)> =
+            rows.into_iter().map(|r| (r.get(0), (r.get(1), r.get(2)), r.get(3))).collect();
+        let s = stamp(change);
+        let newest_holder = held.iter().map(|(_, st, _)| st.clone()).max();
+        let (won, losers, winner) = match newest_holder {
+            Some(h) if h > s => {
+                let row = serde_json::to_value(&change.row).expect("strings");
+                (false, vec![(serde_json::to_value(&change.key).expect("strings"), row)], h)
+            }
+            _ => (true, held.iter().map(|(k, _, row)| (k.clone(), row.clone())).collect::<Vec<_>>(), s.clone()),
+        };
+        // Removed at the winner's stamp, with a tombstone, as on every master.
+        let deletes: Vec<serde_json::Value> = losers
+            .iter()
+            .map(|(key, _)| serde_json::json!({"key": key, "version": winner.0, "origin": winner.1}))
+            .collect();
+        let deletes = serde_json::Value::Array(deletes);
+        sqlx::query(&self.delete)
+            .bind(&deletes)
+            .execute(&mut *conn)
+            .await
+            .map_err(db("removing a unique value's loser"))?;
+        sqlx::query(&self.tombstone).bind(&deletes).execute(&mut *conn).await.map_err(db("recording tombstones"))?;
+        let logged: Vec<serde_json::Value> = losers
+            .iter()
+            .map(|(key, row)| {
+                serde_json::json!({"key": key, "op": change.op.letter(), "iv": change.version, "io": change.origin,
+                                   "wv": winner.0, "wo": winner.1, "row": row})
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO mmsync.conflicts (schema_name, table_name, key, kind, incoming_op, incoming_version, incoming_origin, winner_version, winner_origin, loser_row)
+             SELECT $1, $2, x.key, 'unique_value_lost', x.op, x.iv, x.io, x.wv, x.wo, x.row
+             FROM jsonb_to_recordset($3::jsonb) AS x(key jsonb, op text, iv int8, io text, wv int8, wo text, row jsonb)",
+        )
+        .bind(&self.info.name.schema)
+        .bind(&self.info.name.name)
+        .bind(serde_json::Value::Array(logged))
+        .execute(&mut *conn)
+        .await
+        .map_err(db("logging a unique value's conflict"))?;
+        counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string(), m::KIND => "unique_value_lost")
+            .increment(losers.len() as u64);
+        Ok(won)
+    }
+
+    /// `Ok(Err(refusal))` when the database refused the data; `Err` for everything else.
     async fn apply_in_savepoint(
         &self,
         conn: &mut PgConnection,
         target: &str,
         recs: &[Rec],
-    ) -> Result<std::result::Result<Outcome, String>> {
+    ) -> Result<std::result::Result<Outcome, Refusal>> {
         savepoint(conn, target, "SAVEPOINT mmsync_table").await?;
         match self.apply(conn, target, recs).await {
             Ok(outcome) => {
@@ -518,8 +634,19 @@ impl TableSql {
             }
             Err(Error::Db { source, .. }) if is_data_error(&source) => {
                 savepoint(conn, target, "ROLLBACK TO SAVEPOINT mmsync_table").await?;
-                Ok(Err(source.to_string()))
+                let (code, constraint) = match &source {
+                    sqlx::Error::Database(e) => (e.code().map(|c| c.into_owned()), e.constraint().map(str::to_string)),
+                    _ => (None, None),
+                };
+                Ok(Err(Refusal { code, constraint, message: source.to_string() }))
             }
+            Err(Error::Db { source, .. }) if is_passing_refusal(&source) => Err(Error::Missing {
+                master: target.to_string(),
+                problem: format!("applying to {}: {source}", self.info.name),
+                fix: "give mmsync's role back its privileges on the table, or create the table again; its changes \
+                      wait in Kafka and this sink retries"
+                    .into(),
+            }),
             Err(e) => Err(e),
         }
     }
@@ -792,14 +919,24 @@ fn key_text(v: serde_json::Value) -> String {
 
 /// Errors that mean "the database refuses this data", not "try again later":
 /// SQLSTATE classes 22 (data exception), 23 (integrity constraint) and 42 (a
-/// column or type that does not exist, schema drift).
+/// column or type that does not exist, schema drift), but not the refusals
+/// that pass ([`is_passing_refusal`]).
 fn is_data_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
             db.code().is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42"))
+                && !is_passing_refusal(e)
         }
         _ => false,
     }
+}
+
+/// Refusals about the table, not the record, that an operator's fix or a
+/// moment ends: a privilege revoked (42501), the table dropped or renamed
+/// while being recreated (42P01). The sink waits and retries; the records
+/// wait in Kafka instead of becoming dead letters.
+fn is_passing_refusal(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42501" | "42P01")))
 }
 
 /// What `mmsync dead-letters retry` did on one master.
