@@ -220,10 +220,13 @@ impl Apply {
             if master == target.name || t != *table {
                 continue;
             }
-            let partitions = crate::kafka::partitions(&consumer, &topic)?.ok_or_else(|| Error::Setup {
+            // Missing may mean "being created": a topic just made is listed by
+            // the brokers a moment later. The sink waits and retries.
+            let partitions = crate::kafka::partitions(&consumer, &topic)?.ok_or_else(|| Error::Missing {
                 master: target.name.clone(),
                 problem: format!("topic {topic} does not exist"),
-                fix: "run `mmsync init` (mmsync creates its topics; it never relies on auto-create)".into(),
+                fix: "run `mmsync init` (mmsync creates its topics; it never relies on auto-create); this sink retries"
+                    .into(),
             })?;
             // Only this worker's share is read.
             for p in (0..partitions).filter(|p| worker.applies(*p)) {

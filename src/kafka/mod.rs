@@ -136,6 +136,20 @@ pub async fn create_topics(topology: &Topology) -> Result<Vec<String>> {
             }
         }
     }
+    // The controller has the topics now; the brokers list them a moment
+    // later. Return when they do, so that a `run` right after `init` finds them.
+    let deadline = std::time::Instant::now() + REQUEST_TIMEOUT * 3;
+    let consumer: BaseConsumer = client_config(&topology.kafka).create().map_err(Error::kafka("creating a client"))?;
+    for topic in &created {
+        while partitions(&consumer, topic)?.is_none() {
+            if std::time::Instant::now() > deadline {
+                return Err(Error::kafka(format!("waiting for the brokers to list the new topic {topic}"))(
+                    KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     Ok(created)
 }
 
