@@ -65,9 +65,14 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
     let good = r#"{"op":"c","before":null,"after":{"id":"9","v":"x"},"source":{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1},"origin":"seoul","version":1}"#;
-    for (key, value) in
-        [("{\"id\":\"7\"}", "not json at all"), ("{\"id\":\"7\"}", r#"{"hello":"world"}"#), ("{\"id\":\"8\"}", good)]
-    {
+    // A well-formed change that claims another master wrote it.
+    let forged = good.replace("\"9\"", "\"10\"").replace("\"origin\":\"seoul\"", "\"origin\":\"mallory\"");
+    for (key, value) in [
+        ("{\"id\":\"7\"}", "not json at all"),
+        ("{\"id\":\"7\"}", r#"{"hello":"world"}"#),
+        ("{\"id\":\"8\"}", good),
+        ("{\"id\":\"10\"}", forged.as_str()),
+    ] {
         producer
             .send(
                 FutureRecord::to(&s.bed.topic("seoul", "public.plain")).key(key).payload(value),
@@ -111,7 +116,7 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
     .await;
     let busan_dead = wait_for("busan's dead letters", DEADLINE, || async {
         let d = dead_letters(&s, "busan").await;
-        (d.len() >= 5).then_some(d)
+        (d.len() >= 6).then_some(d)
     })
     .await;
     let reasons: Vec<&str> = busan_dead.iter().map(|(_, _, r)| r.as_str()).collect();
@@ -119,6 +124,7 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
     assert!(has("not mmsync's JSON envelope"), "{reasons:#?}");
     assert!(has("key column \"id\" differs from \"after\""), "{reasons:#?}");
     assert!(has("check constraint"), "{reasons:#?}");
+    assert!(has("the record says origin \"mallory\""), "{reasons:#?}");
     assert!(!has("duplicate key value violates unique constraint"), "{reasons:#?}");
     assert!(has("the columns of public.plain differ between masters"), "{reasons:#?}");
     let seoul_dead = wait_for("seoul's dead letters", DEADLINE, || async {
@@ -128,7 +134,8 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
     .await;
     assert!(seoul_dead.iter().any(|(_, p, r)| *p == -1 && r.contains("more than Kafka accepts")), "{seoul_dead:#?}");
     assert!(!seoul_dead.iter().any(|(_, _, r)| r.contains("duplicate key")), "{seoul_dead:#?}");
-    s.wait_metric("mmsync_dead_letters_total", &[], 6.0).await;
+    s.wait_metric("mmsync_dead_letters_total", &[], 7.0).await;
+    assert_eq!(count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 10").await, 0, "a forged change was applied");
     // The shared address: seoul's newer row keeps it on both; busan's is
     // gone from both and logged with its whole row.
     for m in ["seoul", "busan"] {
@@ -189,4 +196,19 @@ async fn check_and_init_refuse_tables_they_cannot_sync() {
     let (code, out) = mmsync(&topology, &["init"]).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("init failed: master \"seoul\": column \"r\" of table public.odd has type regclass"), "{out}");
+}
+
+/// A key column whose name holds the trigger function's quote tag used to end
+/// the function's dollar quoting (and with check_function_bodies off, what
+/// followed ran as SQL): init and sync must treat it as a name like any other.
+#[tokio::test]
+async fn a_key_named_with_the_trigger_quote_tag_syncs_like_any_other() {
+    let schema = r#"CREATE TABLE "odd$mmsync$" ("k$mmsync$; SELECT 1; --" int PRIMARY KEY, v text)"#;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, schema, &[r#"public."odd$mmsync$""#], "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql(r#"INSERT INTO "odd$mmsync$" VALUES (1, 'x')"#).execute(&mut seoul).await.unwrap();
+    let rows = s.converged(r#""odd$mmsync$""#).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    s.stop().await;
 }

@@ -533,8 +533,9 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
         } else {
             ""
         };
+        let quoted = dollar_quote(&body);
         let sql = format!(
-            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {pinned} AS $mmsync${body}$mmsync$;
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {pinned} AS {quoted};
              CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
              CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
              ALTER TABLE {t} ENABLE TRIGGER mmsync_stamp, ENABLE TRIGGER mmsync_tombstone;"
@@ -543,6 +544,16 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
         done.push(format!("installed triggers on {}", info.name));
     }
     Ok(done)
+}
+
+/// `body` between dollar quotes whose tag it does not contain, so that no
+/// identifier in it (a column named `a$mmsync$b`, say) can end the quoting.
+fn dollar_quote(body: &str) -> String {
+    let tag = (0..)
+        .map(|n| if n == 0 { "$mmsync$".to_string() } else { format!("$mmsync{n}$") })
+        .find(|tag| !body.contains(tag.as_str()))
+        .expect("some tag is absent from a finite body");
+    format!("{tag}{body}{tag}")
 }
 
 /// The trigger: a local write stamps origin = this master and a version that
@@ -652,4 +663,14 @@ async fn interleave_sequences(
         ));
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn no_identifier_can_end_the_trigger_functions_quoting() {
+        let body = r#"NEW."k$mmsync$; ALTER ROLE app SUPERUSER; --" := 1; -- $mmsync1$"#;
+        assert_eq!(super::dollar_quote(body), format!("$mmsync2${body}$mmsync2$"));
+        assert_eq!(super::dollar_quote("plain"), "$mmsync$plain$mmsync$");
+    }
 }

@@ -291,6 +291,23 @@ impl Apply {
                 own += 1;
                 continue;
             }
+            // Only a topic's own master writes it: a record claiming another
+            // origin was forged or misrouted (and would add metric series
+            // and lag entries without bound).
+            let topic_master = self.sources.get(&rec.at.topic).map(String::as_str);
+            if topic_master != Some(rec.change.origin.as_str())
+                || header_origin.as_deref().is_some_and(|h| h != rec.change.origin)
+            {
+                let reason = format!(
+                    "the record says origin {:?} (header {:?}), but topic {} carries the changes of master {:?} only",
+                    rec.change.origin,
+                    header_origin.as_deref().unwrap_or("none"),
+                    rec.at.topic,
+                    topic_master.unwrap_or("?")
+                );
+                dead.push(DeadLetter::of(rec, reason));
+                continue;
+            }
             if rec.change.table != self.sql.info.name {
                 let reason = format!(
                     "the record names table {}, but its topic carries {}",
@@ -968,8 +985,17 @@ pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<
     .map_err(Error::db(name, "reading dead letters"))?;
     let mut report = RetryReport::default();
     let mut groups: BTreeMap<TableName, Vec<(i64, Rec)>> = BTreeMap::new();
+    let topic_master: HashMap<String, String> =
+        crate::kafka::all_topics(topology).into_iter().map(|(m, _, t)| (t, m)).collect();
     for (id, topic, partition, offset, key, value) in rows {
         match Change::decode(key.as_deref(), value.as_deref()) {
+            Ok(change) if topic_master.get(&topic) != Some(&change.origin) => report.still_dead.push((
+                id,
+                format!(
+                    "the record says origin {:?}, but topic {topic} is not that master's: it is not applied",
+                    change.origin
+                ),
+            )),
             Ok(change) if topology.synced_tables().contains(&change.table) => groups
                 .entry(change.table.clone())
                 .or_default()

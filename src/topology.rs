@@ -78,8 +78,9 @@ struct SyncFile {
     batch_max_wait_ms: Spanned<i64>,
     #[serde(default = "default_capture_max_changes")]
     capture_max_changes: Spanned<i64>,
-    #[serde(default = "default_apply_workers")]
-    apply_workers: Spanned<i64>,
+    /// Unset: [`DEFAULT_APPLY_WORKERS`], or fewer when there are fewer partitions.
+    #[serde(default)]
+    apply_workers: Option<Spanned<i64>>,
     #[serde(default = "default_heartbeat_interval_ms")]
     heartbeat_interval_ms: Spanned<i64>,
 }
@@ -105,9 +106,9 @@ fn default_batch_max_changes() -> Spanned<i64> {
 fn default_batch_max_wait_ms() -> Spanned<i64> {
     unspanned(5)
 }
-fn default_apply_workers() -> Spanned<i64> {
-    unspanned(2)
-}
+/// Sinks per (master, table) when the file does not say: at most this many,
+/// and never more than `kafka.partitions`.
+pub const DEFAULT_APPLY_WORKERS: i64 = 2;
 fn default_capture_max_changes() -> Spanned<i64> {
     unspanned(10_000)
 }
@@ -577,15 +578,23 @@ impl Validator<'_> {
             capture_max_changes: self.positive(&s.capture_max_changes, "sync.capture_max_changes", 10_000_000) as usize,
             apply_workers: {
                 let partitions = i64::from((*k.partitions.get_ref()).max(1));
-                let n = *s.apply_workers.get_ref();
-                if n > partitions {
-                    self.problem(
-                        &s.apply_workers,
-                        "sync.apply_workers",
-                        format!("is {n}, more than kafka.partitions ({partitions}); a worker applies whole partitions"),
-                    );
+                match &s.apply_workers {
+                    // A default fits the rest of the file.
+                    None => DEFAULT_APPLY_WORKERS.min(partitions) as usize,
+                    Some(workers) => {
+                        let n = *workers.get_ref();
+                        if n > partitions {
+                            self.problem(
+                                workers,
+                                "sync.apply_workers",
+                                format!(
+                                    "is {n}, more than kafka.partitions ({partitions}); a worker applies whole partitions"
+                                ),
+                            );
+                        }
+                        self.positive(workers, "sync.apply_workers", 64).min(partitions) as usize
+                    }
                 }
-                self.positive(&s.apply_workers, "sync.apply_workers", 64).min(partitions) as usize
             },
             heartbeat_interval: Duration::from_millis(self.positive(
                 &s.heartbeat_interval_ms,
@@ -666,6 +675,12 @@ tables = ["public.users", "messages", 'public."Order Items"']
         assert_eq!(t.sync.batch_max_changes, 1000);
         assert_eq!(t.sync.batch_max_wait, Duration::from_millis(5));
         assert_eq!(t.sync.apply_workers, 2);
+    }
+
+    #[test]
+    fn the_default_apply_workers_fit_a_single_partition() {
+        let t = parse(&GOOD.replace("partitions = 6", "partitions = 1")).unwrap();
+        assert_eq!(t.sync.apply_workers, 1);
     }
 
     #[test]
