@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use metrics::{counter, histogram};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{PgConnection, Row as _};
@@ -264,8 +265,18 @@ impl Apply {
     /// The next record: the consumer starts at the stored offsets, so every
     /// record it hands out is one this sink has not applied yet.
     async fn recv_new(&self) -> Result<Incoming> {
-        let msg = self.consumer.recv().await.map_err(Error::kafka("consuming"))?;
-        Ok(Incoming::read(&msg))
+        loop {
+            match self.consumer.recv().await {
+                Ok(msg) => return Ok(Incoming::read(&msg)),
+                // librdkafka hands the consumer word of a broker it lost (one
+                // of three killed, say) and reconnects, or reads from the new
+                // leader, by itself: counted, not a reason to start over.
+                Err(KafkaError::MessageConsumption(code)) if crate::kafka::is_passing(code) => {
+                    counter!(m::ERRORS, m::STAGE => "consume", m::KIND => "retry").increment(1);
+                }
+                Err(e) => return Err(Error::kafka("consuming")(e)),
+            }
+        }
     }
 
     /// Applies one batch and stores its offsets, in one transaction.

@@ -210,6 +210,27 @@ pub async fn produce_all(producer: &FutureProducer, prefix: &str, changes: &[Cha
     Ok(too_large)
 }
 
+/// Errors a client reports while it recovers by itself: a broker connection
+/// lost, a leader that moved, a request that timed out. A consumer that gets
+/// one keeps going; librdkafka reconnects and fetches from the new leader.
+pub fn is_passing(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::NetworkException
+            | C::RequestTimedOut
+            | C::OperationTimedOut
+            | C::NotLeaderForPartition
+            | C::LeaderNotAvailable
+            | C::NotCoordinator
+            | C::CoordinatorNotAvailable
+            | C::FencedLeaderEpoch
+            | C::UnknownLeaderEpoch
+    )
+}
+
 fn is_too_large(code: RDKafkaErrorCode) -> bool {
     matches!(code, RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
 }

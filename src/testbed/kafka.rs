@@ -25,7 +25,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use tempfile::TempDir;
 
-use super::{free_port, io, log_tail, temp_dir, BedError, Result, START_DEADLINE};
+use super::{free_port, io, log_tail, temp_dir, BedError, Result};
+
+/// How long a node may take to serve: a node killed under load recovers its
+/// logs and catches up on the cluster's metadata before it is unfenced, which
+/// on two busy cores takes longer than a PostgreSQL start.
+const START_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The Kafka version `scripts/kafka/pom.xml` pins.
 pub const KAFKA_VERSION: &str = "4.1.1";
