@@ -180,10 +180,11 @@ exit $status"#;
             .arg(format!("-Dlog4j2.configurationFile={}", dir.join("log4j2.properties").display()))
             .arg("-cp")
             .arg(format!("{}/*", self.libs.display()))
-            // Kafka's own launch options for Connect (kafka-run-class.sh), with a
-            // heap that a 24 GiB machine gives a worker without thinking.
+            // Kafka's own launch options for a worker: connect-standalone.sh's
+            // heap (256 MiB to 2 GiB; MMSYNC_CONNECT_HEAP sets the top), which a
+            // 24 GiB machine gives without thinking, and kafka-run-class.sh's GC.
             .args([
-                "-Xms512m".to_string(),
+                "-Xms256m".to_string(),
                 format!("-Xmx{heap}"),
                 "-XX:+UseG1GC".into(),
                 "-XX:MaxGCPauseMillis=20".into(),
