@@ -5,8 +5,9 @@
 //!
 //! A test arms them with `MMSYNC_FAILPOINTS=name[,name…]`.
 
-/// After Kafka acknowledged a round of changes and before the slot is told
-/// it may move past them.
+/// After Kafka acknowledged a round holding changes of the application's
+/// tables (not only mmsync's heartbeat) and before the slot is told it may
+/// move past them.
 pub const CRASH_AFTER_PRODUCE: &str = "crash-after-produce";
 
 /// Whether the failpoint `name` is armed in this process.

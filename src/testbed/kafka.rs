@@ -535,10 +535,20 @@ impl Drop for KafkaCluster {
     }
 }
 
-/// A KRaft cluster id: 16 random bytes in URL-safe base64 without padding.
+/// A KRaft cluster id: 16 random bytes in URL-safe base64 without padding,
+/// never starting with `-` (the storage tool would take it for an option;
+/// Kafka's own `Uuid.randomUuid()` draws again in that case too).
 fn cluster_id() -> String {
+    loop {
+        let id = encode_cluster_id(uuid::Uuid::new_v4().into_bytes());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn encode_cluster_id(bytes: [u8; 16]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes = uuid::Uuid::new_v4().into_bytes();
     let mut bits: u32 = 0;
     let mut held = 0;
     let mut out = String::with_capacity(22);
@@ -563,5 +573,13 @@ mod tests {
         let id = super::cluster_id();
         assert_eq!(id.len(), 22);
         assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{id}");
+    }
+
+    #[test]
+    fn cluster_ids_never_start_with_a_dash() {
+        // 0xf8 encodes as '-' first: the one that made kafka-storage say
+        // "argument --cluster-id: expected one argument".
+        assert!(super::encode_cluster_id([0xf8; 16]).starts_with('-'));
+        assert!((0..2000).map(|_| super::cluster_id()).all(|id| !id.starts_with('-')));
     }
 }
