@@ -132,20 +132,11 @@ impl KafkaConnect {
             std::fs::write(dir.path().join(format!("{}.properties", c.name)), properties(&c.config))
                 .map_err(io("writing a connector's properties"))?;
         }
-        let log4j = format!(
-            "status = error\n\
-             appender.file.type = File\n\
-             appender.file.name = file\n\
-             appender.file.fileName = {}\n\
-             appender.file.layout.type = PatternLayout\n\
-             appender.file.layout.pattern = [%d] %p %m (%c)%n\n\
-             rootLogger.level = INFO\n\
-             rootLogger.appenderRef.file.ref = file\n\
-             logger.hibernate.name = org.hibernate\n\
-             logger.hibernate.level = WARN\n",
-            dir.path().join("connect.log").display()
-        );
-        std::fs::write(dir.path().join("log4j2.properties"), log4j).map_err(io("writing log4j2.properties"))?;
+        super::write_log4j2(
+            &dir.path().join("log4j2.properties"),
+            &dir.path().join("connect.log"),
+            &["org.hibernate"],
+        )?;
         let connectors = connectors.iter().map(|c| c.name.clone()).collect();
         Ok(KafkaConnect { dir, libs, rest_port, connectors, worker: None })
     }
@@ -154,10 +145,7 @@ impl KafkaConnect {
     /// tasks is running; fails at once, with the trace, when one has failed.
     pub async fn start(&mut self) -> Result<()> {
         assert!(self.worker.is_none(), "the worker is running");
-        let java = std::env::var_os("JAVA_HOME")
-            .map(|h| PathBuf::from(h).join("bin/java"))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("java"));
+        let java = super::java_bin();
         let heap = std::env::var("MMSYNC_CONNECT_HEAP").unwrap_or_else(|_| "2g".into());
         // The wrapper: starts the JVM and says its pid; a watcher kills the
         // JVM when the lifeline closes; the wrapper exits with the JVM.

@@ -257,32 +257,17 @@ impl KafkaCluster {
             conf.extend(self.opts.extra.iter().cloned());
             std::fs::write(dir.join("server.properties"), conf.join("\n") + "\n")
                 .map_err(io("writing server.properties"))?;
-            let log4j = format!(
-                "status = error\n\
-                 appender.file.type = File\n\
-                 appender.file.name = file\n\
-                 appender.file.fileName = {}\n\
-                 appender.file.layout.type = PatternLayout\n\
-                 appender.file.layout.pattern = [%d] %p %m (%c)%n\n\
-                 rootLogger.level = INFO\n\
-                 rootLogger.appenderRef.file.ref = file\n\
-                 logger.state.name = state.change.logger\n\
-                 logger.state.level = WARN\n\
-                 logger.request.name = kafka.request.logger\n\
-                 logger.request.level = WARN\n",
-                dir.join("server.log").display()
-            );
-            std::fs::write(dir.join("log4j2.properties"), log4j).map_err(io("writing log4j2.properties"))?;
+            super::write_log4j2(
+                &dir.join("log4j2.properties"),
+                &dir.join("server.log"),
+                &["state.change.logger", "kafka.request.logger"],
+            )?;
         }
         Ok(())
     }
 
     fn java(&self, node: usize) -> std::process::Command {
-        let java = std::env::var_os("JAVA_HOME")
-            .map(|h| PathBuf::from(h).join("bin/java"))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("java"));
-        let mut cmd = std::process::Command::new(java);
+        let mut cmd = std::process::Command::new(super::java_bin());
         cmd.arg(format!("-Dlog4j2.configurationFile={}", self.node_dir(node).join("log4j2.properties").display()))
             .arg("-cp")
             .arg(format!("{}/*", self.libs.display()));

@@ -144,6 +144,35 @@ async fn make_certificates(dir: &Path, subject_alt_names: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `java` of `$JAVA_HOME`, else the one on the `PATH`: what the bed's
+/// JVMs (Kafka, Kafka Connect) run on.
+pub(crate) fn java_bin() -> PathBuf {
+    std::env::var_os("JAVA_HOME")
+        .map(|h| PathBuf::from(h).join("bin/java"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("java"))
+}
+
+/// Writes a log4j2 configuration to `config` that sends a JVM's log to
+/// `log_file` at INFO, with each of `quiet` (logger names) at WARN.
+pub(crate) fn write_log4j2(config: &Path, log_file: &Path, quiet: &[&str]) -> Result<()> {
+    let mut text = format!(
+        "status = error\n\
+         appender.file.type = File\n\
+         appender.file.name = file\n\
+         appender.file.fileName = {}\n\
+         appender.file.layout.type = PatternLayout\n\
+         appender.file.layout.pattern = [%d] %p %m (%c)%n\n\
+         rootLogger.level = INFO\n\
+         rootLogger.appenderRef.file.ref = file\n",
+        log_file.display()
+    );
+    for (i, name) in quiet.iter().enumerate() {
+        text.push_str(&format!("logger.quiet{i}.name = {name}\nlogger.quiet{i}.level = WARN\n"));
+    }
+    std::fs::write(config, text).map_err(io("writing log4j2.properties"))
+}
+
 fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
