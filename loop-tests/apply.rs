@@ -161,6 +161,12 @@ async fn converge_under_conflict(masters: &[&str], ops: usize) -> Synced {
             "seed {seed}: {m} differs from the LWW model\nactual:   {actual:?}\nexpected: {expected:?}"
         );
     }
+    for m in masters {
+        let mut conn = s.conn(m).await;
+        let dead: Vec<String> =
+            sqlx::query_scalar("SELECT reason FROM mmsync.dead_letters").fetch_all(&mut conn).await.unwrap();
+        assert!(dead.is_empty(), "seed {seed}: dead letters on {m}: {dead:?}");
+    }
     // The run proves something only if masters really fought over keys: a
     // conflict is a change that lost to another master's newer write.
     let counted = s.metric("mmsync_conflicts_total", &[]).await;
@@ -190,6 +196,12 @@ async fn two_masters_converge_under_conflict_to_the_lww_model() {
 #[tokio::test]
 async fn three_masters_converge_under_conflict_to_the_lww_model() {
     let mut s = converge_under_conflict(&["seoul", "busan", "jeju"], 800).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn five_masters_converge_under_conflict_to_the_lww_model() {
+    let mut s = converge_under_conflict(&["seoul", "busan", "jeju", "incheon", "daegu"], 400).await;
     s.stop().await;
 }
 

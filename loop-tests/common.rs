@@ -270,12 +270,20 @@ pub struct Written {
     pub id: i32,
     pub version: i64,
     pub origin: String,
-    /// `None` for a delete.
-    pub value: Option<(String, i32)>,
+    /// The whole row the master held after the write, `val|n|md5(doc)`
+    /// (what RETURNING saw); `None` for a delete.
+    pub value: Option<String>,
 }
 
-/// The table the conflict tests write to.
-pub const KV: &str = "CREATE TABLE kv (id int PRIMARY KEY, val text NOT NULL, n int NOT NULL)";
+/// The table the conflict tests write to. `doc` is a large value stored out
+/// of line, so updates that leave it alone reach pgoutput without it.
+pub const KV: &str = "
+CREATE TABLE kv (id int PRIMARY KEY, val text NOT NULL, n int NOT NULL, doc text NOT NULL DEFAULT '');
+ALTER TABLE kv ALTER COLUMN doc SET STORAGE EXTERNAL;
+";
+
+/// What RETURNING gives for the model: the stamp and the whole row.
+const RETURNING: &str = "RETURNING mmsync_version, mmsync_origin::text, concat_ws('|', val, n, md5(doc))";
 
 /// A write whose outcome is unknown: the connection failed while it ran.
 #[derive(Debug, Clone)]
@@ -285,45 +293,72 @@ pub struct Uncertain {
     pub val: Option<String>,
 }
 
-/// One random insert, update or delete on keys `0..keys`. `Ok(None)` when it
-/// changed nothing (an update or delete of a missing key).
+/// One random write on keys `0..keys`: an insert or update of the whole row
+/// (a new 3,200-byte doc), an update that leaves the doc alone, an update of
+/// the doc alone, a key change (the row moves to a free key, doc untouched),
+/// or a delete. Returns what the master acknowledged (nothing for an update
+/// or delete of a missing key; two writes for a key change: a delete of the
+/// old key and the row under the new one, with one stamp).
 pub async fn write_once(
     conn: &mut PgConnection,
     master: &str,
     i: usize,
     rng: &mut Rng,
     keys: u64,
-) -> Result<Option<Written>, Uncertain> {
+) -> Result<Vec<Written>, Vec<Uncertain>> {
     let id = rng.below(keys) as i32;
     let val = format!("{master}-{i}");
     let n = rng.below(1000) as i32;
-    let kind = rng.below(10);
-    let uncertain = |val: Option<&String>| Uncertain { id, val: val.cloned() };
-    match kind {
-        0..=3 => {
-            let (version, origin): (i64, String) = sqlx::query_as(
-                "INSERT INTO kv VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET val = EXCLUDED.val, n = EXCLUDED.n
-                 RETURNING mmsync_version, mmsync_origin::text",
-            )
+    let kind = rng.below(20);
+    let uncertain = |val: Option<&String>| vec![Uncertain { id, val: val.cloned() }];
+    let row = |(version, origin, value): (i64, String, String)| Written { id, version, origin, value: Some(value) };
+    let update = |set: &str| format!("UPDATE kv SET {set} WHERE id = $1 {RETURNING}");
+    let stamped: Option<(i64, String, String)> = match kind {
+        0..=5 => Some(
+            sqlx::query_as(&format!(
+                "INSERT INTO kv VALUES ($1, $2, $3, repeat(md5($2), 100))
+                 ON CONFLICT (id) DO UPDATE SET val = EXCLUDED.val, n = EXCLUDED.n, doc = EXCLUDED.doc {RETURNING}"
+            ))
             .bind(id)
             .bind(&val)
             .bind(n)
             .fetch_one(&mut *conn)
             .await
-            .map_err(|_| uncertain(Some(&val)))?;
-            Ok(Some(Written { id, version, origin, value: Some((val, n)) }))
-        }
-        4..=7 => {
-            let stamp: Option<(i64, String)> = sqlx::query_as(
-                "UPDATE kv SET val = $2, n = $3 WHERE id = $1 RETURNING mmsync_version, mmsync_origin::text",
-            )
+            .map_err(|_| uncertain(Some(&val)))?,
+        ),
+        6..=10 => sqlx::query_as(&update("val = $2, n = $3"))
             .bind(id)
             .bind(&val)
             .bind(n)
             .fetch_optional(&mut *conn)
             .await
-            .map_err(|_| uncertain(Some(&val)))?;
-            Ok(stamp.map(|(version, origin)| Written { id, version, origin, value: Some((val, n)) }))
+            .map_err(|_| uncertain(Some(&val)))?,
+        11..=12 => sqlx::query_as(&update("val = $2, doc = repeat(md5($2), 100)"))
+            .bind(id)
+            .bind(&val)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|_| uncertain(Some(&val)))?,
+        13..=15 => {
+            let to = rng.below(keys) as i32;
+            let moved: Result<Option<(i64, String, String)>, sqlx::Error> = sqlx::query_as(&format!(
+                "UPDATE kv SET id = $2, val = $3 WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM kv WHERE id = $2) {RETURNING}"
+            ))
+            .bind(id)
+            .bind(to)
+            .bind(&val)
+            .fetch_optional(&mut *conn)
+            .await;
+            return match moved {
+                Ok(Some((version, origin, value))) if to != id => Ok(vec![
+                    Written { id, version, origin: origin.clone(), value: None },
+                    Written { id: to, version, origin, value: Some(value) },
+                ]),
+                Ok(_) => Ok(vec![]),
+                // The applier took the free key a moment earlier: nothing changed.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(vec![]),
+                Err(_) => Err(vec![Uncertain { id, val: None }, Uncertain { id: to, val: Some(val) }]),
+            };
         }
         _ => {
             let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|_| uncertain(None))?;
@@ -332,7 +367,7 @@ pub async fn write_once(
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(|_| uncertain(None))?;
-            let mut written = None;
+            let mut written = vec![];
             if deleted.is_some() {
                 let (version, origin): (i64, String) = sqlx::query_as(
                     "SELECT version, origin::text FROM mmsync.tombstones
@@ -342,30 +377,29 @@ pub async fn write_once(
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(|_| uncertain(None))?;
-                written = Some(Written { id, version, origin, value: None });
+                written.push(Written { id, version, origin, value: None });
             }
             tx.commit().await.map_err(|_| uncertain(None))?;
-            Ok(written)
+            return Ok(written);
         }
-    }
+    };
+    Ok(stamped.map(row).into_iter().collect())
 }
 
-/// Random inserts, updates and deletes on keys `0..keys`; returns every write
+/// Random writes ([`write_once`]) on keys `0..keys`; returns every write
 /// the master acknowledged, with its version (for deletes, the tombstone's).
 pub async fn random_writes(conn: &mut PgConnection, master: &str, seed: u64, ops: usize, keys: u64) -> Vec<Written> {
     let mut rng = Rng::new(seed);
     let mut log = Vec::new();
     for i in 0..ops {
-        if let Some(w) = write_once(conn, master, i, &mut rng, keys).await.expect("no faults here") {
-            log.push(w);
-        }
+        log.extend(write_once(conn, master, i, &mut rng, keys).await.expect("no faults here"));
     }
     log
 }
 
 /// What last-writer-wins must leave: per key, the write with the highest
 /// (version, origin); absent if that write is a delete. Rows are
-/// `id|val|n|version|origin`.
+/// `id|val|n|md5(doc)|version|origin`.
 pub fn lww_model(writes: &[Written]) -> Vec<String> {
     let mut winners: BTreeMap<i32, &Written> = BTreeMap::new();
     for w in writes {
@@ -376,14 +410,14 @@ pub fn lww_model(writes: &[Written]) -> Vec<String> {
     }
     winners
         .values()
-        .filter_map(|w| w.value.as_ref().map(|(val, n)| format!("{}|{val}|{n}|{}|{}", w.id, w.version, w.origin)))
+        .filter_map(|w| w.value.as_ref().map(|value| format!("{}|{value}|{}|{}", w.id, w.version, w.origin)))
         .collect()
 }
 
 /// The kv table of a master in the model's form.
 pub async fn kv_state(s: &Synced, master: &str) -> Vec<String> {
     let mut conn = s.conn(master).await;
-    sqlx::query_scalar("SELECT concat_ws('|', id, val, n, mmsync_version, mmsync_origin) FROM kv ORDER BY id")
+    sqlx::query_scalar("SELECT concat_ws('|', id, val, n, md5(doc), mmsync_version, mmsync_origin) FROM kv ORDER BY id")
         .fetch_all(&mut conn)
         .await
         .unwrap()

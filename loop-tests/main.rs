@@ -10,3 +10,4 @@ mod constraints;
 mod hardening;
 mod kafka;
 mod observability;
+mod races;

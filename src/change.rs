@@ -68,9 +68,17 @@ pub struct Change {
     /// The new row for inserts and updates, without mmsync's own columns and
     /// without the columns in `unchanged`; `None` for deletes.
     pub row: Option<Row>,
-    /// Columns an update did not touch whose (TOASTed) value was not sent:
-    /// the sink leaves them as they are.
+    /// Columns an update did not touch whose (TOASTed) value pgoutput did
+    /// not send. The source reads their values back from its master before
+    /// producing ([`crate::source`]), so a record carries them only when it
+    /// could not: see `superseded`. A target that has the row leaves them as
+    /// they are.
     pub unchanged: Vec<String>,
+    /// The source no longer had the row when it read back the `unchanged`
+    /// values: a newer delete (or key change) of this key was applied there,
+    /// and it reaches every master. A target that lacks the row skips this
+    /// change instead of guessing the values.
+    pub superseded: bool,
     /// Master where this version of the row was written.
     pub origin: String,
     /// Version stamp; for deletes, the tombstone's.
@@ -87,6 +95,8 @@ struct Envelope {
     after: Option<Row>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     unchanged: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    superseded: bool,
     source: EnvelopeSource,
     origin: String,
     version: i64,
@@ -133,6 +143,7 @@ impl Change {
             before,
             after: self.row.clone(),
             unchanged: self.unchanged.clone(),
+            superseded: self.superseded,
             source: EnvelopeSource {
                 master: self.position.master.clone(),
                 schema: self.table.schema.clone(),
@@ -183,6 +194,7 @@ impl Change {
             key,
             row: env.after,
             unchanged: env.unchanged,
+            superseded: env.superseded,
             origin: env.origin,
             version: env.version,
             position: Position { master: env.source.master, lsn, txid: env.source.txid, commit_ms: env.source.ts_ms },
@@ -215,6 +227,7 @@ mod tests {
             key,
             row,
             unchanged: if op == Op::Update { vec!["blob".into()] } else { vec![] },
+            superseded: op == Op::Update,
             origin: "seoul".into(),
             version: 1_700_000_000_000_001,
             position: Position { master: "seoul".into(), lsn: 0x1_6B37_48, txid: 42, commit_ms: 1_700_000_000_000 },
@@ -238,6 +251,9 @@ mod tests {
         assert_eq!(v["source"]["lsn"], "0/16B3748");
         assert_eq!(v["source"]["table"], "Order Items");
         assert_eq!(v["unchanged"][0], "blob");
+        assert_eq!(v["superseded"], true);
+        let insert: serde_json::Value = serde_json::from_slice(&sample(Op::Insert).kafka_value()).unwrap();
+        assert!(insert.get("superseded").is_none() && insert.get("unchanged").is_none(), "{insert}");
         assert_eq!(sample(Op::Delete).kafka_key(), r#"{"id":"7"}"#);
     }
 

@@ -20,6 +20,7 @@ pub const CHANGES_CAPTURED: &str = "mmsync_changes_captured_total";
 pub const RECORDS_PRODUCED: &str = "mmsync_records_produced_total";
 pub const LOOP_SUPPRESSED: &str = "mmsync_loop_suppressed_total";
 pub const TRUNCATES_IGNORED: &str = "mmsync_truncates_ignored_total";
+pub const UNCHANGED_READ: &str = "mmsync_unchanged_values_read_total";
 pub const SLOT_CONFIRMED_LSN: &str = "mmsync_slot_confirmed_lsn_bytes";
 pub const SLOT_RETAINED_WAL: &str = "mmsync_slot_retained_wal_bytes";
 
@@ -70,6 +71,10 @@ fn describe() {
         "Changes not forwarded because they came from another master (source) or from the target itself (sink)."
     );
     describe_counter!(TRUNCATES_IGNORED, "TRUNCATE statements seen on a master; they are not replicated.");
+    describe_counter!(
+        UNCHANGED_READ,
+        "Updates whose unchanged TOASTed values the source read back from its master before producing (kind found), or could not because a newer delete had removed the row there (kind gone)."
+    );
     describe_gauge!(SLOT_CONFIRMED_LSN, Unit::Bytes, "Position up to which the master's slot has been advanced.");
     describe_gauge!(
         SLOT_RETAINED_WAL,
@@ -83,7 +88,7 @@ fn describe() {
     describe_counter!(CHANGES_APPLIED, "Changes applied to a target master.");
     describe_counter!(
         CHANGES_SKIPPED,
-        "Changes not applied because the target already held them or a newer version of the same origin."
+        "Changes not applied because the target already held them or a newer version of the same origin, or (an update whose unchanged values its source could not read back) a newer delete."
     );
     describe_counter!(
         CONFLICTS,

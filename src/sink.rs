@@ -768,9 +768,13 @@ impl TableSql {
                     upserts.push(self.row_json(change));
                     outcome.applied.push(i);
                 }
+                // Its source had the row deleted by a newer change before it
+                // could read the unchanged values back: that newer delete
+                // reaches this master too, and beats this change.
+                _ if row.is_none() && change.superseded => skipped += 1,
                 _ if row.is_none() => outcome.dead.push((
                     i,
-                    "an update that left TOASTed columns unchanged reached a row this master does not have; its full value is unknown here".into(),
+                    "an update that left TOASTed columns unchanged reached a row this master does not have, and the record does not carry their values (it was produced before sources read such values back); write the row again on its origin".into(),
                 )),
                 _ => partial.push(i),
             }

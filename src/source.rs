@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use metrics::{counter, gauge};
 use rdkafka::producer::FutureProducer;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row as _};
 use tokio::sync::watch;
 
 use crate::change::{Change, Key, Op, Position, Row};
@@ -17,9 +17,9 @@ use crate::error::{Class, Error, Result};
 use crate::metrics as m;
 use crate::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
 use crate::replication::{WalMessage, WalStream};
-use crate::schema::{slot_name, PUBLICATION};
+use crate::schema::{describe, slot_name, TableInfo, PUBLICATION};
 use crate::sink::{DeadLetter, RecordId};
-use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
+use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// How often the retained WAL is measured.
 const MEASURE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -99,6 +99,8 @@ pub struct Capture {
     decoder: Decoder,
     /// What the slot has been told is safe; it never moves backwards.
     confirmed: Lsn,
+    /// Synced tables as this master has them, for reading back unchanged values.
+    tables: HashMap<TableName, TableInfo>,
     /// Failpoint [`crate::failpoint::CRASH_AFTER_PRODUCE`] (debug builds
     /// only): SIGKILL this process after Kafka acknowledged some changes and
     /// before the slot moves, the one moment where a crash must cost
@@ -150,6 +152,7 @@ impl Capture {
             stream,
             decoder: Decoder::new(&master.name, topology),
             confirmed,
+            tables: HashMap::new(),
             crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
         })
     }
@@ -212,7 +215,9 @@ impl Capture {
                 // The failpoint waits for a round of the application's changes
                 // (not only mmsync's own heartbeat).
                 let crash = self.crash_after_produce && decoded.changes.iter().any(|c| c.table.schema != "mmsync");
-                let refused = produce(topology, producer, &name, std::mem::take(&mut decoded.changes)).await?;
+                let mut changes = std::mem::take(&mut decoded.changes);
+                self.read_unchanged(&mut changes).await?;
+                let refused = produce(topology, producer, &name, changes).await?;
                 self.keep_dead_letters(topology, refused).await?;
                 if crash {
                     crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
@@ -300,6 +305,90 @@ impl Capture {
         Ok(())
     }
 
+    /// Makes updates whole before they leave: pgoutput leaves out a TOASTed
+    /// value an update did not change, and a target may lack the row (a
+    /// delete that lost to this update got there first), or hold another
+    /// value of that column (written by a third master, older than this
+    /// update). Either way only the value this master had can make every
+    /// master end alike, so it is read back here, by key, from the table
+    /// itself: one statement per table and round, and only for updates that
+    /// left such a value out (others cost nothing).
+    ///
+    /// The value read may be newer than the change (the row was written
+    /// again since); then that newer change follows in this master's log or
+    /// another's, reaches every master, and wins there. If the row is gone,
+    /// a newer delete removed it, which also reaches every master: the
+    /// change is marked `superseded`, and a target lacking the row skips it.
+    async fn read_unchanged(&mut self, changes: &mut [Change]) -> Result<()> {
+        let mut by_table: HashMap<TableName, Vec<usize>> = HashMap::new();
+        for (i, c) in changes.iter().enumerate() {
+            if c.op == Op::Update && !c.unchanged.is_empty() {
+                by_table.entry(c.table.clone()).or_default().push(i);
+            }
+        }
+        for (table, at) in by_table {
+            let mut columns: Vec<String> = at.iter().flat_map(|&i| changes[i].unchanged.clone()).collect();
+            columns.sort_unstable();
+            columns.dedup();
+            let Some(info) = self.table_info(&table, &columns).await? else {
+                // The table is gone, or lacks those columns now: the records
+                // go as they are, and a target without the row keeps them as
+                // dead letters.
+                tracing::warn!(master = %self.master.name, "cannot read back unchanged values of {table}: it no longer has columns {columns:?}");
+                continue;
+            };
+            let keys: Vec<serde_json::Value> =
+                at.iter().map(|&i| serde_json::to_value(&changes[i].key).expect("strings")).collect();
+            let rows = sqlx::query(&unchanged_sql(info, &columns))
+                .bind(serde_json::Value::Array(keys))
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(Error::db(&self.master.name, format!("reading back unchanged values of {table}")))?;
+            let mut found: HashMap<usize, Vec<Option<String>>> = HashMap::new();
+            for r in rows {
+                let n: i64 = r.get(0);
+                let values = (1..=columns.len()).map(|c| r.get::<Option<String>, _>(c)).collect();
+                found.insert(n as usize - 1, values);
+            }
+            let (mut read, mut gone) = (0u64, 0u64);
+            for (n, &i) in at.iter().enumerate() {
+                let change = &mut changes[i];
+                let Some(values) = found.get(&n) else {
+                    change.superseded = true;
+                    gone += 1;
+                    continue;
+                };
+                let row = change.row.as_mut().expect("updates have rows");
+                for (column, value) in columns.iter().zip(values) {
+                    if change.unchanged.contains(column) {
+                        row.insert(column.clone(), value.clone());
+                    }
+                }
+                change.unchanged.clear();
+                read += 1;
+            }
+            let table = table.to_string();
+            let name = self.master.name.clone();
+            counter!(m::UNCHANGED_READ, m::MASTER => name.clone(), m::TABLE => table.clone(), m::KIND => "found")
+                .increment(read);
+            counter!(m::UNCHANGED_READ, m::MASTER => name, m::TABLE => table, m::KIND => "gone").increment(gone);
+        }
+        Ok(())
+    }
+
+    /// The table's description, read again when it lacks `columns` (a
+    /// column added since it was read).
+    async fn table_info(&mut self, table: &TableName, columns: &[String]) -> Result<Option<&TableInfo>> {
+        let fits = |info: &TableInfo| columns.iter().all(|c| info.column(c).is_some());
+        if !self.tables.get(table).is_some_and(fits) {
+            match describe(&mut self.conn, &self.master.name, table).await? {
+                Some(info) => self.tables.insert(table.clone(), info),
+                None => self.tables.remove(table),
+            };
+        }
+        Ok(self.tables.get(table).filter(|info| fits(info)))
+    }
+
     /// Keeps, on this master, the changes Kafka refused for their size: the
     /// other masters never see them.
     async fn keep_dead_letters(&mut self, topology: &Topology, refused: Vec<(Change, String)>) -> Result<()> {
@@ -341,6 +430,35 @@ async fn produce(
     counter!(m::RECORDS_PRODUCED, m::MASTER => master.to_string()).increment((changes.len() - refused.len()) as u64);
     let mut changes: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
     Ok(refused.into_iter().filter_map(|(i, reason)| Some((changes[i].take()?, reason))).collect())
+}
+
+/// The statement that reads `columns` of the rows under a JSON array of
+/// keys: (1-based position in the array, each column's text) for the keys
+/// that have a row. Values come from each type's output function
+/// (`concat`), as pgoutput sends them (a cast to text would differ for
+/// booleans, inet, char(n)...).
+fn unchanged_sql(info: &TableInfo, columns: &[String]) -> String {
+    let probe: Vec<String> = info
+        .key
+        .iter()
+        .map(|k| {
+            let ty = &info.column(k).expect("key columns are columns").sql_type;
+            format!("t.{} = (e.k->>{})::{ty}", quote_ident(k), quote_literal(k))
+        })
+        .collect();
+    let values: Vec<String> = columns
+        .iter()
+        .map(|c| format!("CASE WHEN t.{0} IS NULL THEN NULL ELSE concat(t.{0}) END", quote_ident(c)))
+        .collect();
+    let picked: Vec<String> = columns.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
+    format!(
+        "SELECT e.n, {} FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(k, n)
+         CROSS JOIN LATERAL (SELECT {} FROM {} AS t WHERE {} LIMIT 1) AS t",
+        values.join(", "),
+        picked.join(", "),
+        info.name.quoted(),
+        probe.join(" AND ")
+    )
 }
 
 /// What a relation is to mmsync.
@@ -493,6 +611,7 @@ impl Decoder {
             key,
             row,
             unchanged,
+            superseded: false,
             origin,
             version,
             position: Position {
