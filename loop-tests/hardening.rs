@@ -212,3 +212,68 @@ async fn a_key_named_with_the_trigger_quote_tag_syncs_like_any_other() {
     assert_eq!(rows.len(), 1, "{rows:?}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_record_of_a_newer_format_waits_in_kafka_while_its_link_says_to_upgrade() {
+    let tables = [r#"public."Order Items""#, "public.plain"];
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
+    s.start();
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let record = |id: &str, format: u32, extra: &str| {
+        format!(
+            r#"{{"format":{format},"op":"c","before":null,"after":{{"id":"{id}","v":"x"}},"source":{{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1}},"origin":"seoul","version":1{extra}}}"#
+        )
+    };
+    // One partition, in this order: a record of our format with a field
+    // added later (read), one of the next format (waits), one behind it.
+    let topic = s.bed.topic("seoul", "public.plain");
+    let mut offsets = Vec::new();
+    for (id, value) in [
+        ("1", record("1", 1, r#","added_later":{"x":[1]}"#)),
+        ("2", record("2", 2, "")),
+        ("3", record("3", 1, "")),
+    ] {
+        let key = format!("{{\"id\":\"{id}\"}}");
+        let delivered = producer
+            .send(FutureRecord::to(&topic).partition(0).key(&key).payload(&value), Duration::from_secs(10))
+            .await
+            .unwrap();
+        offsets.push(delivered.offset);
+    }
+    wait_for("row 1 on busan", DEADLINE, || async {
+        (count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 1").await == 1).then_some(())
+    })
+    .await;
+    // The link retries with backoff, and says why.
+    s.wait_metric("mmsync_errors_total", &[("stage", "apply"), ("kind", "retry")], 3.0).await;
+    let log = s.log();
+    assert!(
+        log.contains(&format!("record {topic}[0]@{} has envelope format 2, newer than this mmsync reads", offsets[1]))
+            && log.contains("upgrade mmsync"),
+        "{log}"
+    );
+    // The rest keeps syncing.
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql(r#"INSERT INTO "Order Items" VALUES (1, 'still flowing', 10, 'a@x')"#)
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    wait_for("another table's row on busan", DEADLINE, || async {
+        (count(&s, "busan", r#"SELECT count(*) FROM "Order Items""#).await == 1).then_some(())
+    })
+    .await;
+    // Nothing of it was applied, dead-lettered or skipped: busan resumes at it.
+    assert_eq!(count(&s, "busan", "SELECT count(*) FROM plain WHERE id IN (2, 3)").await, 0);
+    assert_eq!(dead_letters(&s, "busan").await, vec![]);
+    let next: i64 = {
+        let mut busan = s.conn("busan").await;
+        sqlx::query_scalar("SELECT next_offset FROM mmsync.applied_offsets WHERE topic = $1 AND partition = 0")
+            .bind(&topic)
+            .fetch_one(&mut busan)
+            .await
+            .unwrap()
+    };
+    assert_eq!(next, offsets[1]);
+    s.stop().await;
+}

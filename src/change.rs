@@ -86,10 +86,28 @@ pub struct Change {
     pub position: Position,
 }
 
+/// The format of the envelope this mmsync writes and reads.
+///
+/// The compatibility rule: a newer mmsync may add fields that an older one
+/// can ignore (it applies the change as it understands it, and loses nothing
+/// it could have applied), without changing the format; unknown fields are
+/// ignored. A change that an older sink must not apply as it understands it
+/// raises the format. A sink that reads a format above its own does not
+/// apply the record and does not dead-letter it either (it is good, only
+/// newer): it stops that link with an error saying to upgrade, and the
+/// record waits in Kafka.
+pub const ENVELOPE_FORMAT: u32 = 1;
+
+fn format_one() -> u32 {
+    1
+}
+
 /// The JSON value of a Kafka record, in the shape Debezium users know.
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Envelope {
+    /// Absent in records written before formats were numbered: format 1.
+    #[serde(default = "format_one")]
+    format: u32,
     op: String,
     before: Option<Row>,
     after: Option<Row>,
@@ -103,7 +121,6 @@ struct Envelope {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct EnvelopeSource {
     master: String,
     schema: String,
@@ -126,6 +143,8 @@ pub enum DecodeError {
     Op(String),
     #[error("record is inconsistent: {0}")]
     Inconsistent(String),
+    #[error("record envelope format {0} is newer than this mmsync reads (format {ENVELOPE_FORMAT}): upgrade mmsync")]
+    NewerFormat(u32),
 }
 
 impl Change {
@@ -139,6 +158,7 @@ impl Change {
         let before =
             (self.op == Op::Delete).then(|| self.key.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect());
         let envelope = Envelope {
+            format: ENVELOPE_FORMAT,
             op: self.op.letter().to_string(),
             before,
             after: self.row.clone(),
@@ -162,6 +182,9 @@ impl Change {
     pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, DecodeError> {
         let value = value.ok_or(DecodeError::NoValue)?;
         let env: Envelope = serde_json::from_slice(value).map_err(|e| DecodeError::Envelope(e.to_string()))?;
+        if env.format > ENVELOPE_FORMAT {
+            return Err(DecodeError::NewerFormat(env.format));
+        }
         let key: Key = serde_json::from_slice(key.unwrap_or_default()).map_err(|e| DecodeError::Key(e.to_string()))?;
         if key.is_empty() {
             return Err(DecodeError::Key("no columns".into()));
@@ -258,6 +281,27 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_the_next_version_is_read_if_its_format_is_ours_and_refused_if_not() {
+        let c = sample(Op::Update);
+        let mut v: serde_json::Value = serde_json::from_slice(&c.kafka_value()).unwrap();
+        assert_eq!(v["format"], ENVELOPE_FORMAT);
+        // A field this version does not know, at our format: ignored.
+        v["added_later"] = serde_json::json!({"anything": [1, 2]});
+        v["source"]["added_later"] = serde_json::json!(true);
+        let read = Change::decode(Some(c.kafka_key().as_bytes()), Some(v.to_string().as_bytes())).unwrap();
+        assert_eq!(read, c);
+        // Records from before formats were numbered are format 1.
+        v.as_object_mut().unwrap().remove("format");
+        assert_eq!(Change::decode(Some(c.kafka_key().as_bytes()), Some(v.to_string().as_bytes())).unwrap(), c);
+        // A newer format: refused as newer, not as a bad record.
+        v["format"] = serde_json::json!(ENVELOPE_FORMAT + 1);
+        assert_eq!(
+            Change::decode(Some(c.kafka_key().as_bytes()), Some(v.to_string().as_bytes())),
+            Err(DecodeError::NewerFormat(ENVELOPE_FORMAT + 1))
+        );
+    }
+
+    #[test]
     fn bad_records_are_errors() {
         let c = sample(Op::Insert);
         let (k, v) = (c.kafka_key(), c.kafka_value());
@@ -265,7 +309,7 @@ mod tests {
         assert!(matches!(Change::decode(Some(k.as_bytes()), Some(b"not json")), Err(DecodeError::Envelope(_))));
         assert!(matches!(Change::decode(Some(b"[1]"), Some(&v)), Err(DecodeError::Key(_))));
         assert!(matches!(Change::decode(Some(br#"{"id":"8"}"#), Some(&v)), Err(DecodeError::Inconsistent(_))));
-        let bad_op = String::from_utf8(v).unwrap().replace(r#""op":"c""#, r#""op":"x""#);
+        let bad_op = String::from_utf8(v.clone()).unwrap().replace(r#""op":"c""#, r#""op":"x""#);
         assert!(matches!(Change::decode(Some(k.as_bytes()), Some(bad_op.as_bytes())), Err(DecodeError::Op(_))));
     }
 }

@@ -88,6 +88,25 @@ impl Error {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_below_each_step() {
+        let mut b = Backoff::new();
+        let delays: Vec<std::time::Duration> = (0..12).map(|_| b.next_delay()).collect();
+        let mut step = Backoff::FIRST;
+        for d in &delays {
+            assert!(*d >= step / 2 && *d <= step, "{d:?} not within [{:?}, {step:?}]", step / 2);
+            step = (step * 2).min(Backoff::CAP);
+        }
+        assert!(delays.windows(2).any(|w| w[0] != w[1]), "{delays:?}");
+        let distinct: std::collections::HashSet<_> = (0..20).map(|_| Backoff::new().next_delay()).collect();
+        assert!(distinct.len() > 1, "no jitter: {distinct:?}");
+    }
+}
+
 fn db_class(e: &sqlx::Error) -> Class {
     match e {
         sqlx::Error::Database(db) => match db.code().as_deref() {
@@ -127,16 +146,26 @@ impl Backoff {
         Backoff { next: Self::FIRST }
     }
 
-    /// The delay before the next attempt; doubles up to the cap.
+    /// The delay before the next attempt: doubles up to the cap, and is
+    /// drawn between half of that and all of it, so that the many sinks a
+    /// master's restart stopped together do not all come back at once.
     pub fn next_delay(&mut self) -> std::time::Duration {
         let d = self.next;
         self.next = (self.next * 2).min(Self::CAP);
-        d
+        d.mul_f64(0.5 + 0.5 * jitter())
     }
 
     pub fn reset(&mut self) {
         self.next = Self::FIRST;
     }
+}
+
+/// A number in [0, 1) that differs from call to call (std's hasher keys are
+/// random per process and advance per `RandomState`).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Default for Backoff {

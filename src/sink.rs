@@ -41,8 +41,13 @@ pub async fn run(
                     tracing::info!(master = %target.name, "sink {worker} of {table} connected, applying {} topic(s)", apply.sources.len());
                     was_up = Some(true);
                 }
-                backoff.reset();
-                apply.run(&topology, &mut shutdown).await
+                let result = apply.run(&topology, &mut shutdown).await;
+                // Only real progress resets the backoff: a sink that connects
+                // and fails at once, again and again, backs off.
+                if apply.progressed {
+                    backoff.reset();
+                }
+                result
             }
             Err(e) => Err(e),
         };
@@ -142,10 +147,12 @@ impl DeadLetter {
     }
 }
 
-/// One consumed record, read: a change, or a dead letter.
+/// One consumed record, read: a change, a dead letter, or a record of a
+/// newer envelope format (see [`crate::change::ENVELOPE_FORMAT`]).
 enum Incoming {
     Change { rec: Rec, header_origin: Option<String> },
     Unreadable(DeadLetter),
+    Newer { at: RecordId, format: u32 },
 }
 
 impl Incoming {
@@ -161,6 +168,7 @@ impl Incoming {
                 });
                 Incoming::Change { rec: Rec { change, at }, header_origin }
             }
+            Err(crate::change::DecodeError::NewerFormat(format)) => Incoming::Newer { at, format },
             Err(e) => Incoming::Unreadable(DeadLetter {
                 at,
                 key: msg.key().map(<[u8]>::to_vec),
@@ -174,6 +182,7 @@ impl Incoming {
         match self {
             Incoming::Change { rec, .. } => &rec.at,
             Incoming::Unreadable(d) => &d.at,
+            Incoming::Newer { at, .. } => at,
         }
     }
 }
@@ -187,6 +196,8 @@ struct Apply {
     /// Topic -> the master whose changes it carries.
     sources: HashMap<String, String>,
     progress: Arc<m::Progress>,
+    /// A batch was committed since this sink connected.
+    progressed: bool,
 }
 
 impl Apply {
@@ -239,7 +250,7 @@ impl Apply {
             sources.insert(topic, master);
         }
         consumer.assign(&tpl).map_err(Error::kafka("assigning partitions"))?;
-        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, progress })
+        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, progress, progressed: false })
     }
 
     async fn run(&mut self, topology: &Topology, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
@@ -248,17 +259,51 @@ impl Apply {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
-                msg = self.recv_new() => msg?,
+                msg = self.recv_new() => msg,
             };
-            let mut batch = vec![first];
+            let mut batch = Vec::new();
+            let mut stop = self.take(first, &mut batch).err();
             let deadline = tokio::time::Instant::now() + topology.sync.batch_max_wait;
-            while batch.len() < topology.sync.batch_max_changes {
+            while stop.is_none() && batch.len() < topology.sync.batch_max_changes {
                 match tokio::time::timeout_at(deadline, self.recv_new()).await {
-                    Ok(incoming) => batch.push(incoming?),
+                    Ok(incoming) => stop = self.take(incoming, &mut batch).err(),
                     Err(_) => break,
                 }
             }
-            self.apply_batch(batch).await?;
+            // What came before a stop is applied: the sink resumes after it.
+            if !batch.is_empty() {
+                self.apply_batch(batch).await?;
+                self.progressed = true;
+            }
+            if let Some(e) = stop {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Adds a received record to the batch, or says why the batch ends
+    /// here: the consumer failed, or a record is of a newer format than this
+    /// mmsync reads (good, only newer: not a dead letter; it waits in Kafka
+    /// until mmsync is upgraded, and this link retries until then).
+    fn take(&self, incoming: Result<Incoming>, batch: &mut Vec<Incoming>) -> Result<()> {
+        match incoming? {
+            Incoming::Newer { at, format } => Err(Error::Missing {
+                master: self.target.clone(),
+                problem: format!(
+                    "record {}[{}]@{} has envelope format {format}, newer than this mmsync reads (format {})",
+                    at.topic,
+                    at.partition,
+                    at.offset,
+                    crate::change::ENVELOPE_FORMAT
+                ),
+                fix: "upgrade mmsync here to the version its source runs; that record and the ones behind it wait in \
+                      Kafka and this sink retries"
+                    .into(),
+            }),
+            incoming => {
+                batch.push(incoming);
+                Ok(())
+            }
         }
     }
 
@@ -297,6 +342,7 @@ impl Apply {
                     dead.push(d);
                     continue;
                 }
+                Incoming::Newer { .. } => unreachable!("a newer record ends the batch before it"),
             };
             if header_origin.as_deref() == Some(target.as_str()) || rec.change.origin == target {
                 own += 1;
@@ -1016,6 +1062,9 @@ pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<
                 .or_default()
                 .push((id, Rec { change, at: RecordId { topic, partition, offset } })),
             Ok(change) => report.still_dead.push((id, format!("table {} is not in [sync] tables", change.table))),
+            Err(e @ crate::change::DecodeError::NewerFormat(_)) => {
+                report.still_dead.push((id, format!("{e}, then retry")))
+            }
             Err(e) => report
                 .still_dead
                 .push((id, format!("{e}; not mmsync's record, so it cannot be applied: delete it once checked"))),
