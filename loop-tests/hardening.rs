@@ -229,11 +229,9 @@ async fn a_record_of_a_newer_format_waits_in_kafka_while_its_link_says_to_upgrad
     // added later (read), one of the next format (waits), one behind it.
     let topic = s.bed.topic("seoul", "public.plain");
     let mut offsets = Vec::new();
-    for (id, value) in [
-        ("1", record("1", 1, r#","added_later":{"x":[1]}"#)),
-        ("2", record("2", 2, "")),
-        ("3", record("3", 1, "")),
-    ] {
+    for (id, value) in
+        [("1", record("1", 1, r#","added_later":{"x":[1]}"#)), ("2", record("2", 2, "")), ("3", record("3", 1, ""))]
+    {
         let key = format!("{{\"id\":\"{id}\"}}");
         let delivered = producer
             .send(FutureRecord::to(&topic).partition(0).key(&key).payload(&value), Duration::from_secs(10))
@@ -275,5 +273,84 @@ async fn a_record_of_a_newer_format_waits_in_kafka_while_its_link_says_to_upgrad
             .unwrap()
     };
     assert_eq!(next, offsets[1]);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_version_near_the_top_of_bigint_neither_wins_nor_freezes_the_row() {
+    let tables = [r#"public."Order Items""#, "public.plain"];
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    let value = |master: &'static str| {
+        let s = &s;
+        async move {
+            let mut conn = s.conn(master).await;
+            sqlx::query_scalar::<_, String>("SELECT v FROM plain WHERE id = 1").fetch_optional(&mut conn).await.unwrap()
+        }
+    };
+    sqlx::raw_sql("INSERT INTO plain VALUES (1, 'first')").execute(&mut seoul).await.unwrap();
+    wait_for("row 1 on busan", DEADLINE, || async { (value("busan").await.as_deref() == Some("first")).then_some(()) })
+        .await;
+
+    // A forged record with the largest version: a dead letter on busan.
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let forged = format!(
+        r#"{{"op":"u","before":null,"after":{{"id":"1","v":"forged"}},"source":{{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1}},"origin":"seoul","version":{}}}"#,
+        i64::MAX
+    );
+    producer
+        .send(
+            FutureRecord::to(&s.bed.topic("seoul", "public.plain")).key(r#"{"id":"1"}"#).payload(&forged),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let dead = wait_for("the forged record dead-lettered on busan", DEADLINE, || async {
+        let d = dead_letters(&s, "busan").await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert!(dead[0].2.contains("ahead of this host's clock, beyond [sync] max_clock_skew_ms = 3600000"), "{dead:?}");
+
+    // The same version written on seoul by a session that skips the triggers:
+    // seoul's source keeps it to itself.
+    sqlx::raw_sql(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica;
+         UPDATE plain SET v = 'by hand', mmsync_version = {} WHERE id = 1; COMMIT;",
+        i64::MAX
+    ))
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    let kept = wait_for("seoul's source refusing it", DEADLINE, || async {
+        let d = dead_letters(&s, "seoul").await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(kept[0].1, -1, "{kept:?}");
+    assert!(kept[0].2.contains("not sent to the other masters"), "{kept:?}");
+
+    // The application can still write the row: its next version is bounded,
+    // reaches busan, and wins there over the first one.
+    sqlx::raw_sql("UPDATE plain SET v = 'after' WHERE id = 1").execute(&mut seoul).await.unwrap();
+    wait_for("the update on busan", DEADLINE, || async {
+        (value("busan").await.as_deref() == Some("after")).then_some(())
+    })
+    .await;
+    let bounded: bool = sqlx::query_scalar(
+        "SELECT mmsync_version <= mmsync.now_us() + mmsync.max_clock_skew_us()
+            AND mmsync.next_version(9223372036854775807) <= mmsync.now_us() + mmsync.max_clock_skew_us()
+         FROM plain WHERE id = 1",
+    )
+    .fetch_one(&mut seoul)
+    .await
+    .unwrap();
+    assert!(bounded);
+    sqlx::raw_sql("DELETE FROM plain WHERE id = 1").execute(&mut seoul).await.unwrap();
+    wait_for("the delete on busan", DEADLINE, || async { value("busan").await.is_none().then_some(()) }).await;
+    assert_eq!(value("busan").await, None);
+    assert_eq!(dead_letters(&s, "busan").await.len(), 1);
     s.stop().await;
 }

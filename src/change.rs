@@ -225,6 +225,27 @@ impl Change {
     }
 }
 
+/// The current time as a version stamp counts it: microseconds since the
+/// Unix epoch (`mmsync.now_us()` in SQL).
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Why a version stamp is refused: it is further ahead of `now_us` than
+/// `allowance`. Such a stamp would win every comparison for that long (near
+/// the top of bigint: forever), so it is refused where it enters.
+pub fn version_problem(version: i64, now_us: i64, allowance: std::time::Duration) -> Option<String> {
+    let allowance_us = i64::try_from(allowance.as_micros()).unwrap_or(i64::MAX);
+    let ahead = version.saturating_sub(now_us);
+    (ahead > allowance_us).then(|| {
+        format!(
+            "version {version} is {} s ahead of this host's clock, beyond [sync] max_clock_skew_ms = {}",
+            ahead / 1_000_000,
+            allowance.as_millis()
+        )
+    })
+}
+
 /// Canonical JSON text of a key: the same key always gives the same bytes,
 /// so all changes of one row land in one partition, in order.
 pub fn encode_key(key: &Key) -> String {
@@ -299,6 +320,19 @@ mod tests {
             Change::decode(Some(c.kafka_key().as_bytes()), Some(v.to_string().as_bytes())),
             Err(DecodeError::NewerFormat(ENVELOPE_FORMAT + 1))
         );
+    }
+
+    #[test]
+    fn a_version_is_refused_only_beyond_the_allowed_skew_and_never_overflows() {
+        let hour = std::time::Duration::from_secs(3600);
+        let now = 1_764_115_200_000_000;
+        assert_eq!(version_problem(now, now, hour), None);
+        assert_eq!(version_problem(now + 3_600_000_000, now, hour), None);
+        assert!(version_problem(now + 3_600_000_001, now, hour).unwrap().contains("3600 s ahead"));
+        assert!(version_problem(i64::MAX, now, hour).is_some());
+        assert!(version_problem(i64::MAX, i64::MIN, hour).is_some());
+        assert_eq!(version_problem(i64::MIN, now, hour), None);
+        assert_eq!(version_problem(1, now, std::time::Duration::MAX), None);
     }
 
     #[test]

@@ -433,6 +433,26 @@ async fn init_master(
         .await?;
         done.push(format!("this database is master {name:?}"));
     }
+    let skew_us = topology.sync.max_clock_skew.as_micros() as i64;
+    let current: Option<String> = sqlx::query_scalar(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'max_clock_skew_us' AND pronamespace = 'mmsync'::regnamespace",
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(Error::db(name, "reading mmsync.max_clock_skew_us"))?;
+    let body = format!(" SELECT {skew_us}::bigint ");
+    if current.as_deref() != Some(body.as_str()) {
+        exec(
+            conn,
+            name,
+            "creating mmsync.max_clock_skew_us",
+            &format!(
+                "CREATE OR REPLACE FUNCTION mmsync.max_clock_skew_us() RETURNS bigint LANGUAGE sql IMMUTABLE AS $${body}$$"
+            ),
+        )
+        .await?;
+        done.push(format!("versions may run at most {} ms ahead of the clock", skew_us / 1000));
+    }
 
     for table in &topology.synced_tables() {
         let info = describe(conn, name, table).await?.expect("checked above, or made by the migrations");

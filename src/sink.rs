@@ -214,7 +214,7 @@ impl Apply {
             problem: format!("table {table} does not exist; its changes wait in Kafka"),
             fix: "create it (same columns as on the other masters), then run `mmsync init`".into(),
         })?;
-        let sql = TableSql::new(info);
+        let sql = TableSql::new(info, topology.sync.max_clock_skew);
         let stored: Vec<(String, i32, i64)> =
             sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
                 .fetch_all(&mut conn)
@@ -387,7 +387,7 @@ impl Apply {
             // The table may have changed since this sink connected (a column
             // added to fix drift, say): look at it again before refusing.
             if let Some(info) = describe(&mut self.conn, &target, &self.sql.info.name).await? {
-                self.sql = TableSql::new(info);
+                self.sql = TableSql::new(info, self.sql.max_clock_skew);
             }
         }
         let mut tx = sqlx::Connection::begin(&mut self.conn).await.map_err(db("beginning a transaction"))?;
@@ -484,10 +484,12 @@ struct TableSql {
     /// Per plain unique index besides the key: (index name, the statement
     /// that finds and locks the rows holding a record's values under another key).
     unique_holders: Vec<(String, String)>,
+    /// Versions further ahead of the clock are refused ([`crate::topology::SyncSettings::max_clock_skew`]).
+    max_clock_skew: std::time::Duration,
 }
 
 impl TableSql {
-    fn new(info: TableInfo) -> TableSql {
+    fn new(info: TableInfo, max_clock_skew: std::time::Duration) -> TableSql {
         let t = info.name.quoted();
         let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
         let cast = |c: &str, from: &str| {
@@ -573,7 +575,17 @@ impl TableSql {
             .collect();
         let mut columns: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
         columns.sort_unstable();
-        TableSql { info, columns, upsert, delete, tombstone, lock_rows, read_tombstones, unique_holders }
+        TableSql {
+            info,
+            columns,
+            upsert,
+            delete,
+            tombstone,
+            lock_rows,
+            read_tombstones,
+            unique_holders,
+            max_clock_skew,
+        }
     }
 
     /// Applies a table's records in a savepoint. If the database refuses them
@@ -739,6 +751,7 @@ impl TableSql {
         // is superseded (same origin) or a conflict it won (another origin).
         let mut winners: HashMap<String, usize> = HashMap::new();
         let mut losers: Vec<(usize, Stamp)> = Vec::new();
+        let now_us = crate::change::now_us();
         // Winners whose unchanged (TOASTed) columns were filled in from the
         // change of the same master they directly follow in this batch.
         let mut filled: HashMap<usize, Change> = HashMap::new();
@@ -746,6 +759,16 @@ impl TableSql {
             let change = &rec.change;
             if let Some(problem) = self.shape_problem(change) {
                 outcome.dead.push((i, problem));
+                continue;
+            }
+            if let Some(problem) = crate::change::version_problem(change.version, now_us, self.max_clock_skew) {
+                outcome.dead.push((
+                    i,
+                    format!(
+                        "{problem}: a forged record, or its master's clock runs ahead; fix that clock (NTP), then \
+                         `mmsync dead-letters retry`"
+                    ),
+                ));
                 continue;
             }
             match winners.entry(change.kafka_key()) {
@@ -1081,7 +1104,8 @@ pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<
         let ids: HashMap<(String, i32, i64), i64> =
             entries.iter().map(|(id, r)| ((r.at.topic.clone(), r.at.partition, r.at.offset), *id)).collect();
         let recs: Vec<Rec> = entries.into_iter().map(|(_, r)| r).collect();
-        let (_, refused) = TableSql::new(info).apply_isolated(&mut tx, name, recs).await?;
+        let (_, refused) =
+            TableSql::new(info, topology.sync.max_clock_skew).apply_isolated(&mut tx, name, recs).await?;
         let mut refused_ids = std::collections::HashSet::new();
         for d in refused {
             if let Some(id) = ids.get(&(d.at.topic, d.at.partition, d.at.offset)) {

@@ -217,8 +217,9 @@ impl Capture {
                 let crash = self.crash_after_produce && decoded.changes.iter().any(|c| c.table.schema != "mmsync");
                 let mut changes = std::mem::take(&mut decoded.changes);
                 self.read_unchanged(&mut changes).await?;
+                let (changes, ahead) = refuse_ahead(changes, topology.sync.max_clock_skew);
                 let refused = produce(topology, producer, &name, changes).await?;
-                self.keep_dead_letters(topology, refused).await?;
+                self.keep_dead_letters(topology, ahead.into_iter().chain(refused).collect()).await?;
                 if crash {
                     crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
                 }
@@ -404,6 +405,31 @@ impl Capture {
         }
         Ok(())
     }
+}
+
+/// Splits off the changes whose version is beyond the clock plus the allowed
+/// skew (written by a session that skipped the triggers, or by a master whose
+/// clock runs far ahead): they would win every comparison for that long, so
+/// they stay on this master as dead letters, with the reason.
+fn refuse_ahead(changes: Vec<Change>, allowance: std::time::Duration) -> (Vec<Change>, Vec<(Change, String)>) {
+    let now_us = crate::change::now_us();
+    let mut refused = Vec::new();
+    let kept = changes
+        .into_iter()
+        .filter_map(|c| match crate::change::version_problem(c.version, now_us, allowance) {
+            None => Some(c),
+            Some(problem) => {
+                let reason = format!(
+                    "{problem}: not sent to the other masters. The row was written by a session that skipped \
+                     mmsync's triggers, or this master's clock runs ahead: fix the clock (NTP), then write the row \
+                     again (its next version is bounded)"
+                );
+                refused.push((c, reason));
+                None
+            }
+        })
+        .collect();
+    (kept, refused)
 }
 
 /// Produces changes and waits until Kafka acknowledged every one;

@@ -83,6 +83,8 @@ struct SyncFile {
     apply_workers: Option<Spanned<i64>>,
     #[serde(default = "default_heartbeat_interval_ms")]
     heartbeat_interval_ms: Spanned<i64>,
+    #[serde(default = "default_max_clock_skew_ms")]
+    max_clock_skew_ms: Spanned<i64>,
 }
 
 fn unspanned<T>(v: T) -> Spanned<T> {
@@ -114,6 +116,11 @@ fn default_capture_max_changes() -> Spanned<i64> {
 }
 fn default_heartbeat_interval_ms() -> Spanned<i64> {
     unspanned(1000)
+}
+/// One hour: far more than NTP-kept clocks drift, far less than forever.
+pub const DEFAULT_MAX_CLOCK_SKEW_MS: i64 = 3_600_000;
+fn default_max_clock_skew_ms() -> Spanned<i64> {
+    unspanned(DEFAULT_MAX_CLOCK_SKEW_MS)
 }
 
 // ---------------------------------------------------------------------------
@@ -160,6 +167,12 @@ pub struct SyncSettings {
     pub apply_workers: usize,
     /// Each source rewrites its master's heartbeat row this often.
     pub heartbeat_interval: Duration,
+    /// How far ahead of the clock a version stamp may be. A version beyond
+    /// it is refused where it enters (the source keeps it as a dead letter
+    /// on its own master, a sink as a dead letter on the target), and a
+    /// local write never stamps beyond it: a forged version near the top of
+    /// bigint can neither win forever nor make `next_version` overflow.
+    pub max_clock_skew: Duration,
 }
 
 /// A synced table, `schema.name`, as PostgreSQL spells it (case kept).
@@ -600,6 +613,11 @@ impl Validator<'_> {
                 &s.heartbeat_interval_ms,
                 "sync.heartbeat_interval_ms",
                 3_600_000,
+            ) as u64),
+            max_clock_skew: Duration::from_millis(self.positive(
+                &s.max_clock_skew_ms,
+                "sync.max_clock_skew_ms",
+                7 * 86_400_000,
             ) as u64),
         };
 
