@@ -354,3 +354,42 @@ async fn a_version_near_the_top_of_bigint_neither_wins_nor_freezes_the_row() {
     assert_eq!(dead_letters(&s, "busan").await.len(), 1);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn two_keys_that_differ_as_text_but_not_to_the_target_do_not_block_their_partition() {
+    let tables = [r#"public."Order Items""#, "public.plain"];
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
+    s.start();
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let record = |id: &str, v: &str, version: i64| {
+        format!(
+            r#"{{"op":"c","before":null,"after":{{"id":"{id}","v":"{v}"}},"source":{{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1}},"origin":"seoul","version":{version}}}"#
+        )
+    };
+    // Back to back on one partition, so one batch holds both twins; then a
+    // good record behind them.
+    let topic = s.bed.topic("seoul", "public.plain");
+    for (id, v, version) in [("1", "older", 10), ("01", "newer", 20), ("5", "behind", 10)] {
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .partition(0)
+                    .key(&format!("{{\"id\":\"{id}\"}}"))
+                    .payload(&record(id, v, version)),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for("the record behind the twins on busan", DEADLINE, || async {
+        (count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 5").await == 1).then_some(())
+    })
+    .await;
+    let mut busan = s.conn("busan").await;
+    let row: (String, i64) =
+        sqlx::query_as("SELECT v, mmsync_version FROM plain WHERE id = 1").fetch_one(&mut busan).await.unwrap();
+    assert_eq!(row, ("newer".to_string(), 20));
+    assert_eq!(dead_letters(&s, "busan").await, vec![]);
+    s.stop().await;
+}

@@ -1024,11 +1024,14 @@ fn key_text(v: serde_json::Value) -> String {
 /// Errors that mean "the database refuses this data", not "try again later":
 /// SQLSTATE classes 22 (data exception), 23 (integrity constraint) and 42 (a
 /// column or type that does not exist, schema drift), but not the refusals
-/// that pass ([`is_passing_refusal`]).
+/// that pass ([`is_passing_refusal`]); and 21000, an upsert that met one row
+/// twice: two keys whose texts differ but that the target finds equal (`1`
+/// and `01`, numeric `1.0` and `1.00`, citext `ABC` and `abc`) in one
+/// statement. Each record alone then settles them by last-writer-wins.
 fn is_data_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
-            db.code().is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42"))
+            db.code().is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42") || s == "21000")
                 && !is_passing_refusal(e)
         }
         _ => false,
