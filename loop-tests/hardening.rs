@@ -393,3 +393,44 @@ async fn two_keys_that_differ_as_text_but_not_to_the_target_do_not_block_their_p
     assert_eq!(dead_letters(&s, "busan").await, vec![]);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn tables_with_replica_identity_full_or_using_index_are_keyed_by_their_primary_key() {
+    let schema = "
+        CREATE TABLE full_ri (id int PRIMARY KEY, note text);
+        ALTER TABLE full_ri REPLICA IDENTITY FULL;
+        CREATE TABLE index_ri (id int PRIMARY KEY, code text NOT NULL, v text);
+        CREATE UNIQUE INDEX index_ri_code ON index_ri (code);
+        ALTER TABLE index_ri REPLICA IDENTITY USING INDEX index_ri_code;";
+    let mut s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, schema, &["public.full_ri", "public.index_ri"], "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql(
+        "INSERT INTO full_ri VALUES (1, NULL), (2, 'two');
+         UPDATE full_ri SET note = 'one' WHERE id = 1;
+         UPDATE full_ri SET note = NULL WHERE id = 2;
+         INSERT INTO full_ri VALUES (3, NULL);
+         DELETE FROM full_ri WHERE id = 3;
+         INSERT INTO index_ri VALUES (1, 'a', NULL), (2, 'b', 'x');
+         UPDATE index_ri SET code = 'c', v = 'moved' WHERE id = 1;
+         DELETE FROM index_ri WHERE id = 2;",
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    let full = s.converged("full_ri").await;
+    let index = s.converged("index_ri").await;
+    assert_eq!(full.len(), 2, "{full:?}");
+    assert_eq!(index.len(), 1, "{index:?}");
+    assert!(index[0].contains(r#""code": "c""#) && index[0].contains(r#""v": "moved""#), "{index:?}");
+    for (table, records) in [("public.full_ri", 6), ("public.index_ri", 4)] {
+        for r in s.records(&s.bed.topic("seoul", table), records) {
+            assert!(r.key.starts_with(r#"{"id":"#) && !r.key.contains(','), "{table}: key {}", r.key);
+        }
+    }
+    assert_eq!(dead_letters(&s, "busan").await, vec![]);
+    let (code, out) = mmsync(&s.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
+    s.stop().await;
+}

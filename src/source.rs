@@ -146,13 +146,24 @@ impl Capture {
         .await
         .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
         .map_err(Error::replication(&master.name, starting))?;
+        // Keys come from each table's primary key, whatever its replica
+        // identity makes pgoutput flag (FULL flags every column, USING INDEX
+        // another index's).
+        let mut decoder = Decoder::new(&master.name, topology);
+        let mut tables = HashMap::new();
+        for table in topology.synced_tables() {
+            if let Some(info) = describe(&mut conn, &master.name, &table).await? {
+                decoder.keys.insert(table.clone(), info.key.clone());
+                tables.insert(table, info);
+            }
+        }
         Ok(Capture {
             master: master.clone(),
             conn,
             stream,
-            decoder: Decoder::new(&master.name, topology),
+            decoder,
             confirmed,
-            tables: HashMap::new(),
+            tables,
             crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
         })
     }
@@ -501,6 +512,9 @@ pub struct Decoder {
     master: String,
     tables: Vec<TableName>,
     relations: HashMap<u32, (Relation, Kind)>,
+    /// Each synced table's primary key columns, as read when the source
+    /// connected; a table missing here is keyed by pgoutput's key flags.
+    keys: HashMap<TableName, Vec<String>>,
     txid: u32,
     commit_ms: i64,
     lsn: Lsn,
@@ -512,6 +526,7 @@ impl Decoder {
             master: master.to_string(),
             tables: topology.synced_tables(),
             relations: HashMap::new(),
+            keys: HashMap::new(),
             txid: 0,
             commit_ms: 0,
             lsn: 0,
@@ -600,11 +615,20 @@ impl Decoder {
                 let version = text(&row, VERSION_COLUMN)
                     .and_then(|v| v.parse().ok())
                     .ok_or_else(|| format!("{table} has no {VERSION_COLUMN}; run `mmsync init`"))?;
+                let flagged: Vec<String>;
+                let key_columns = match self.keys.get(table) {
+                    Some(primary) => primary,
+                    None => {
+                        flagged = rel.columns.iter().filter(|c| c.is_key).map(|c| c.name.clone()).collect();
+                        &flagged
+                    }
+                };
                 let mut key = Key::new();
-                for c in rel.columns.iter().filter(|c| c.is_key) {
-                    let v = text(&row, &c.name)
-                        .ok_or_else(|| format!("{table}: key column {:?} is null or unchanged", c.name))?;
-                    key.insert(c.name.clone(), v);
+                for name in key_columns {
+                    let v = text(&row, name).ok_or_else(|| {
+                        format!("{table}: key column {name:?} is null, unchanged or gone; does the table still have its primary key? (restart mmsync after changing it)")
+                    })?;
+                    key.insert(name.clone(), v);
                 }
                 if key.is_empty() {
                     return Err(format!(
