@@ -434,3 +434,34 @@ async fn tables_with_replica_identity_full_or_using_index_are_keyed_by_their_pri
     assert_eq!(code, 0, "{out}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn backslashes_in_names_work_where_standard_conforming_strings_is_off() {
+    // The database default is off, so the application's sessions (and the
+    // trigger functions they run) read a backslash in a plain literal as an
+    // escape.
+    let schema = r#"
+        ALTER DATABASE app SET standard_conforming_strings = off;
+        CREATE TABLE "back\slash" ("key\" int PRIMARY KEY, v text);"#;
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, schema, &[r#"public."back\slash""#], "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    let scs: String = sqlx::query_scalar("SHOW standard_conforming_strings").fetch_one(&mut seoul).await.unwrap();
+    assert_eq!(scs, "off");
+    sqlx::raw_sql(
+        r#"INSERT INTO "back\slash" VALUES (1, 'one'), (2, 'two');
+           DELETE FROM "back\slash" WHERE "key\" = 2;"#,
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    let rows = s.converged(r#""back\slash""#).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let tombstone: String = sqlx::query_scalar("SELECT key::text FROM mmsync.tombstones WHERE table_name = $1")
+        .bind(r"back\slash")
+        .fetch_one(&mut s.conn("busan").await)
+        .await
+        .unwrap();
+    assert_eq!(tombstone, r#"{"key\\": "2"}"#);
+    s.stop().await;
+}

@@ -13,8 +13,11 @@ use crate::topology::Master;
 
 /// Settings sqlx does not already pin (it sets DateStyle ISO, TimeZone UTC,
 /// client_encoding UTF8 and extra_float_digits 2). The trigger functions that
-/// build tombstone keys pin the same ones.
-pub const CANONICAL_SETTINGS: &[(&str, &str)] = &[("intervalstyle", "postgres"), ("bytea_output", "hex")];
+/// build tombstone keys pin the same ones. `standard_conforming_strings` is
+/// pinned too, so that no database or role default changes how mmsync's SQL
+/// reads (its literals are safe either way: [`crate::topology::quote_literal`]).
+pub const CANONICAL_SETTINGS: &[(&str, &str)] =
+    &[("intervalstyle", "postgres"), ("bytea_output", "hex"), ("standard_conforming_strings", "on")];
 
 /// How long to wait for a master to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -216,9 +216,19 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// Quotes a string literal for SQL (for DDL, where bind parameters cannot go).
+/// Quotes a string literal for SQL (for DDL, where bind parameters cannot
+/// go), as PostgreSQL's own `quote_literal` does: a string with a backslash
+/// becomes an `E'...'` literal with the backslash doubled, which reads the
+/// same whatever `standard_conforming_strings` says. Trigger functions run
+/// in the application's sessions, and a database or role may default it to
+/// off, where a backslash in a plain literal escapes the next character.
 pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    let quoted = s.replace('\'', "''");
+    if s.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 fn split_identifier(s: &str) -> Result<Vec<String>, String> {
@@ -648,6 +658,14 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literals_read_the_same_whatever_standard_conforming_strings_says() {
+        assert_eq!(quote_literal("plain"), "'plain'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"back\slash'"), r"E'back\\slash'''");
+        assert_eq!(quote_literal(r"ends\"), r"E'ends\\'");
+    }
 
     const GOOD: &str = r#"
 [kafka]
