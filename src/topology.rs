@@ -303,24 +303,52 @@ impl fmt::Debug for DbUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` and of a
-/// `password=` query parameter with `***`.
+/// The URL with every secret replaced by `***`: the password of
+/// `scheme://user:password@host` and the value of every query parameter
+/// whose name says password (`password=`, `sslpassword=`, in any case, as
+/// often as they come). The parts are found as a URL parser finds them: the
+/// authority ends at the first `/`, `?` or `#` after `://`, so an `@` in the
+/// path or the query is not taken for the end of a user name.
 pub fn mask_password(url: &str) -> String {
-    let mut out = url.to_string();
-    if let Some(scheme_end) = out.find("://") {
-        let rest_start = scheme_end + 3;
-        if let Some(at) = out[rest_start..].rfind('@').map(|i| i + rest_start) {
-            if let Some(colon) = out[rest_start..at].find(':').map(|i| i + rest_start) {
-                out.replace_range(colon + 1..at, "***");
+    let Some(scheme_end) = url.find("://") else {
+        // Not a URL: perhaps libpq's `key=value key=value` form.
+        let words: Vec<String> = url
+            .split(' ')
+            .map(|word| match word.split_once('=') {
+                Some((key, _)) if key.to_ascii_lowercase().contains("password") => format!("{key}=***"),
+                _ => word.to_string(),
+            })
+            .collect();
+        return words.join(" ");
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match userinfo.find(':') {
+                Some(colon) => format!("{}:***{host}", &userinfo[..colon]),
+                None => authority.to_string(),
             }
         }
-    }
-    if let Some(p) = out.find("password=") {
-        let start = p + "password=".len();
-        let end = out[start..].find('&').map_or(out.len(), |i| i + start);
-        out.replace_range(start..end, "***");
-    }
-    out
+        None => authority.to_string(),
+    };
+    let (before_fragment, fragment) = tail.split_at(tail.find('#').unwrap_or(tail.len()));
+    let tail = match before_fragment.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if key.to_ascii_lowercase().contains("password") => format!("{key}=***"),
+                    _ => param.to_string(),
+                })
+                .collect();
+            format!("{path}?{}{fragment}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}{authority}{tail}")
 }
 
 // ---------------------------------------------------------------------------
@@ -789,6 +817,21 @@ tables = ["public.users", "messages", 'public."Order Items"']
     fn passwords_are_masked() {
         assert_eq!(mask_password("postgres://u:pw@h:5/db"), "postgres://u:***@h:5/db");
         assert_eq!(mask_password("postgres://u@h/db?password=pw&x=1"), "postgres://u@h/db?password=***&x=1");
+        // Every password parameter, whichever comes first, in any case.
+        assert_eq!(
+            mask_password("postgres://u@h/db?sslpassword=a&password=b&PASSWORD=c&sslmode=require"),
+            "postgres://u@h/db?sslpassword=***&password=***&PASSWORD=***&sslmode=require"
+        );
+        // An @ in the query is not the end of a user name; the user's password still goes.
+        assert_eq!(
+            mask_password("postgres://u:pw@h/db?application_name=a@b&password=x"),
+            "postgres://u:***@h/db?application_name=a@b&password=***"
+        );
+        assert_eq!(mask_password("postgres://h/db?options=a@b"), "postgres://h/db?options=a@b");
+        // An @ in the password itself, several hosts, a fragment.
+        assert_eq!(mask_password("postgres://u:p@ss@h1:5,h2:6/db#x"), "postgres://u:***@h1:5,h2:6/db#x");
+        assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(mask_password("host=h password=x user=u"), "host=h password=*** user=u");
         let t = parse(GOOD).unwrap();
         assert!(!format!("{:?}", t).contains("secret"));
         assert!(!format!("{}", t.masters[0].url).contains("secret"));
