@@ -465,3 +465,80 @@ async fn backslashes_in_names_work_where_standard_conforming_strings_is_off() {
     assert_eq!(tombstone, r#"{"key\\": "2"}"#);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_sink_whose_next_records_were_deleted_stops_that_link_and_says_how_to_resume() {
+    let tables = [r#"public."Order Items""#, "public.plain"];
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql("INSERT INTO plain SELECT i, 'applied' FROM generate_series(1, 3) i")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    s.converged("plain").await;
+    // Busan is down while seoul's changes reach Kafka; then retention (here
+    // DeleteRecords) takes them before busan applied them.
+    s.bed.master_mut("busan").kill().await;
+    sqlx::raw_sql("INSERT INTO plain SELECT i, 'deleted' FROM generate_series(4, 6) i")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    let topic = s.bed.topic("seoul", "public.plain");
+    use rdkafka::consumer::Consumer as _;
+    let consumer: rdkafka::consumer::BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let partitions = mmsync::kafka::partitions(&consumer, &topic).unwrap().unwrap();
+    let produced = || {
+        (0..partitions).map(|p| consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).unwrap().1).sum::<i64>()
+    };
+    wait_for("seoul's rows 4..6 in Kafka", DEADLINE, || async { (produced() >= 6).then_some(()) }).await;
+    s.stop().await;
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let mut up_to_end = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        up_to_end.add_partition_offset(&topic, p, rdkafka::Offset::End).unwrap();
+    }
+    admin.delete_records(&up_to_end, &rdkafka::admin::AdminOptions::new()).await.unwrap();
+    s.bed.master_mut("busan").restart().await.unwrap();
+    s.start();
+
+    // That link stops and says why and how to resume; the others go on.
+    s.wait_metric("mmsync_offset_gaps_total", &[("target", "busan")], 1.0).await;
+    sqlx::raw_sql(r#"INSERT INTO "Order Items" VALUES (1, 'still flowing', 10, 'a@x')"#)
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    wait_for("another table's row on busan", DEADLINE, || async {
+        (count(&s, "busan", r#"SELECT count(*) FROM "Order Items""#).await == 1).then_some(())
+    })
+    .await;
+    let log = s.log();
+    assert!(log.contains("changes may be missing here"), "{log}");
+    assert!(log.contains("were deleted before this master applied them (retention)"), "{log}");
+    assert_eq!(count(&s, "busan", "SELECT count(*) FROM plain").await, 3);
+
+    // Done as the errors say (each of the table's sinks names its own
+    // partitions), the link goes on with new changes.
+    sqlx::raw_sql("INSERT INTO plain VALUES (7, 'after')").execute(&mut seoul).await.unwrap();
+    let mut busan = s.conn("busan").await;
+    let mut done = std::collections::HashSet::new();
+    let row_7 = tokio::time::timeout(DEADLINE, async {
+        loop {
+            for fix in s.log().lines().filter_map(|l| l.split_once("on this master: ")).map(|(_, f)| f) {
+                let sql = fix.split("; until then").next().unwrap().to_string();
+                if done.insert(sql.clone()) {
+                    sqlx::raw_sql(&sql).execute(&mut busan).await.unwrap();
+                }
+            }
+            if count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 7").await == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(row_7.is_ok(), "row 7 never reached busan; fixes applied: {done:?}\n{}", s.log());
+    s.stop().await;
+}

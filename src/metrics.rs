@@ -29,6 +29,7 @@ pub const CHANGES_APPLIED: &str = "mmsync_changes_applied_total";
 pub const CHANGES_SKIPPED: &str = "mmsync_changes_skipped_total";
 pub const CONFLICTS: &str = "mmsync_conflicts_total";
 pub const DEAD_LETTERS: &str = "mmsync_dead_letters_total";
+pub const OFFSET_GAPS: &str = "mmsync_offset_gaps_total";
 pub const KAFKA_PENDING: &str = "mmsync_kafka_pending_records";
 pub const REPLICATION_LAG: &str = "mmsync_replication_lag_seconds";
 pub const REPLICATION_LAG_HISTOGRAM: &str = "mmsync_replication_lag_distribution_seconds";
@@ -95,6 +96,10 @@ fn describe() {
         "Changes that lost last-writer-wins to a write of another master (logged in mmsync.conflicts)."
     );
     describe_counter!(DEAD_LETTERS, "Records that could not be applied (kept in mmsync.dead_letters).");
+    describe_counter!(
+        OFFSET_GAPS,
+        "Times a sink found its stored offset outside what its topic holds (records deleted by retention, or the topic recreated) and stopped that link."
+    );
     describe_gauge!(REPLICATION_LAG, Unit::Seconds, "Commit on the source to commit on the target of the newest applied change; grows while a link is stalled (heartbeats make idle links tick).");
     describe_histogram!(REPLICATION_LAG_HISTOGRAM, Unit::Seconds, "Commit on the source to commit on the target.");
     describe_histogram!(APPLY_BATCH_SIZE, "Changes per applied batch.");

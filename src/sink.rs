@@ -228,6 +228,7 @@ impl Apply {
         )?;
         let mut tpl = TopicPartitionList::new();
         let mut sources = HashMap::new();
+        let mut gaps = Vec::new();
         for (master, t, topic) in crate::kafka::all_topics(topology) {
             if master == target.name || t != *table {
                 continue;
@@ -244,10 +245,14 @@ impl Apply {
             for p in (0..partitions).filter(|p| worker.applies(*p)) {
                 let n = stored.get(&(topic.clone(), p)).copied().unwrap_or(0);
                 progress.offset(&topic, p, &master, &target.name, n);
+                gaps.extend(offset_gap(&consumer, &topic, p, n)?);
                 let from = if n > 0 { Offset::Offset(n) } else { Offset::Beginning };
                 tpl.add_partition_offset(&topic, p, from).map_err(Error::kafka("assigning partitions"))?;
             }
             sources.insert(topic, master);
+        }
+        if !gaps.is_empty() {
+            return Err(gaps_error(&target.name, &sources, &gaps));
         }
         consumer.assign(&tpl).map_err(Error::kafka("assigning partitions"))?;
         Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, progress, progressed: false })
@@ -446,6 +451,61 @@ impl Apply {
             lags.into_iter().for_each(|lag| h.record(lag));
         }
         Ok(())
+    }
+}
+
+/// A partition whose next record (for this sink) the topic no longer holds.
+struct Gap {
+    topic: String,
+    partition: i32,
+    next: i64,
+    low: i64,
+    high: i64,
+}
+
+/// Whether the topic still holds the record at `next` (the next one this
+/// sink applies) and everything after it. It does not when retention deleted
+/// records this target never applied (`next` below the topic's first offset)
+/// or the topic was deleted and made again (`next` beyond its end): changes
+/// of the topic's master may be missing on this target.
+fn offset_gap(consumer: &StreamConsumer, topic: &str, partition: i32, next: i64) -> Result<Option<Gap>> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, crate::kafka::REQUEST_TIMEOUT)
+        .map_err(Error::kafka(format!("reading the offsets {topic}[{partition}] holds")))?;
+    Ok((!(low..=high).contains(&next)).then(|| Gap { topic: topic.to_string(), partition, next, low, high }))
+}
+
+/// The error that stops a link with gaps (the others go on): what happened,
+/// and how to resume, in one statement. It is never skipped in silence.
+fn gaps_error(target: &str, sources: &HashMap<String, String>, gaps: &[Gap]) -> Error {
+    counter!(m::OFFSET_GAPS, m::TARGET => target.to_string()).increment(gaps.len() as u64);
+    let what: Vec<String> = gaps
+        .iter()
+        .map(|g| {
+            let source = sources.get(&g.topic).map_or("?", String::as_str);
+            let why = if g.next < g.low {
+                format!("records {}..{} were deleted before this master applied them (retention)", g.next, g.low)
+            } else {
+                "the topic was deleted and made again, or truncated".to_string()
+            };
+            format!(
+                "{}[{}] (changes of master {source:?}): next record {}, the topic holds {}..{}: {why}",
+                g.topic, g.partition, g.next, g.low, g.high
+            )
+        })
+        .collect();
+    let values: Vec<String> =
+        gaps.iter().map(|g| format!("({}, {}, {})", quote_literal(&g.topic), g.partition, g.low)).collect();
+    Error::Missing {
+        master: target.to_string(),
+        problem: format!("changes may be missing here: {}", what.join("; ")),
+        fix: format!(
+            "find the differences with `mmsync verify` and write those rows again on their master; then let this \
+             link go on from each topic's first record with, on this master: INSERT INTO mmsync.applied_offsets \
+             (topic, partition, next_offset) VALUES {} ON CONFLICT (topic, partition) DO UPDATE SET next_offset = \
+             EXCLUDED.next_offset; until then this link retries (mmsync_offset_gaps_total counts it)",
+            values.join(", ")
+        ),
     }
 }
 

@@ -100,7 +100,10 @@ pub fn consumer<C: FromClientConfig>(kafka: &Kafka, group: &str) -> Result<C> {
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
+        // Never jump: a stored offset outside what the topic holds (records
+        // deleted by retention, a topic recreated) is a gap the sink must
+        // report, not skip (see the sink's `offset_gap`).
+        .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", "20")
         .set("fetch.min.bytes", "1")
         // Ask for big fetches; a sink applies up to batch_max_changes at once.
