@@ -146,7 +146,7 @@ impl Progress {
     pub fn publish_lag(&self, now_ms: i64, heartbeat: std::time::Duration) {
         let state = self.inner.lock().expect("progress lock");
         for ((source, target), (newest, latency)) in &state.links {
-            let stalled = (now_ms - newest - heartbeat.as_millis() as i64) as f64 / 1000.0;
+            let stalled = now_ms.saturating_sub(*newest).saturating_sub(heartbeat.as_millis() as i64) as f64 / 1000.0;
             metrics::gauge!(REPLICATION_LAG, SOURCE => source.clone(), TARGET => target.clone())
                 .set(latency.max(stalled));
         }

@@ -423,7 +423,7 @@ impl Apply {
 
         let now_ms = m::now_ms();
         for (source, commit_ms) in newest {
-            self.progress.applied(&source, &target, commit_ms, (now_ms - commit_ms).max(0) as f64 / 1000.0);
+            self.progress.applied(&source, &target, commit_ms, lag_seconds(now_ms, commit_ms));
         }
         for ((topic, partition), next) in topics.iter().zip(&partitions).zip(&next) {
             if let Some(source) = self.sources.get(topic) {
@@ -439,7 +439,7 @@ impl Apply {
         let mut lags: HashMap<&str, Vec<f64>> = HashMap::new();
         for c in &applied {
             *counts.entry((c.origin.as_str(), c.op)).or_default() += 1;
-            lags.entry(c.origin.as_str()).or_default().push((now_ms - c.position.commit_ms).max(0) as f64 / 1000.0);
+            lags.entry(c.origin.as_str()).or_default().push(lag_seconds(now_ms, c.position.commit_ms));
         }
         for ((source, op), n) in counts {
             counter!(m::CHANGES_APPLIED, m::SOURCE => source.to_string(), m::TARGET => target.clone(), m::TABLE => table.clone(), m::OP => op.name())
@@ -1075,6 +1075,12 @@ async fn savepoint(conn: &mut PgConnection, target: &str, sql: &'static str) -> 
 /// session_replication_role`, which `mmsync check` asks for.
 pub const APPLIER_SESSION: &str = "SET LOCAL session_replication_role = replica";
 
+/// Commit-to-apply time from a record's `ts_ms`, never negative; saturating,
+/// so that a forged `ts_ms` cannot overflow the arithmetic.
+fn lag_seconds(now_ms: i64, commit_ms: i64) -> f64 {
+    now_ms.saturating_sub(commit_ms).max(0) as f64 / 1000.0
+}
+
 /// The canonical key text of a key object read back from the database.
 fn key_text(v: serde_json::Value) -> String {
     let key: Key = serde_json::from_value(v).unwrap_or_default();
@@ -1194,4 +1200,20 @@ pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<
     tx.commit().await.map_err(Error::db(name, "committing the retry"))?;
     report.applied = applied_ids.len();
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_from_a_forged_timestamp_neither_overflows_nor_goes_negative() {
+        assert_eq!(lag_seconds(10_000, 7_500), 2.5);
+        assert_eq!(lag_seconds(10_000, 20_000), 0.0);
+        assert!(lag_seconds(i64::MAX, i64::MIN) > 9e15);
+        assert_eq!(lag_seconds(i64::MIN, i64::MAX), 0.0);
+        let progress = m::Progress::default();
+        progress.applied("seoul", "busan", i64::MIN, lag_seconds(0, i64::MIN));
+        progress.publish_lag(i64::MAX, std::time::Duration::from_secs(1));
+    }
 }
