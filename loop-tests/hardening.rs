@@ -542,3 +542,68 @@ async fn a_sink_whose_next_records_were_deleted_stops_that_link_and_says_how_to_
     assert!(row_7.is_ok(), "row 7 never reached busan; fixes applied: {done:?}\n{}", s.log());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn dead_letters_of_one_topic_stop_at_their_bound_and_old_audit_rows_are_pruned() {
+    let tables = [r#"public."Order Items""#, "public.plain"];
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "dead_letters_max_per_topic = 3\n")
+        .await;
+    // Audit rows from long ago, and a pending dead letter as old: the first
+    // two go, the pending one stays until someone deals with it.
+    let mut busan = s.conn("busan").await;
+    sqlx::raw_sql(
+        "INSERT INTO mmsync.conflicts (logged_at, schema_name, table_name, key, kind, incoming_op, incoming_version, incoming_origin, winner_version, winner_origin)
+             VALUES (now() - interval '40 days', 'public', 'plain', '{\"id\": \"1\"}', 'upsert_older_than_row', 'u', 1, 'seoul', 2, 'busan'),
+                    (now(), 'public', 'plain', '{\"id\": \"2\"}', 'upsert_older_than_row', 'u', 1, 'seoul', 2, 'busan');
+         INSERT INTO mmsync.dead_letters (logged_at, topic, partition, kafka_offset, reason, retried_at)
+             VALUES (now() - interval '40 days', 'old', 0, 1, 'retried long ago', now() - interval '31 days'),
+                    (now() - interval '40 days', 'old', 0, 2, 'still pending', NULL);",
+    )
+    .execute(&mut busan)
+    .await
+    .unwrap();
+    s.start();
+    s.wait_metric("mmsync_audit_rows_pruned_total", &[("master", "busan"), ("kind", "dead_letters")], 1.0).await;
+    assert_eq!(s.metric("mmsync_audit_rows_pruned_total", &[("master", "busan"), ("kind", "conflicts")]).await, 1.0);
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT kind FROM mmsync.conflicts UNION ALL SELECT reason FROM mmsync.dead_letters ORDER BY 1",
+    )
+    .fetch_all(&mut busan)
+    .await
+    .unwrap();
+    assert_eq!(left, ["still pending", "upsert_older_than_row"]);
+    assert_eq!(s.metric("mmsync_dead_letters_pending", &[("master", "busan")]).await, 1.0);
+
+    // Five bad records on one partition, then a good one: no more than the
+    // bound are added, then the link stops, the rest waiting in Kafka.
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let topic = s.bed.topic("seoul", "public.plain");
+    let good = r#"{"op":"c","before":null,"after":{"id":"9","v":"x"},"source":{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1},"origin":"seoul","version":1}"#;
+    for i in 0..6 {
+        let (key, value) = if i < 5 { (r#"{"id":"7"}"#, "garbage") } else { (r#"{"id":"9"}"#, good) };
+        producer
+            .send(FutureRecord::to(&topic).partition(0).key(key).payload(value), Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    wait_for("the link stopping at the bound", DEADLINE, || async {
+        s.log().contains("would pass [sync] dead_letters_max_per_topic = 3").then_some(())
+    })
+    .await;
+    assert!(s.log().contains("mmsync dead-letters list"), "{}", s.log());
+    let added = count(&s, "busan", "SELECT count(*) FROM mmsync.dead_letters WHERE topic <> 'old'").await;
+    assert!(added <= 3, "{added} dead letters added past the bound");
+    assert_eq!(count(&s, "busan", "SELECT count(*) FROM plain").await, 0);
+
+    // With a higher bound the link goes on: the five are kept, the good one applied.
+    s.stop().await;
+    s.bed.write_topology(&tables, "dead_letters_max_per_topic = 10\n");
+    s.start();
+    wait_for("the good record behind them on busan", DEADLINE, || async {
+        (count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 9").await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(count(&s, "busan", "SELECT count(*) FROM mmsync.dead_letters WHERE topic <> 'old'").await, 5);
+    s.stop().await;
+}

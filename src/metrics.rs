@@ -30,6 +30,8 @@ pub const CHANGES_SKIPPED: &str = "mmsync_changes_skipped_total";
 pub const CONFLICTS: &str = "mmsync_conflicts_total";
 pub const DEAD_LETTERS: &str = "mmsync_dead_letters_total";
 pub const OFFSET_GAPS: &str = "mmsync_offset_gaps_total";
+pub const DEAD_LETTERS_PENDING: &str = "mmsync_dead_letters_pending";
+pub const AUDIT_PRUNED: &str = "mmsync_audit_rows_pruned_total";
 pub const KAFKA_PENDING: &str = "mmsync_kafka_pending_records";
 pub const REPLICATION_LAG: &str = "mmsync_replication_lag_seconds";
 pub const REPLICATION_LAG_HISTOGRAM: &str = "mmsync_replication_lag_distribution_seconds";
@@ -96,6 +98,14 @@ fn describe() {
         "Changes that lost last-writer-wins to a write of another master (logged in mmsync.conflicts)."
     );
     describe_counter!(DEAD_LETTERS, "Records that could not be applied (kept in mmsync.dead_letters).");
+    describe_gauge!(
+        DEAD_LETTERS_PENDING,
+        "Dead letters on a master not yet retried (measured by its source every minute)."
+    );
+    describe_counter!(
+        AUDIT_PRUNED,
+        "Rows of mmsync.conflicts and retried rows of mmsync.dead_letters deleted for their age (kind conflicts, dead_letters)."
+    );
     describe_counter!(
         OFFSET_GAPS,
         "Times a sink found its stored offset outside what its topic holds (records deleted by retention, or the topic recreated) and stopped that link."

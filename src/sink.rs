@@ -198,6 +198,8 @@ struct Apply {
     progress: Arc<m::Progress>,
     /// A batch was committed since this sink connected.
     progressed: bool,
+    /// [`crate::topology::SyncSettings::dead_letters_max_per_topic`].
+    max_dead_letters: i64,
 }
 
 impl Apply {
@@ -255,7 +257,16 @@ impl Apply {
             return Err(gaps_error(&target.name, &sources, &gaps));
         }
         consumer.assign(&tpl).map_err(Error::kafka("assigning partitions"))?;
-        Ok(Apply { target: target.name.clone(), conn, consumer, sql, sources, progress, progressed: false })
+        Ok(Apply {
+            target: target.name.clone(),
+            conn,
+            consumer,
+            sql,
+            sources,
+            progress,
+            progressed: false,
+            max_dead_letters: topology.sync.dead_letters_max_per_topic,
+        })
     }
 
     async fn run(&mut self, topology: &Topology, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
@@ -403,6 +414,9 @@ impl Apply {
             applied.extend(ok);
             dead.extend(refused);
         }
+        if !dead.is_empty() {
+            check_dead_letter_bound(&mut tx, &target, &self.sources, self.max_dead_letters, &dead).await?;
+        }
         for d in dead {
             d.keep(&mut tx, &target).await?;
         }
@@ -507,6 +521,47 @@ fn gaps_error(target: &str, sources: &HashMap<String, String>, gaps: &[Gap]) -> 
             values.join(", ")
         ),
     }
+}
+
+/// Refuses to add dead letters of a topic past `max` pending ones
+/// (`dead_letters_max_per_topic`): the batch is not committed, that link
+/// stops with an error and retries, and its records wait in Kafka. A forged
+/// or broken stream cannot fill the target's disk, and nobody loses a record
+/// to a limit.
+async fn check_dead_letter_bound(
+    tx: &mut PgConnection,
+    target: &str,
+    sources: &HashMap<String, String>,
+    max: i64,
+    dead: &[DeadLetter],
+) -> Result<()> {
+    let mut adding: BTreeMap<&str, i64> = BTreeMap::new();
+    for d in dead {
+        *adding.entry(d.at.topic.as_str()).or_default() += 1;
+    }
+    for (topic, n) in adding {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM mmsync.dead_letters WHERE topic = $1 AND retried_at IS NULL")
+                .bind(topic)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(Error::db(target, "counting dead letters"))?;
+        if pending + n > max {
+            let source = sources.get(topic).map_or("?", String::as_str);
+            return Err(Error::Missing {
+                    master: target.to_string(),
+                    problem: format!(
+                        "{pending} dead letters of topic {topic} (changes of master {source:?}) are pending here, and \
+                         {n} more would pass [sync] dead_letters_max_per_topic = {max}; this link stops before adding them"
+                    ),
+                    fix: "look at them with `mmsync dead-letters list`: fix their cause and run `mmsync dead-letters \
+                          retry`, or delete the ones you do not want (DELETE FROM mmsync.dead_letters WHERE ...), or \
+                          raise the limit; the records wait in Kafka and this link retries"
+                        .into(),
+                });
+        }
+    }
+    Ok(())
 }
 
 /// What applying a table's records did, by index into them.

@@ -24,6 +24,9 @@ use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, O
 /// How often the retained WAL is measured.
 const MEASURE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How often the audit tables are pruned and the pending dead letters counted.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How often the source looks after its heartbeat, its measurements and an
 /// idle slot.
 const TICK: std::time::Duration = std::time::Duration::from_millis(250);
@@ -186,6 +189,7 @@ impl Capture {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut last_beat, mut last_measure, mut last_status): (Option<Instant>, Option<Instant>, Instant) =
             (None, None, Instant::now());
+        let mut last_prune: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -207,6 +211,10 @@ impl Capture {
                     if last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
                         self.measure_retained_wal().await?;
                         last_measure = Some(Instant::now());
+                    }
+                    if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                        self.prune_audit(topology).await?;
+                        last_prune = Some(Instant::now());
                     }
                     // Between transactions with nothing in hand: ask where
                     // the WAL ends, so the slot follows it even when nothing
@@ -300,6 +308,42 @@ impl Capture {
         .execute(&mut self.conn)
         .await
         .map_err(Error::db(&self.master.name, "writing the heartbeat (has `mmsync init` run?)"))?;
+        Ok(())
+    }
+
+    /// Deletes this master's conflicts and retried dead letters older than
+    /// their retention, in bounded steps so that no statement holds locks
+    /// for long, and sets the gauge of pending dead letters.
+    async fn prune_audit(&mut self, topology: &Topology) -> Result<()> {
+        let name = self.master.name.clone();
+        let steps = [
+            (
+                "conflicts",
+                "DELETE FROM mmsync.conflicts WHERE id IN (SELECT id FROM mmsync.conflicts
+                 WHERE logged_at < now() - make_interval(secs => $1) LIMIT 10000)",
+                topology.sync.conflicts_keep,
+            ),
+            (
+                "dead_letters",
+                "DELETE FROM mmsync.dead_letters WHERE id IN (SELECT id FROM mmsync.dead_letters
+                 WHERE retried_at < now() - make_interval(secs => $1) LIMIT 10000)",
+                topology.sync.dead_letters_keep,
+            ),
+        ];
+        for (kind, sql, keep) in steps {
+            let pruned = sqlx::query(sql)
+                .bind(keep.as_secs_f64())
+                .execute(&mut self.conn)
+                .await
+                .map_err(Error::db(&name, format!("pruning mmsync.{kind}")))?
+                .rows_affected();
+            counter!(m::AUDIT_PRUNED, m::MASTER => name.clone(), m::KIND => kind).increment(pruned);
+        }
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.dead_letters WHERE retried_at IS NULL")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(Error::db(&name, "counting dead letters"))?;
+        gauge!(m::DEAD_LETTERS_PENDING, m::MASTER => name).set(pending as f64);
         Ok(())
     }
 

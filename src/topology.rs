@@ -85,6 +85,12 @@ struct SyncFile {
     heartbeat_interval_ms: Spanned<i64>,
     #[serde(default = "default_max_clock_skew_ms")]
     max_clock_skew_ms: Spanned<i64>,
+    #[serde(default = "default_keep_days")]
+    conflicts_keep_days: Spanned<i64>,
+    #[serde(default = "default_keep_days")]
+    dead_letters_keep_days: Spanned<i64>,
+    #[serde(default = "default_dead_letters_max_per_topic")]
+    dead_letters_max_per_topic: Spanned<i64>,
 }
 
 fn unspanned<T>(v: T) -> Spanned<T> {
@@ -121,6 +127,12 @@ fn default_heartbeat_interval_ms() -> Spanned<i64> {
 pub const DEFAULT_MAX_CLOCK_SKEW_MS: i64 = 3_600_000;
 fn default_max_clock_skew_ms() -> Spanned<i64> {
     unspanned(DEFAULT_MAX_CLOCK_SKEW_MS)
+}
+fn default_keep_days() -> Spanned<i64> {
+    unspanned(30)
+}
+fn default_dead_letters_max_per_topic() -> Spanned<i64> {
+    unspanned(10_000)
 }
 
 // ---------------------------------------------------------------------------
@@ -173,6 +185,15 @@ pub struct SyncSettings {
     /// local write never stamps beyond it: a forged version near the top of
     /// bigint can neither win forever nor make `next_version` overflow.
     pub max_clock_skew: Duration,
+    /// Rows of `mmsync.conflicts` older than this are deleted.
+    pub conflicts_keep: Duration,
+    /// Dead letters retried (applied) longer ago than this are deleted;
+    /// pending ones are kept until someone deals with them.
+    pub dead_letters_keep: Duration,
+    /// A sink adds no more pending dead letters of one topic than this: past
+    /// it, that link stops with an error (the records wait in Kafka), so a
+    /// forged or broken stream cannot fill a target's disk.
+    pub dead_letters_max_per_topic: i64,
 }
 
 /// A synced table, `schema.name`, as PostgreSQL spells it (case kept).
@@ -657,6 +678,17 @@ impl Validator<'_> {
                 "sync.max_clock_skew_ms",
                 7 * 86_400_000,
             ) as u64),
+            conflicts_keep: Duration::from_secs(
+                self.positive(&s.conflicts_keep_days, "sync.conflicts_keep_days", 36_500) as u64 * 86_400,
+            ),
+            dead_letters_keep: Duration::from_secs(
+                self.positive(&s.dead_letters_keep_days, "sync.dead_letters_keep_days", 36_500) as u64 * 86_400,
+            ),
+            dead_letters_max_per_topic: self.positive(
+                &s.dead_letters_max_per_topic,
+                "sync.dead_letters_max_per_topic",
+                1_000_000_000,
+            ),
         };
 
         Some(Topology {
