@@ -433,15 +433,12 @@ impl Topology {
     /// Parses and validates topology text. `env` looks up `url_env` variables.
     pub fn parse(text: &str, path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Topology, TopologyError> {
         let err = |problems| TopologyError { path: path.to_path_buf(), problems };
-        let file: File = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map_or((None, None), |s| {
-                let (l, c) = line_col(text, s.start);
-                (Some(l), Some(c))
-            });
-            err(vec![Problem { line, column, key: String::new(), message: e.message().trim().to_string() }])
-        })?;
+        let (file, mut problems) = parse_reporting_unknown_keys(text);
+        let Some(file) = file else { return Err(err(problems)) };
         let mut v = Validator { text, problems: Vec::new() };
         let topology = v.validate(file, &env);
+        problems.append(&mut v.problems);
+        v.problems = problems;
         match topology {
             Some(t) if v.problems.is_empty() => Ok(t),
             _ => Err(err(v.problems)),
@@ -459,6 +456,84 @@ impl Topology {
         all.push(TableName::heartbeats());
         all
     }
+}
+
+/// Parses the file; an unknown key does not stop it. Serde stops at the
+/// first unknown field, so each one found is reported with its line, blanked
+/// out (spaces, newlines kept, so every later span still points at the
+/// original text) and the file parsed again: every typo is reported at once,
+/// along with what validation finds in the rest.
+fn parse_reporting_unknown_keys(text: &str) -> (Option<File>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut current = text.to_string();
+    let problem = |e: &toml::de::Error| {
+        let (line, column) = e.span().map_or((None, None), |s| {
+            let (l, c) = line_col(text, s.start);
+            (Some(l), Some(c))
+        });
+        Problem { line, column, key: String::new(), message: e.message().trim().to_string() }
+    };
+    loop {
+        match toml::from_str::<File>(&current) {
+            Ok(file) => return (Some(file), problems),
+            Err(e) => {
+                problems.push(problem(&e));
+                let unknown = e.message().starts_with("unknown field") && problems.len() < 100;
+                let Some(region) = e.span().filter(|_| unknown).and_then(|s| key_extent(&current, s.start)) else {
+                    return (None, problems);
+                };
+                let blanked: String =
+                    current[region.clone()].chars().map(|c| if c == '\n' { c } else { ' ' }).collect();
+                current.replace_range(region, &blanked);
+            }
+        }
+    }
+}
+
+/// The bytes of the key at byte `at` and its value, or of its whole table
+/// (header to the next header) when it names a table.
+fn key_extent(text: &str, at: usize) -> Option<std::ops::Range<usize>> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    find_key(doc.as_table(), text, at)
+}
+
+fn find_key(table: &toml_edit::Table, text: &str, at: usize) -> Option<std::ops::Range<usize>> {
+    let table_extent = |key_start: usize| {
+        let start = text[..key_start].rfind('\n').map_or(0, |i| i + 1);
+        let mut end = text.len();
+        let mut offset = text[start..].find('\n').map_or(text.len(), |i| start + i + 1);
+        while offset < text.len() {
+            if text[offset..].trim_start().starts_with('[') {
+                end = offset;
+                break;
+            }
+            offset = text[offset..].find('\n').map_or(text.len(), |i| offset + i + 1);
+        }
+        start..end
+    };
+    for (name, item) in table.iter() {
+        let key = table.key(name).and_then(|k| k.span());
+        let hit = key.as_ref().is_some_and(|k| k.contains(&at));
+        match item {
+            toml_edit::Item::Value(value) if hit => return Some(key?.start..value.span()?.end),
+            toml_edit::Item::Table(t) if hit && !t.is_dotted() => return Some(table_extent(key?.start)),
+            toml_edit::Item::Table(t) => {
+                if let Some(r) = find_key(t, text, at) {
+                    return Some(r);
+                }
+            }
+            toml_edit::Item::ArrayOfTables(_) if hit => return Some(table_extent(at)),
+            toml_edit::Item::ArrayOfTables(tables) => {
+                for t in tables.iter() {
+                    if let Some(r) = find_key(t, text, at) {
+                        return Some(r);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 struct Validator<'a> {
@@ -791,6 +866,26 @@ tables = ["public.users", "messages", 'public."Order Items"']
         let text = GOOD.replace("partitions = 6", "partitions = 6\nbrokerz = 1");
         let msg = problems(&text);
         assert!(msg.starts_with("topology.toml:6:1: unknown field `brokerz`"), "{msg}");
+    }
+
+    #[test]
+    fn every_unknown_key_is_reported_with_its_line_and_the_rest_is_still_validated() {
+        let text = GOOD
+            .replace("partitions = 6", "partitions = 6\nbrokerz = 1")
+            .replace(
+                "listen = \"127.0.0.1:9464\"",
+                "listen = \"127.0.0.1:9464\"\n\n[bogus]\nx = 1\ny = [\n  1,\n  2,\n]",
+            )
+            .replace("name = \"busan\"", "name = \"Busan!\"\nurl_enb = \"X\"")
+            .replace("tables = [", "batch_max_changes = 0\nwait = [\n \"a\",\n]\ntables = [");
+        let msg = problems(&text);
+        assert!(msg.contains("topology.toml:6:1: unknown field `brokerz`"), "{msg}");
+        assert!(msg.contains("topology.toml:13:2: unknown field `bogus`"), "{msg}");
+        assert!(msg.contains("topology.toml:26:1: unknown field `url_enb`"), "{msg}");
+        assert!(msg.contains("topology.toml:31:1: unknown field `wait`"), "{msg}");
+        assert!(msg.contains("topology.toml:25: masters[1].name: \"Busan!\" must be"), "{msg}");
+        assert!(msg.contains("topology.toml:30: sync.batch_max_changes: must be between 1"), "{msg}");
+        assert_eq!(msg.lines().count(), 6, "{msg}");
     }
 
     #[test]
