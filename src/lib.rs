@@ -5,7 +5,7 @@
 //! trigger installed by [`schema::init`] stamps its origin and version;
 //! [`source`] streams it from A's slot (pgoutput, over [`replication`]) as a [`change::Change`],
 //! [`kafka`] produces it, and the [`sink`] of every other master applies it by
-//! last-writer-wins, storing the Kafka offset in the same transaction.
+//! last-writer-wins ([`lww`]), storing the Kafka offset in the same transaction.
 
 pub mod change;
 pub mod db;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod failpoint;
 pub mod fence;
 pub mod kafka;
+pub mod lww;
 pub mod metrics;
 pub mod pgoutput;
 pub mod replication;

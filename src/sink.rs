@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::change::{encode_key, Change, Key, Op, HEADER_ORIGIN};
 use crate::error::{Class, Error, Result};
+use crate::lww::{stamp, Stamp};
 use crate::metrics as m;
 use crate::schema::{describe, TableInfo};
 use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
@@ -579,13 +580,6 @@ struct Refusal {
     message: String,
 }
 
-/// A version stamp with its tie-breaker; compares like the SQL `(version, origin COLLATE "C")`.
-type Stamp = (i64, String);
-
-fn stamp(c: &Change) -> Stamp {
-    (c.version, c.origin.clone())
-}
-
 /// The statements of one table, built once per connection.
 struct TableSql {
     info: TableInfo,
@@ -855,28 +849,20 @@ impl TableSql {
         }
     }
 
-    /// Last-writer-wins for one table's records.
+    /// Last-writer-wins for one table's records: validated here, planned by
+    /// [`crate::lww::plan`] against the target's rows (locked) and
+    /// tombstones of their keys, and written as the plan says.
     async fn apply(&self, conn: &mut PgConnection, target: &str, recs: &[Rec]) -> Result<Outcome> {
         let db = |what: &str| Error::db(target, format!("{what} of {}", self.info.name));
         let mut outcome = Outcome::default();
-        let mut conflicts: Vec<serde_json::Value> = Vec::new();
-        let mut skipped = 0u64;
-
-        // One change per key: the highest stamp. What it beats within the batch
-        // is superseded (same origin) or a conflict it won (another origin).
-        let mut winners: HashMap<String, usize> = HashMap::new();
-        let mut losers: Vec<(usize, Stamp)> = Vec::new();
         let now_us = crate::change::now_us();
-        // Winners whose unchanged (TOASTed) columns were filled in from the
-        // change of the same master they directly follow in this batch.
-        let mut filled: HashMap<usize, Change> = HashMap::new();
+        // Indices (into `recs`) of the records that may be planned.
+        let mut valid: Vec<usize> = Vec::with_capacity(recs.len());
         for (i, rec) in recs.iter().enumerate() {
             let change = &rec.change;
             if let Some(problem) = self.shape_problem(change) {
                 outcome.dead.push((i, problem));
-                continue;
-            }
-            if let Some(problem) = crate::change::version_problem(change.version, now_us, self.max_clock_skew) {
+            } else if let Some(problem) = crate::change::version_problem(change.version, now_us, self.max_clock_skew) {
                 outcome.dead.push((
                     i,
                     format!(
@@ -884,102 +870,62 @@ impl TableSql {
                          `mmsync dead-letters retry`"
                     ),
                 ));
-                continue;
-            }
-            match winners.entry(change.kafka_key()) {
-                std::collections::hash_map::Entry::Occupied(mut w) => {
-                    let older = *w.get();
-                    let (ws, s) = (stamp(&recs[older].change), stamp(change));
-                    if ws >= s {
-                        losers.push((i, ws));
-                        continue;
-                    }
-                    w.insert(i);
-                    losers.push((older, s));
-                    let base = filled.get(&older).unwrap_or(&recs[older].change);
-                    if let Some(whole) = fill_unchanged(change, base) {
-                        filled.insert(i, whole);
-                    }
-                }
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(i);
-                }
+            } else {
+                valid.push(i);
             }
         }
-        if winners.is_empty() {
+        if valid.is_empty() {
             return Ok(outcome);
         }
+        let changes: Vec<&Change> = valid.iter().map(|&i| &recs[i].change).collect();
 
         // The target's current state of those keys; existing rows are locked
         // so that no local write slips between this read and the writes.
-        let keys: Vec<serde_json::Value> =
-            winners.values().map(|&i| serde_json::to_value(&recs[i].change.key).expect("strings")).collect();
+        let mut seen = std::collections::HashSet::new();
+        let keys: Vec<serde_json::Value> = changes
+            .iter()
+            .filter(|c| seen.insert(c.kafka_key()))
+            .map(|c| serde_json::to_value(&c.key).expect("strings"))
+            .collect();
         let keys = serde_json::Value::Array(keys);
-        let mut rows: HashMap<String, Stamp> = HashMap::new();
+        let mut held: HashMap<String, crate::lww::Held> = HashMap::new();
         for r in sqlx::query(&self.lock_rows).bind(&keys).fetch_all(&mut *conn).await.map_err(db("locking rows"))? {
-            rows.insert(key_text(r.get(0)), (r.get(1), r.get(2)));
+            held.entry(key_text(r.get(0))).or_default().row = Some((r.get(1), r.get(2)));
         }
-        let mut tombs: HashMap<String, Stamp> = HashMap::new();
         for r in sqlx::query(&self.read_tombstones)
             .bind(&keys)
             .fetch_all(&mut *conn)
             .await
             .map_err(db("reading tombstones"))?
         {
-            tombs.insert(key_text(r.get(0)), (r.get(1), r.get(2)));
+            held.entry(key_text(r.get(0))).or_default().tombstone = Some((r.get(1), r.get(2)));
         }
 
-        let mut upserts = Vec::new();
-        let mut partial = Vec::new();
-        let mut deletes = Vec::new();
-        for (key, i) in winners {
-            let change = filled.get(&i).unwrap_or(&recs[i].change);
-            let s = stamp(change);
-            let row = rows.get(&key);
-            if change.op == Op::Delete {
-                // The tombstone is recorded or raised whether or not the delete wins.
-                deletes
-                    .push(serde_json::json!({"key": change.key, "version": change.version, "origin": change.origin}));
-                match row {
-                    Some(r) if *r >= s => losers.push((i, r.clone())),
-                    _ => outcome.applied.push(i),
-                }
-                continue;
-            }
-            match [row, tombs.get(&key)].into_iter().flatten().max() {
-                Some(newest) if *newest >= s => losers.push((i, newest.clone())),
-                _ if change.unchanged.is_empty() => {
-                    upserts.push(self.row_json(change));
-                    outcome.applied.push(i);
-                }
-                // Its source had the row deleted by a newer change before it
-                // could read the unchanged values back: that newer delete
-                // reaches this master too, and beats this change.
-                _ if row.is_none() && change.superseded => skipped += 1,
-                _ if row.is_none() => outcome.dead.push((
-                    i,
-                    "an update that left TOASTed columns unchanged reached a row this master does not have, and the record does not carry their values (it was produced before sources read such values back); write the row again on its origin".into(),
-                )),
-                _ => partial.push(i),
-            }
-        }
-        for (i, winner) in losers {
-            let change = &recs[i].change;
-            if winner == stamp(change) || winner.1 == change.origin {
-                skipped += 1; // already applied, or superseded by a later write of the same master
-                continue;
-            }
-            let against = if tombs.get(&change.kafka_key()) == Some(&winner) { "tombstone" } else { "row" };
-            let kind = format!("{}_older_than_{against}", if change.op == Op::Delete { "delete" } else { "upsert" });
-            counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string(), m::KIND => kind.clone()).increment(1);
+        let plan = crate::lww::plan(&changes, &held);
+        outcome.applied.extend(plan.applied.iter().map(|&j| valid[j]));
+        outcome.dead.extend(plan.dead.into_iter().map(|(j, reason)| (valid[j], reason)));
+        let upserts: Vec<serde_json::Value> = plan.upserts.iter().map(|(_, c)| self.row_json(c)).collect();
+        let partial: Vec<&Change> = plan.partial.iter().map(|&j| changes[j]).collect();
+        let deletes: Vec<serde_json::Value> = plan
+            .deletes
+            .iter()
+            .map(|&j| {
+                let c = changes[j];
+                serde_json::json!({"key": c.key, "version": c.version, "origin": c.origin})
+            })
+            .collect();
+        let table = self.info.name.to_string();
+        let mut conflicts: Vec<serde_json::Value> = Vec::new();
+        for conflict in &plan.conflicts {
+            let change = changes[conflict.index];
+            counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => table.clone(), m::KIND => conflict.kind.clone()).increment(1);
             conflicts.push(serde_json::json!({
-                "key": change.key, "kind": kind, "op": change.op.letter(),
-                "iv": change.version, "io": change.origin, "wv": winner.0, "wo": winner.1,
+                "key": change.key, "kind": conflict.kind, "op": change.op.letter(),
+                "iv": change.version, "io": change.origin, "wv": conflict.winner.0, "wo": conflict.winner.1,
             }));
         }
-        if skipped > 0 {
-            counter!(m::CHANGES_SKIPPED, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string())
-                .increment(skipped);
+        if plan.skipped > 0 {
+            counter!(m::CHANGES_SKIPPED, m::TARGET => target.to_string(), m::TABLE => table).increment(plan.skipped);
         }
 
         if !upserts.is_empty() {
@@ -989,9 +935,8 @@ impl TableSql {
                 .await
                 .map_err(db("upserting rows"))?;
         }
-        for i in partial {
-            self.update_present_columns(conn, &recs[i].change).await.map_err(db("updating rows"))?;
-            outcome.applied.push(i);
+        for change in partial {
+            self.update_present_columns(conn, change).await.map_err(db("updating rows"))?;
         }
         if !deletes.is_empty() {
             let deletes = serde_json::Value::Array(deletes);
@@ -1092,25 +1037,6 @@ impl TableSql {
             .await?;
         Ok(())
     }
-}
-
-/// `newer` with its unchanged columns taken from `older`, when `older` is the
-/// same master's previous version of the row and carries them.
-fn fill_unchanged(newer: &Change, older: &Change) -> Option<Change> {
-    if newer.unchanged.is_empty() || newer.origin != older.origin {
-        return None;
-    }
-    let old_row = older.row.as_ref()?;
-    let mut whole = newer.clone();
-    let row = whole.row.as_mut()?;
-    whole.unchanged.retain(|c| match old_row.get(c) {
-        Some(v) => {
-            row.insert(c.clone(), v.clone());
-            false
-        }
-        None => true,
-    });
-    Some(whole)
 }
 
 async fn savepoint(conn: &mut PgConnection, target: &str, sql: &'static str) -> Result<()> {
