@@ -226,3 +226,44 @@ async fn an_email_taken_on_three_masters_at_once_ends_with_the_newest_owner_ever
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn partial_and_expression_unique_indexes_are_settled_like_plain_ones() {
+    const ACCOUNTS: &str = "
+        CREATE TABLE accounts (id int PRIMARY KEY, handle text NOT NULL, email text, deleted boolean NOT NULL DEFAULT false);
+        CREATE UNIQUE INDEX accounts_handle ON accounts (lower(handle));
+        CREATE UNIQUE INDEX accounts_live_email ON accounts (email) WHERE NOT deleted;";
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, ACCOUNTS, &["public.accounts"], "").await;
+    let (mut seoul, mut busan) = (s.conn("seoul").await, s.conn("busan").await);
+    // Each pair written seoul first, then busan: busan's is the newer write.
+    for (sql_seoul, sql_busan) in [
+        // The same handle to lower(): busan's wins.
+        ("INSERT INTO accounts VALUES (1, 'Alice', 'a@x')", "INSERT INTO accounts VALUES (2, 'ALICE', 'b@x')"),
+        // The same live email: busan's wins.
+        ("INSERT INTO accounts VALUES (3, 'carol', 'c@x')", "INSERT INTO accounts VALUES (4, 'dave', 'c@x')"),
+        // An email of a deleted account is free: both stay.
+        ("INSERT INTO accounts VALUES (5, 'erin', 'e@x', true)", "INSERT INTO accounts VALUES (6, 'frank', 'e@x')"),
+    ] {
+        sqlx::raw_sql(sql_seoul).execute(&mut seoul).await.unwrap();
+        sqlx::raw_sql(sql_busan).execute(&mut busan).await.unwrap();
+    }
+    s.start();
+    let rows = s.converged("accounts").await;
+    let ids: Vec<i64> = {
+        let mut conn = s.conn("seoul").await;
+        sqlx::query_scalar("SELECT id::int8 FROM accounts ORDER BY id").fetch_all(&mut conn).await.unwrap()
+    };
+    assert_eq!(ids, [2, 4, 5, 6], "{rows:?}");
+    let (code, out) = mmsync(&s.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
+    for m in ["seoul", "busan"] {
+        assert_eq!(dead_letters(&s, m).await, 0, "dead letters on {m}");
+    }
+    let logged = scalar(
+        &mut seoul,
+        "SELECT count(*) FROM mmsync.conflicts WHERE kind = 'unique_value_lost' AND loser_row ? 'handle'",
+    )
+    .await;
+    assert_eq!(logged, 2, "seoul's two losers are logged with their rows");
+    s.stop().await;
+}

@@ -54,9 +54,13 @@ pub struct TableInfo {
 #[derive(Debug, Clone)]
 pub struct UniqueIndex {
     pub name: String,
-    /// Its columns, in index order; empty when it indexes expressions or is
-    /// partial (such a conflict cannot be settled by columns alone).
-    pub columns: Vec<String>,
+    /// Its key columns or expressions, in index order, as SQL over the
+    /// table's unqualified columns (`email`, `lower(handle)`).
+    pub exprs: Vec<String>,
+    /// The predicate of a partial index (`deleted_at IS NULL`).
+    pub predicate: Option<String>,
+    /// `NULLS NOT DISTINCT`: two NULLs clash too.
+    pub nulls_not_distinct: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -158,11 +162,11 @@ pub async fn describe(conn: &mut PgConnection, master: &str, table: &TableName) 
         columns.push(ColumnInfo { name, sql_type: r.get(1), type_name: r.get(2) });
     }
     key.sort();
-    let unique = sqlx::query_as::<_, (String, Vec<String>, bool)>(
+    let unique = sqlx::query_as::<_, (String, Vec<String>, Option<String>, bool)>(
         "SELECT ic.relname::text,
-                array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.n),
-                i.indpred IS NULL AND i.indexprs IS NULL
+                array(SELECT pg_get_indexdef(i.indexrelid, n, true) FROM generate_series(1, i.indnkeyatts) AS n),
+                pg_get_expr(i.indpred, i.indrelid, true),
+                i.indnullsnotdistinct
          FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
          WHERE i.indrelid = $1::oid AND i.indisunique AND NOT i.indisprimary
          ORDER BY 1",
@@ -172,7 +176,7 @@ pub async fn describe(conn: &mut PgConnection, master: &str, table: &TableName) 
     .await
     .map_err(Error::db(master, format!("reading the unique indexes of {table}")))?
     .into_iter()
-    .map(|(name, columns, plain)| UniqueIndex { name, columns: if plain { columns } else { Vec::new() } })
+    .map(|(name, exprs, predicate, nulls_not_distinct)| UniqueIndex { name, exprs, predicate, nulls_not_distinct })
     .collect();
     Ok(Some(TableInfo {
         name: table.clone(),

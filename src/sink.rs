@@ -665,17 +665,30 @@ impl TableSql {
         );
         let same_key: Vec<String> =
             info.key.iter().map(|k| format!("t.{} = {}", quote_ident(k), cast(k, "($1->'row')"))).collect();
+        // The rows holding what the incoming row would put in a unique index:
+        // the index's columns or expressions are computed over the incoming
+        // row (inside `n`, unqualified names are its columns) and over each
+        // row of the table (outside, they can only be `t`'s), under the
+        // index's predicate if it is partial.
         let unique_holders = info
             .unique
             .iter()
-            .filter(|u| !u.columns.is_empty())
+            .filter(|u| !u.exprs.is_empty())
             .map(|u| {
-                let same: Vec<String> =
-                    u.columns.iter().map(|c| format!("t.{} = {}", quote_ident(c), cast(c, "($1->'row')"))).collect();
+                let computed: Vec<String> =
+                    u.exprs.iter().enumerate().map(|(k, e)| format!("({e}) AS mmsync_e{k}")).collect();
+                let equal = if u.nulls_not_distinct { "IS NOT DISTINCT FROM" } else { "=" };
+                let mut same: Vec<String> =
+                    u.exprs.iter().enumerate().map(|(k, e)| format!("({e}) {equal} n.mmsync_e{k}")).collect();
+                if let Some(predicate) = &u.predicate {
+                    same.push(format!("({predicate})"));
+                }
                 let sql = format!(
-                    "SELECT {}, t.{v}, t.{o}::text, to_jsonb(t) FROM {t} AS t
-                     WHERE {} AND NOT ({}) FOR UPDATE",
+                    "SELECT {}, t.{v}, t.{o}::text, to_jsonb(t)
+                     FROM {t} AS t, (SELECT {} FROM jsonb_populate_record(NULL::{t}, $1->'row')) AS n
+                     WHERE {} AND NOT ({}) FOR UPDATE OF t",
                     info.key_json_sql("t"),
+                    computed.join(", "),
                     same.join(" AND "),
                     same_key.join(" AND ")
                 );
