@@ -2,6 +2,7 @@
 //! Kafka brokers and the real `mmsync` binary as a child process. One test binary
 //! (like etl's), one module per concern.
 
+mod adopt;
 mod apply;
 mod capture;
 mod chaos;

@@ -38,8 +38,14 @@ const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Takes the lock on `master`: the connection that holds it, or why not.
 /// Another run holding it is fatal; a master that does not answer is not.
 pub async fn acquire(master: &Master) -> Result<PgConnection> {
+    acquire_as(master, "run").await
+}
+
+/// Takes the lock for `what` (`run`, `adopt`): the holder shows in
+/// `pg_stat_activity` as application `mmsync:<master>:<what>`.
+pub async fn acquire_as(master: &Master, what: &str) -> Result<PgConnection> {
     use sqlx::ConnectOptions;
-    let opts = crate::db::options(master)?.application_name(&format!("mmsync:{}:run", master.name));
+    let opts = crate::db::options(master)?.application_name(&format!("mmsync:{}:{what}", master.name));
     let mut conn = tokio::time::timeout(crate::db::CONNECT_TIMEOUT, opts.connect())
         .await
         .unwrap_or(Err(sqlx::Error::PoolTimedOut))
@@ -71,8 +77,8 @@ pub async fn acquire(master: &Master) -> Result<PgConnection> {
     };
     Err(Error::Setup {
         master: master.name.clone(),
-        problem: format!("another mmsync run is syncing this master ({who})"),
-        fix: "stop it before starting this one: run one `mmsync run` per topology".into(),
+        problem: format!("another mmsync run or adopt holds this master ({who})"),
+        fix: format!("stop it before this {what}: one `mmsync run` per topology, and no run during `mmsync adopt`"),
     })
 }
 

@@ -7,6 +7,7 @@
 //! [`kafka`] produces it, and the [`sink`] of every other master applies it by
 //! last-writer-wins ([`lww`]), storing the Kafka offset in the same transaction.
 
+pub mod adopt;
 pub mod change;
 pub mod db;
 pub mod error;

@@ -46,6 +46,26 @@ enum Command {
     /// Run the sync: a source and a sink for every master, until SIGINT or
     /// SIGTERM (current batches finish and positions are stored first).
     Run,
+    /// Adopt the rows the synced tables held before `mmsync init`: stamp them
+    /// on every master, in batches, with their master as origin and a version
+    /// by one rule, so that they reach the other masters and every master
+    /// settles keys they hold differently alike (each losing row is logged in
+    /// mmsync.conflicts on the master whose row won). Applications may keep
+    /// writing; `mmsync run` must not run meanwhile (adopt holds its locks).
+    /// Run it after `init` and before `run`; run it again if it was stopped.
+    Adopt {
+        /// Where masters hold the same key, this master's row wins (the others'
+        /// rows are settled by master name).
+        #[arg(long, required_unless_present = "version_column", conflicts_with = "version_column")]
+        seed: Option<String>,
+        /// Instead of a seed: a timestamp column (such as updated_at) every
+        /// synced table has; the most recently updated row of a key wins.
+        #[arg(long)]
+        version_column: Option<String>,
+        /// Rows stamped per transaction.
+        #[arg(long, default_value_t = 10_000)]
+        batch: u64,
+    },
     /// Show, per link (source -> target): the source slot's position and the
     /// WAL it retains, the offsets applied on the target, the records waiting
     /// in Kafka, and the lag by the source's latest heartbeat on the target.
@@ -89,6 +109,39 @@ enum DeadLetterAction {
     Retry,
 }
 
+async fn adopt(topology: &Topology, seed: Option<String>, version_column: Option<String>, batch: u64) -> ExitCode {
+    let rule = match (seed, version_column) {
+        (Some(seed), _) => mmsync::adopt::Rule::Seed(seed),
+        (None, Some(column)) => mmsync::adopt::Rule::VersionColumn(column),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    let progress = |master: &str, table: &mmsync::topology::TableName, done: u64, total: u64| {
+        if last_line.elapsed() >= std::time::Duration::from_secs(2) || done >= total {
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let left = total.saturating_sub(done) as f64 / rate.max(1.0);
+            tracing::info!(
+                "adopting {master} {table}: {done} of {total} rows, {rate:.0} rows/s, about {left:.0} s left"
+            );
+            last_line = std::time::Instant::now();
+        }
+    };
+    match mmsync::adopt::adopt(topology, &rule, batch.max(1), progress).await {
+        Ok(report) => {
+            for a in report {
+                println!("{} {}: {} rows adopted in {:.1} s", a.master, a.table, a.rows, a.seconds);
+            }
+            println!("adopted; now `mmsync run`, and `mmsync verify` once it has caught up");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("adopt failed: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -113,6 +166,7 @@ fn main() -> ExitCode {
             Command::Check => check(&topology).await,
             Command::Init => init(&topology).await,
             Command::Run => run(topology).await,
+            Command::Adopt { seed, version_column, batch } => adopt(&topology, seed, version_column, batch).await,
             Command::DeadLetters { action, master } => dead_letters(&topology, action, master.as_deref()).await,
             Command::Verify { table, max_keys } => verify(&topology, table.as_deref(), max_keys).await,
             Command::Status { json } => {

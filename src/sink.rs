@@ -932,9 +932,11 @@ impl TableSql {
         for conflict in &plan.conflicts {
             let change = changes[conflict.index];
             counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => table.clone(), m::KIND => conflict.kind.clone()).increment(1);
+            // The losing row is kept whole: the winner is what the table holds.
             conflicts.push(serde_json::json!({
                 "key": change.key, "kind": conflict.kind, "op": change.op.letter(),
                 "iv": change.version, "io": change.origin, "wv": conflict.winner.0, "wo": conflict.winner.1,
+                "row": change.row,
             }));
         }
         if plan.skipped > 0 {
@@ -962,9 +964,9 @@ impl TableSql {
         }
         if !conflicts.is_empty() {
             sqlx::query(
-                "INSERT INTO mmsync.conflicts (schema_name, table_name, key, kind, incoming_op, incoming_version, incoming_origin, winner_version, winner_origin)
-                 SELECT $1, $2, x.key, x.kind, x.op, x.iv, x.io, x.wv, x.wo
-                 FROM jsonb_to_recordset($3::jsonb) AS x(key jsonb, kind text, op text, iv int8, io text, wv int8, wo text)",
+                "INSERT INTO mmsync.conflicts (schema_name, table_name, key, kind, incoming_op, incoming_version, incoming_origin, winner_version, winner_origin, loser_row)
+                 SELECT $1, $2, x.key, x.kind, x.op, x.iv, x.io, x.wv, x.wo, x.row
+                 FROM jsonb_to_recordset($3::jsonb) AS x(key jsonb, kind text, op text, iv int8, io text, wv int8, wo text, row jsonb)",
             )
             .bind(&self.info.name.schema)
             .bind(&self.info.name.name)
