@@ -167,8 +167,12 @@ impl Load {
         let workload = self.workload;
         let counters: Vec<Arc<AtomicUsize>> = self.progress.values().cloned().collect();
         let (written, uncertain) = self.finish().await;
-        // Every acknowledged write (a key change counts once).
-        let acknowledged: usize = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        // Every acknowledged write: the model's writes (a key change is two:
+        // the old key's delete and the new key's row), or the chat's steps.
+        let acknowledged: usize = match workload {
+            Workload::Kv => written.len(),
+            Workload::Chat => counters.iter().map(|c| c.load(Ordering::Relaxed)).sum(),
+        };
         let divergent = divergent_keys(s).await;
         let violations = if divergent.0 == 0 && workload == Workload::Kv {
             model_violations(s, seed, &written, &uncertain).await
