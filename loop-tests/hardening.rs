@@ -546,8 +546,8 @@ async fn a_sink_whose_next_records_were_deleted_stops_that_link_and_says_how_to_
 #[tokio::test]
 async fn dead_letters_of_one_topic_stop_at_their_bound_and_old_audit_rows_are_pruned() {
     let tables = [r#"public."Order Items""#, "public.plain"];
-    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "dead_letters_max_per_topic = 3\n")
-        .await;
+    let mut s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "dead_letters_max_per_topic = 3\n").await;
     // Audit rows from long ago, and a pending dead letter as old: the first
     // two go, the pending one stays until someone deals with it.
     let mut busan = s.conn("busan").await;
@@ -606,4 +606,23 @@ async fn dead_letters_of_one_topic_stop_at_their_bound_and_old_audit_rows_are_pr
     .await;
     assert_eq!(count(&s, "busan", "SELECT count(*) FROM mmsync.dead_letters WHERE topic <> 'old'").await, 5);
     s.stop().await;
+}
+
+#[tokio::test]
+async fn a_truncate_of_a_synced_table_is_refused_with_the_way_to_do_it() {
+    let tables = [r#"public."Order Items""#, "public.plain"];
+    let s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql("INSERT INTO plain VALUES (1, 'kept')").execute(&mut seoul).await.unwrap();
+    let err = sqlx::raw_sql("TRUNCATE plain").execute(&mut seoul).await.expect_err("TRUNCATE is refused");
+    let sqlx::Error::Database(db) = &err else { panic!("{err}") };
+    assert_eq!(db.code().as_deref(), Some("0A000"));
+    assert!(db.message().contains("TRUNCATE of public.plain is not replicated by mmsync"), "{err}");
+    assert_eq!(count(&s, "seoul", "SELECT count(*) FROM plain").await, 1);
+    // On purpose, in a session that says so, as on every master by hand.
+    sqlx::raw_sql("BEGIN; SET LOCAL session_replication_role = replica; TRUNCATE plain; COMMIT;")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    assert_eq!(count(&s, "seoul", "SELECT count(*) FROM plain").await, 0);
 }

@@ -540,13 +540,13 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
             .await
             .map_err(Error::db(master, "reading trigger functions"))?;
     let triggers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::oid AND tgname IN ('mmsync_stamp', 'mmsync_tombstone')",
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::oid AND tgname IN ('mmsync_stamp', 'mmsync_tombstone', 'mmsync_truncate')",
     )
     .bind(info.oid)
     .fetch_one(&mut *conn)
     .await
     .map_err(Error::db(master, "reading triggers"))?;
-    if current.as_deref() != Some(body.as_str()) || triggers != 2 {
+    if current.as_deref() != Some(body.as_str()) || triggers != 3 {
         // The key text must not depend on the writer's session settings: when
         // a key type's text form does, the function pins the same settings as
         // mmsync's own connections (that costs a little on every write, so
@@ -562,7 +562,8 @@ async fn install_table(conn: &mut PgConnection, master: &str, info: &TableInfo) 
             "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql {pinned} AS {quoted};
              CREATE OR REPLACE TRIGGER mmsync_stamp BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
              CREATE OR REPLACE TRIGGER mmsync_tombstone AFTER DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION {function}();
-             ALTER TABLE {t} ENABLE TRIGGER mmsync_stamp, ENABLE TRIGGER mmsync_tombstone;"
+             CREATE OR REPLACE TRIGGER mmsync_truncate BEFORE TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION mmsync.refuse_truncate();
+             ALTER TABLE {t} ENABLE TRIGGER mmsync_stamp, ENABLE TRIGGER mmsync_tombstone, ENABLE TRIGGER mmsync_truncate;"
         );
         exec(conn, master, &format!("installing triggers on {}", info.name), &sql).await?;
         done.push(format!("installed triggers on {}", info.name));
