@@ -24,5 +24,6 @@ pub mod sink;
 pub mod source;
 pub mod status;
 pub mod testbed;
+pub mod tls;
 pub mod topology;
 pub mod verify;

@@ -10,19 +10,15 @@
 //! mode, so this module speaks the protocol itself, with the URL, session
 //! settings, TLS modes and authentication of mmsync's other connections.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::ConnectOptions as _;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 
 use crate::pgoutput::{format_lsn, Lsn};
+use crate::tls::Io;
 
 /// Messages the reader may hold before it stops reading the socket.
 const BUFFERED_MESSAGES: usize = 10_000;
@@ -71,11 +67,16 @@ impl ReplicationError {
     }
 }
 
-type Result<T> = std::result::Result<T, ReplicationError>;
+impl From<crate::tls::TlsError> for ReplicationError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        match e {
+            crate::tls::TlsError::Io(e) => ReplicationError::Io(e),
+            crate::tls::TlsError::Refused(reason) => ReplicationError::Tls(reason),
+        }
+    }
+}
 
-/// A byte stream to the server: TCP, TLS over TCP, or a Unix socket.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+type Result<T> = std::result::Result<T, ReplicationError>;
 
 /// A started replication stream. Messages are read by a task of their own
 /// into a bounded queue, so that waiting for one can be cancelled and the
@@ -205,7 +206,7 @@ async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
             tcp.set_nodelay(true)?;
             match options.get_ssl_mode() {
                 PgSslMode::Disable => Box::new(tcp),
-                mode => tls(tcp, mode, options.get_host(), query("sslrootcert")).await?,
+                mode => crate::tls::start(tcp, mode, options.get_host(), query("sslrootcert").as_deref()).await?,
             }
         }
     };
@@ -227,62 +228,6 @@ async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
     io.flush().await?;
     authenticate(&mut io, &user, password.as_deref()).await?;
     Ok(io)
-}
-
-/// Asks the server for TLS and sets it up as `sslmode` says.
-async fn tls(mut tcp: tokio::net::TcpStream, mode: PgSslMode, host: &str, root: Option<String>) -> Result<Box<dyn Io>> {
-    // SSLRequest: length 8, code 80877103.
-    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
-    let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await?;
-    if answer[0] != b'S' {
-        return match mode {
-            PgSslMode::Allow | PgSslMode::Prefer => Ok(Box::new(tcp)),
-            _ => Err(ReplicationError::Tls(format!(
-                "the server does not accept TLS connections, and sslmode is {mode:?}; enable ssl on the server or \
-                 set sslmode=prefer"
-            ))),
-        };
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
-    // As libpq and sqlx: require (and prefer, allow) encrypts without checking
-    // the certificate; verify-ca checks its chain; verify-full its name too.
-    let verify = matches!(mode, PgSslMode::VerifyCa | PgSslMode::VerifyFull);
-    let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let (true, Some(root)) = (verify, root) {
-        // sqlx writes sslrootcert back as "file: <path>", or as the PEM itself.
-        let (what, pem) = match root.strip_prefix("file: ") {
-            Some(path) => (
-                path.to_string(),
-                tokio::fs::read(path)
-                    .await
-                    .map_err(|e| ReplicationError::Tls(format!("reading sslrootcert {path}: {e}")))?,
-            ),
-            None => ("sslrootcert".to_string(), root.into_bytes()),
-        };
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| ReplicationError::Tls(format!("sslrootcert {what}: {e}")))?;
-            roots.add(cert).map_err(|e| ReplicationError::Tls(format!("sslrootcert {what}: {e}")))?;
-        }
-    }
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
-    let config = if matches!(mode, PgSslMode::VerifyFull) {
-        builder.with_webpki_verifier(webpki).with_no_client_auth()
-    } else {
-        let relaxed = Relaxed { webpki, check_chain: verify };
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(relaxed)).with_no_client_auth()
-    };
-    let name = ServerName::try_from(host.to_string()).map_err(|e| ReplicationError::Tls(e.to_string()))?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| ReplicationError::Tls(e.to_string()))?;
-    Ok(Box::new(stream))
 }
 
 /// Answers the server's authentication requests until it is ready.
@@ -354,54 +299,6 @@ async fn authenticate(io: &mut Box<dyn Io>, user: &str, password: Option<&str>) 
             b'Z' => return Ok(()),
             other => return Err(ReplicationError::Protocol(format!("{:?} while connecting", other as char))),
         }
-    }
-}
-
-/// The certificate checks of the sslmodes below verify-full: none (require),
-/// or the chain without the host name (verify-ca). Signatures are always checked.
-#[derive(Debug)]
-struct Relaxed {
-    webpki: Arc<rustls::client::WebPkiServerVerifier>,
-    check_chain: bool,
-}
-
-impl ServerCertVerifier for Relaxed {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        if !self.check_chain {
-            return Ok(ServerCertVerified::assertion());
-        }
-        match self.webpki.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
     }
 }
 
