@@ -1,14 +1,27 @@
 //! Connections to masters, all with the same session settings, so that every
 //! value's text form (what pgoutput sends and what keys are built from) is the
 //! same on every master and in every session.
+//!
+//! TLS, for every connection opened through [`connect_with`]:
+//!
+//! - **verify-ca and verify-full go through mmsync's own TLS.** sqlx's would
+//!   trust every public CA beside `sslrootcert` (see [`crate::tls`] for why,
+//!   and why a check beforehand would not do). mmsync opens the connection,
+//!   checks the certificate, and hands the stream to sqlx through a Unix
+//!   socket in a fresh folder only this user may enter, removed as soon as
+//!   sqlx is connected; a task copies the bytes both ways for as long as the
+//!   connection lives. sqlx then speaks plain protocol to that socket, and the
+//!   server sees one TLS connection from mmsync.
 
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{ConnectOptions, PgConnection};
 
 use crate::error::{Error, Result};
+use crate::tls::{sslmode_name, Io, TlsError};
 use crate::topology::Master;
 
 /// Settings sqlx does not already pin (it sets DateStyle ISO, TimeZone UTC,
@@ -22,23 +35,94 @@ pub const CANONICAL_SETTINGS: &[(&str, &str)] =
 /// How long to wait for a master to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The connection options of a master. Open sqlx connections with them
+/// through [`connect_with`], not `ConnectOptions::connect`, which would skip
+/// the TLS rule of the module doc.
 pub fn options(master: &Master) -> Result<PgConnectOptions> {
-    let opts = PgConnectOptions::from_str(master.url.expose()).map_err(|e| Error::Setup {
+    let url = master.url.expose();
+    let mut opts = PgConnectOptions::from_str(url).map_err(|e| Error::Setup {
         master: master.name.clone(),
         problem: format!("url {} is not a valid PostgreSQL URL ({e})", master.url),
         fix: "write it as postgres://user:password@host:port/database".into(),
     })?;
+    // sslrootcert=system, as libpq has it: the public CAs' store, so
+    // verify-full is the default and nothing weaker is allowed.
+    let root = opts.to_url_lossy().query_pairs().find(|(k, _)| k == "sslrootcert").map(|(_, v)| v.into_owned());
+    if matches!(root.as_deref(), Some("file: system")) {
+        if !sslmode_written(url) {
+            opts = opts.ssl_mode(PgSslMode::VerifyFull);
+        } else if !matches!(opts.get_ssl_mode(), PgSslMode::VerifyFull) {
+            return Err(Error::Setup {
+                master: master.name.clone(),
+                problem: format!(
+                    "url {} has sslrootcert=system with sslmode={}: the system's store holds every public CA, so \
+                     any certificate one of them issued would pass",
+                    master.url,
+                    sslmode_name(opts.get_ssl_mode())
+                ),
+                fix: "use sslmode=verify-full with sslrootcert=system, or give sslrootcert the file of the CA that \
+                      signed the server's certificate"
+                    .into(),
+            });
+        }
+    }
     Ok(opts
         .options(CANONICAL_SETTINGS.iter().copied())
         .application_name(&format!("mmsync:{}", master.name))
         .disable_statement_logging())
 }
 
+/// Whether the url (or PGSSLMODE) chooses an sslmode, rather than leaving the default.
+fn sslmode_written(url: &str) -> bool {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    query.split('&').any(|pair| matches!(pair.split('=').next(), Some("sslmode" | "ssl-mode")))
+        || std::env::var_os("PGSSLMODE").is_some()
+}
+
 /// Opens one connection to a master, giving up after [`CONNECT_TIMEOUT`].
 pub async fn connect(master: &Master) -> Result<PgConnection> {
-    let opts = options(master)?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, opts.connect()).await {
-        Ok(conn) => conn.map_err(Error::db(&master.name, format!("connecting to {}", master.url))),
-        Err(_) => Err(Error::db(&master.name, format!("connecting to {}", master.url))(sqlx::Error::PoolTimedOut)),
+    connect_with(master, options(master)?).await
+}
+
+/// Opens one connection to a master with `opts` (from [`options`]), giving
+/// up after [`CONNECT_TIMEOUT`].
+pub async fn connect_with(master: &Master, opts: PgConnectOptions) -> Result<PgConnection> {
+    let failed = || Error::db(&master.name, format!("connecting to {}", master.url));
+    let connecting = async {
+        match opts.get_ssl_mode() {
+            PgSslMode::VerifyCa | PgSslMode::VerifyFull if opts.get_socket().is_none() => through_own_tls(opts).await,
+            _ => opts.connect().await,
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(failed()(e)),
+        Err(_) => Err(failed()(sqlx::Error::PoolTimedOut)),
+    }
+}
+
+/// A verify-ca or verify-full connection: mmsync's TLS, sqlx's protocol
+/// (see the module doc).
+async fn through_own_tls(opts: PgConnectOptions) -> sqlx::Result<PgConnection> {
+    let (server, _) = crate::tls::connect(&opts).await.map_err(|e| match e {
+        TlsError::Io(e) => sqlx::Error::Io(e),
+        TlsError::Refused(why) => sqlx::Error::Tls(why.into()),
+    })?;
+    // tempfile makes the folder with mode 0700.
+    let dir = tempfile::Builder::new().prefix("mmsync-tls-").tempdir()?;
+    let listener = tokio::net::UnixListener::bind(dir.path().join(format!(".s.PGSQL.{}", opts.get_port())))?;
+    let socket_dir = dir.path().to_path_buf();
+    tokio::spawn(bridge(listener, dir, server));
+    opts.socket(Path::new(&socket_dir)).ssl_mode(PgSslMode::Disable).connect().await
+}
+
+/// Takes sqlx's connection on `listener`, removes the socket's folder, and
+/// copies bytes between it and the server until either side closes.
+async fn bridge(listener: tokio::net::UnixListener, dir: tempfile::TempDir, mut server: Box<dyn Io>) {
+    let accepted = tokio::time::timeout(CONNECT_TIMEOUT, listener.accept()).await;
+    drop(listener);
+    drop(dir);
+    if let Ok(Ok((mut client, _))) = accepted {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
     }
 }

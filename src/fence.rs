@@ -44,12 +44,8 @@ pub async fn acquire(master: &Master) -> Result<PgConnection> {
 /// Takes the lock for `what` (`run`, `adopt`): the holder shows in
 /// `pg_stat_activity` as application `mmsync:<master>:<what>`.
 pub async fn acquire_as(master: &Master, what: &str) -> Result<PgConnection> {
-    use sqlx::ConnectOptions;
     let opts = crate::db::options(master)?.application_name(&format!("mmsync:{}:{what}", master.name));
-    let mut conn = tokio::time::timeout(crate::db::CONNECT_TIMEOUT, opts.connect())
-        .await
-        .unwrap_or(Err(sqlx::Error::PoolTimedOut))
-        .map_err(Error::db(&master.name, format!("connecting to {}", master.url)))?;
+    let mut conn = crate::db::connect_with(master, opts).await?;
     let db = |what: &str| Error::db(&master.name, what.to_string());
     let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(LOCK_KEY)

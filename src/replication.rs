@@ -8,11 +8,12 @@
 //! moves that point only every few seconds: the cost of each read grows with
 //! the write rate. A walsender decodes each record once. sqlx has no walsender
 //! mode, so this module speaks the protocol itself, with the URL, session
-//! settings, TLS modes and authentication of mmsync's other connections.
+//! settings, TLS ([`crate::tls`]) and authentication of mmsync's other
+//! connections.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -189,7 +190,6 @@ async fn read_stream(mut reader: BufReader<ReadHalf<Box<dyn Io>>>, tx: mpsc::Sen
 
 async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
     let url = options.to_url_lossy();
-    let query = |name: &str| url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
     let password = url
         .password()
         .map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy().into_owned())
@@ -201,14 +201,7 @@ async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
             let path = dir.join(format!(".s.PGSQL.{}", options.get_port()));
             Box::new(tokio::net::UnixStream::connect(path).await?)
         }
-        None => {
-            let tcp = tokio::net::TcpStream::connect((options.get_host(), options.get_port())).await?;
-            tcp.set_nodelay(true)?;
-            match options.get_ssl_mode() {
-                PgSslMode::Disable => Box::new(tcp),
-                mode => crate::tls::start(tcp, mode, options.get_host(), query("sslrootcert").as_deref()).await?,
-            }
-        }
+        None => crate::tls::connect(options).await?.0,
     };
 
     // The same session settings as mmsync's sqlx connections (see crate::db),

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use mmsync::replication::{ReplicationError, WalMessage, WalStream};
-use mmsync::testbed::{wait_for, PgCluster, PgOptions};
+use mmsync::testbed::{make_ca, wait_for, PgCluster, PgOptions};
 use mmsync::topology::{DbUrl, Master};
 
 /// A table, a publication and a slot, and one committed row for the slot to send.
@@ -82,6 +82,21 @@ async fn the_replication_connection_honours_sslmode() {
     assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
     let err = stream(url("verify-ca")).await.err().expect("verify-ca checks the chain");
     assert!(matches!(err, ReplicationError::Tls(_)), "{err:?}");
+    // Without sslrootcert, libpq's default file is the root; when it is
+    // missing the error names it.
+    let default_root = std::env::home_dir().unwrap_or_default().join(".postgresql/root.crt");
+    if !default_root.exists() {
+        assert!(err.to_string().contains(&default_root.display().to_string()), "{err}");
+    }
+    // A CA that did not sign the server's certificate is refused, whatever
+    // else is trusted elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let other_ca = make_ca(dir.path(), "other-ca").await.unwrap();
+    for mode in ["verify-ca", "verify-full"] {
+        let err = stream(format!("{}&sslrootcert={}", url(mode), other_ca.display())).await.err().expect("other CA");
+        assert!(matches!(err, ReplicationError::Tls(_)) && err.is_fatal(), "{mode}: {err:?}");
+        assert!(err.to_string().contains("UnknownIssuer"), "{mode}: {err}");
+    }
 
     // With the bed's CA as the root: verify-ca trusts the chain and skips the
     // name; verify-full still wants the name (the certificate is for

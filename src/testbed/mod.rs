@@ -144,6 +144,23 @@ async fn make_certificates(dir: &Path, subject_alt_names: &str) -> Result<()> {
     Ok(())
 }
 
+/// Makes `<name>.key`/`<name>.crt` in `dir`: a CA that signs nothing, for
+/// tests of what a client trusts. Returns the certificate's path.
+pub async fn make_ca(dir: &Path, name: &str) -> Result<PathBuf> {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    let out = Command::new("openssl")
+        .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", &format!("/CN={name}")])
+        .args(["-newkey", "rsa:2048", "-keyout", &key, "-out", &crt])
+        .current_dir(dir)
+        .output()
+        .await
+        .map_err(io("running openssl"))?;
+    if !out.status.success() {
+        return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    Ok(dir.join(crt))
+}
+
 /// The `java` of `$JAVA_HOME`, else the one on the `PATH`: what the bed's
 /// JVMs (Kafka, Kafka Connect) run on.
 pub(crate) fn java_bin() -> PathBuf {
