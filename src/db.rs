@@ -2,7 +2,7 @@
 //! value's text form (what pgoutput sends and what keys are built from) is the
 //! same on every master and in every session.
 //!
-//! TLS, for every connection opened through [`connect_with`]:
+//! Two rules about TLS, for every connection opened through [`connect_with`]:
 //!
 //! - **verify-ca and verify-full go through mmsync's own TLS.** sqlx's would
 //!   trust every public CA beside `sslrootcert` (see [`crate::tls`] for why,
@@ -12,6 +12,17 @@
 //!   sqlx is connected; a task copies the bytes both ways for as long as the
 //!   connection lives. sqlx then speaks plain protocol to that socket, and the
 //!   server sees one TLS connection from mmsync.
+//! - **No password crosses a network in clear, unless the url says so.**
+//!   With no `sslmode` (or `prefer`, `allow`), libpq and sqlx go on in plain
+//!   when the server answers that it has no TLS, and then send the password
+//!   if the server asks for it in clear: an attacker on the path only has to
+//!   answer "no TLS" and ask. The replication connection refuses that at
+//!   authentication ([`crate::replication`]); sqlx answers authentication
+//!   requests itself, so for its connections mmsync insists on TLS
+//!   (`require`) to any host that is not loopback when the url has no
+//!   `sslmode`, or `prefer` or `allow`. A server with TLS is reached as
+//!   before; one without it is refused with the fix: turn TLS on, or write
+//!   `sslmode=disable` when that network is trusted.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -21,7 +32,7 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{ConnectOptions, PgConnection};
 
 use crate::error::{Error, Result};
-use crate::tls::{sslmode_name, Io, TlsError};
+use crate::tls::{is_loopback, sslmode_name, Io, TlsError};
 use crate::topology::Master;
 
 /// Settings sqlx does not already pin (it sets DateStyle ISO, TimeZone UTC,
@@ -37,7 +48,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The connection options of a master. Open sqlx connections with them
 /// through [`connect_with`], not `ConnectOptions::connect`, which would skip
-/// the TLS rule of the module doc.
+/// the TLS rules of the module doc.
 pub fn options(master: &Master) -> Result<PgConnectOptions> {
     let url = master.url.expose();
     let mut opts = PgConnectOptions::from_str(url).map_err(|e| Error::Setup {
@@ -88,6 +99,10 @@ pub async fn connect(master: &Master) -> Result<PgConnection> {
 /// up after [`CONNECT_TIMEOUT`].
 pub async fn connect_with(master: &Master, opts: PgConnectOptions) -> Result<PgConnection> {
     let failed = || Error::db(&master.name, format!("connecting to {}", master.url));
+    let insisting = matches!(opts.get_ssl_mode(), PgSslMode::Prefer | PgSslMode::Allow)
+        && opts.get_socket().is_none()
+        && !is_loopback(opts.get_host());
+    let opts = if insisting { opts.ssl_mode(PgSslMode::Require) } else { opts };
     let connecting = async {
         match opts.get_ssl_mode() {
             PgSslMode::VerifyCa | PgSslMode::VerifyFull if opts.get_socket().is_none() => through_own_tls(opts).await,
@@ -96,6 +111,18 @@ pub async fn connect_with(master: &Master, opts: PgConnectOptions) -> Result<PgC
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(sqlx::Error::Tls(e))) if insisting => Err(Error::Setup {
+            master: master.name.clone(),
+            problem: format!(
+                "cannot reach {} over TLS ({e}); to a host that is not loopback, mmsync insists on TLS when the url \
+                 has no sslmode (or prefer, allow), since an attacker on the path could otherwise answer that the \
+                 server has no TLS and ask for the password in clear",
+                master.url
+            ),
+            fix: "turn ssl on in the server and add sslmode=require or better (verify-full, with sslrootcert) to the \
+                  url, or add sslmode=disable if the network to the server is trusted"
+                .into(),
+        }),
         Ok(Err(e)) => Err(failed()(e)),
         Err(_) => Err(failed()(sqlx::Error::PoolTimedOut)),
     }

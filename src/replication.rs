@@ -9,11 +9,13 @@
 //! the write rate. A walsender decodes each record once. sqlx has no walsender
 //! mode, so this module speaks the protocol itself, with the URL, session
 //! settings, TLS ([`crate::tls`]) and authentication of mmsync's other
-//! connections.
+//! connections. Since it answers the server's authentication requests
+//! itself, it can refuse what sqlx cannot: sending a password in clear or as
+//! md5 over plain TCP to a host that is not loopback (see `authenticate`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::ConnectOptions as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -196,12 +198,19 @@ async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
         .or_else(|| std::env::var("PGPASSWORD").ok());
     let user = options.get_username().to_string();
 
-    let mut io: Box<dyn Io> = match options.get_socket() {
+    // `exposed`: the host to name when the password would cross a network
+    // in clear (see `authenticate`).
+    let (mut io, exposed): (Box<dyn Io>, Option<&str>) = match options.get_socket() {
         Some(dir) => {
             let path = dir.join(format!(".s.PGSQL.{}", options.get_port()));
-            Box::new(tokio::net::UnixStream::connect(path).await?)
+            (Box::new(tokio::net::UnixStream::connect(path).await?), None)
         }
-        None => crate::tls::connect(options).await?.0,
+        None => {
+            let (io, encrypted) = crate::tls::connect(options).await?;
+            let host = options.get_host();
+            let chose_plain = matches!(options.get_ssl_mode(), PgSslMode::Disable);
+            (io, (!encrypted && !chose_plain && !crate::tls::is_loopback(host)).then_some(host))
+        }
     };
 
     // The same session settings as mmsync's sqlx connections (see crate::db),
@@ -219,12 +228,18 @@ async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
     params.extend(crate::db::CANONICAL_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())));
     io.write_all(&startup(&params)).await?;
     io.flush().await?;
-    authenticate(&mut io, &user, password.as_deref()).await?;
+    authenticate(&mut io, &user, password.as_deref(), exposed).await?;
     Ok(io)
 }
 
 /// Answers the server's authentication requests until it is ready.
-async fn authenticate(io: &mut Box<dyn Io>, user: &str, password: Option<&str>) -> Result<()> {
+///
+/// `exposed` names the host when the connection is plain TCP to a host that
+/// is not loopback, and the url did not choose that with `sslmode=disable`
+/// (`prefer` or `allow` to a server without TLS, or an attacker on the path
+/// who says it has none). Then the password is not sent in clear, nor as an
+/// md5 hash (which an eavesdropper can crack offline); SCRAM never sends it.
+async fn authenticate(io: &mut Box<dyn Io>, user: &str, password: Option<&str>, exposed: Option<&str>) -> Result<()> {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
     let need_password = || {
         password.ok_or_else(|| {
@@ -239,6 +254,15 @@ async fn authenticate(io: &mut Box<dyn Io>, user: &str, password: Option<&str>) 
         match tag {
             b'R' => {
                 let code = body.get(..4).map_or(-1, |b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                if let (3 | 5, Some(host)) = (code, exposed) {
+                    return Err(ReplicationError::Auth(format!(
+                        "the server asks for the password {} over a connection that is not encrypted, and {host} is \
+                         not loopback: anyone on the path could read it, or be the one asking; add sslmode=require \
+                         or better (verify-full, with sslrootcert) to the url and turn ssl on in the server, or add \
+                         sslmode=disable if that network is trusted",
+                        if code == 3 { "in clear" } else { "as an md5 hash" }
+                    )));
+                }
                 let reply = match code {
                     0 => None,
                     3 => Some(cstring(need_password()?)),

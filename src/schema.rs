@@ -204,6 +204,8 @@ pub async fn check(topology: &Topology, out: &mut Vec<String>) -> Vec<String> {
                 }
                 problems.append(&mut p);
             }
+            // A refusal of mmsync's own (TLS rules, the url) names its fix.
+            Err(e @ Error::Setup { .. }) => problems.push(e.to_string()),
             Err(e) => problems.push(format!(
                 "master {:?}: cannot connect to {} ({}); check that the server is running and the url is right",
                 master.name,

@@ -1,13 +1,15 @@
 //! TLS and passwords on mmsync's connections to masters. `sslmode` in a
 //! master's URL is honoured: mmsync talks TLS to a server that offers it, and
 //! refuses a certificate it cannot verify when told to verify, trusting
-//! `sslrootcert` alone as libpq does.
+//! `sslrootcert` alone as libpq does. A password never crosses a network in
+//! clear unless the URL says `sslmode=disable`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use mmsync::testbed::{make_ca, BedError, PgCluster, PgOptions};
-use mmsync::topology::{DbUrl, Master};
+use mmsync::replication::{ReplicationError, WalStream};
+use mmsync::testbed::{make_ca, non_loopback_ipv4, wait_for, BedError, PgCluster, PgOptions};
+use mmsync::topology::{DbUrl, Master, Topology};
 use rustls::client::danger::ServerCertVerifier as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use sqlx::postgres::PgSslMode;
@@ -127,4 +129,88 @@ async fn verify_ca_and_verify_full_trust_sslrootcert_alone_on_sqlx_connections()
     .expect_err("verify-ca with every public CA is refused");
     assert!(err.to_string().contains("verify-full"), "{err}");
     Ok(())
+}
+
+#[tokio::test]
+async fn passwords_never_cross_a_network_in_clear_unless_the_url_says_sslmode_disable() {
+    let ip = non_loopback_ipv4().expect("this machine has an IPv4 address other than loopback");
+    let cluster = PgCluster::start(PgOptions {
+        extra_conf: vec![format!("listen_addresses = '127.0.0.1, {ip}'")],
+        ..PgOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut conn = cluster.connect("postgres").await.unwrap();
+    sqlx::raw_sql(
+        "CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram pw';
+         SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5 pw';
+         CREATE ROLE plain_user LOGIN REPLICATION PASSWORD 'plain pw';",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    cluster
+        .prepend_hba(&[
+            &format!("host all scram_user {ip}/32 scram-sha-256"),
+            &format!("host all md5_user {ip}/32 md5"),
+            &format!("host all plain_user {ip}/32 password"),
+            "host all md5_user 127.0.0.1/32 md5",
+        ])
+        .await
+        .unwrap();
+    let url = |host: &str, user: &str, query: &str| {
+        let password = user.replace("_user", "%20pw");
+        format!("postgres://{user}:{password}@{host}:{}/postgres{query}", cluster.port())
+    };
+    let far = |user: &str, query: &str| master("far", url(&ip.to_string(), user, query));
+    wait_for("pg_hba.conf to be in force", Duration::from_secs(30), || async {
+        mmsync::db::connect(&far("md5_user", "?sslmode=disable")).await.ok()
+    })
+    .await;
+
+    // sqlx connections: the server has no TLS, and without sslmode=disable
+    // mmsync does not go on in plain to a host that is not loopback.
+    for query in ["", "?sslmode=prefer", "?sslmode=allow"] {
+        let err = mmsync::db::connect(&far("md5_user", query)).await.expect_err("no password in clear");
+        let text = err.to_string();
+        assert!(text.contains("master \"far\"") && text.contains("TLS"), "{query}: {text}");
+        assert!(text.contains("sslmode=require") && text.contains("sslmode=disable"), "{query}: {text}");
+    }
+    let mut conn = mmsync::db::connect(&far("md5_user", "?sslmode=disable")).await.expect("the url says so");
+    assert!(!is_encrypted(&mut conn).await);
+    let local = master("near", url("127.0.0.1", "md5_user", ""));
+    mmsync::db::connect(&local).await.expect("loopback does not leave the machine");
+
+    // The replication connection authenticates itself, and refuses to send
+    // the password in clear or as md5 over plain TCP; SCRAM never sends it.
+    // (Past authentication, it stops at the slot this cluster does not have.)
+    let start = |master: Master| async move {
+        let options = mmsync::db::options(&master).unwrap();
+        WalStream::start(&options, "no_slot", "no_publication", 0).await.err().expect("there is no slot")
+    };
+    for user in ["md5_user", "plain_user"] {
+        let err = start(far(user, "")).await;
+        assert!(matches!(err, ReplicationError::Auth(_)) && err.is_fatal(), "{user}: {err:?}");
+        let text = err.to_string();
+        assert!(text.contains("sslmode=require") && text.contains("sslmode=disable"), "{user}: {text}");
+        let err = start(far(user, "?sslmode=disable")).await;
+        assert!(matches!(&err, ReplicationError::Server { code, .. } if code == "42704"), "{user}: {err:?}");
+    }
+    let err = start(far("scram_user", "")).await;
+    assert!(matches!(&err, ReplicationError::Server { code, .. } if code == "42704"), "{err:?}");
+
+    // `mmsync check` says so too, with the fix.
+    let text = format!(
+        "[kafka]\nbrokers = \"127.0.0.1:{}\"\n\n[[masters]]\nname = \"far\"\nurl = \"{}\"\n\n\
+         [[masters]]\nname = \"near\"\nurl = \"{}\"\n\n[sync]\ntables = [\"public.t\"]\n",
+        mmsync::testbed::free_port(),
+        url(&ip.to_string(), "md5_user", ""),
+        url("127.0.0.1", "md5_user", ""),
+    );
+    let topology = Topology::parse(&text, std::path::Path::new("topology.toml"), |_| None).unwrap();
+    let mut ok = Vec::new();
+    let problems = mmsync::schema::check(&topology, &mut ok).await;
+    let far_problem = problems.iter().find(|p| p.starts_with("master \"far\"")).expect("a problem with far");
+    assert!(far_problem.contains("sslmode=require") && far_problem.contains("sslmode=disable"), "{far_problem}");
+    assert!(!problems.iter().any(|p| p.starts_with("master \"near\": cannot connect")), "{problems:?}");
 }

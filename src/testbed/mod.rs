@@ -161,6 +161,33 @@ pub async fn make_ca(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(dir.join(crt))
 }
 
+/// An IPv4 address of this machine other than loopback, if it has one: for
+/// tests of what mmsync does when a master is across a network.
+pub fn non_loopback_ipv4() -> Option<std::net::Ipv4Addr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a list that freeifaddrs frees below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut node = list;
+    while !node.is_null() && found.is_none() {
+        // SAFETY: `node` is an entry of the list, which is not freed yet; an
+        // address of family AF_INET is a sockaddr_in.
+        unsafe {
+            let addr = (*node).ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let ip = std::net::Ipv4Addr::from(u32::from_be((*addr.cast::<libc::sockaddr_in>()).sin_addr.s_addr));
+                found = Some(ip).filter(|ip| !ip.is_loopback());
+            }
+            node = (*node).ifa_next;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
 /// The `java` of `$JAVA_HOME`, else the one on the `PATH`: what the bed's
 /// JVMs (Kafka, Kafka Connect) run on.
 pub(crate) fn java_bin() -> PathBuf {
