@@ -50,7 +50,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// through [`connect_with`], not `ConnectOptions::connect`, which would skip
 /// the TLS rules of the module doc.
 pub fn options(master: &Master) -> Result<PgConnectOptions> {
-    let url = master.url.expose();
+    let (url, dropped) = known_parameters_only(master.url.expose());
+    for key in dropped {
+        tracing::warn!(master = %master.name, "ignoring url parameter {key:?}, which mmsync does not use (its value is not shown)");
+    }
+    let url = url.as_str();
     let mut opts = PgConnectOptions::from_str(url).map_err(|e| Error::Setup {
         master: master.name.clone(),
         problem: format!("url {} is not a valid PostgreSQL URL ({e})", master.url),
@@ -81,6 +85,58 @@ pub fn options(master: &Master) -> Result<PgConnectOptions> {
         .options(CANONICAL_SETTINGS.iter().copied())
         .application_name(&format!("mmsync:{}", master.name))
         .disable_statement_logging())
+}
+
+/// The url parameters sqlx reads. sqlx logs any other one with its value,
+/// which could be a secret (`sslpassword=`, a password pasted in the wrong
+/// place): those are taken out before sqlx sees the url.
+const KNOWN_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The url without the query parameters sqlx does not know, and their names.
+fn known_parameters_only(url: &str) -> (String, Vec<String>) {
+    let (base, rest) = match url.split_once('?') {
+        Some(split) => split,
+        None => return (url.to_string(), Vec::new()),
+    };
+    let (query, fragment) = rest.split_once('#').map_or((rest, None), |(q, f)| (q, Some(f)));
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split('=').next().unwrap_or_default();
+        if KNOWN_PARAMETERS.contains(&key) {
+            kept.push(pair);
+        } else {
+            dropped.push(key.to_string());
+        }
+    }
+    let mut out = base.to_string();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    (out, dropped)
 }
 
 /// Whether the url (or PGSSLMODE) chooses an sslmode, rather than leaving the default.
@@ -151,5 +207,20 @@ async fn bridge(listener: tokio::net::UnixListener, dir: tempfile::TempDir, mut 
     drop(dir);
     if let Ok(Ok((mut client, _))) = accepted {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parameters_sqlx_does_not_know_never_reach_it_so_it_cannot_log_their_values() {
+        let (url, dropped) =
+            known_parameters_only("postgres://u:p@h/db?sslpassword=secret&sslmode=require&target_session_attrs=any");
+        assert_eq!(url, "postgres://u:p@h/db?sslmode=require");
+        assert_eq!(dropped, ["sslpassword", "target_session_attrs"]);
+        assert_eq!(known_parameters_only("postgres://h/db"), ("postgres://h/db".to_string(), vec![]));
+        assert_eq!(known_parameters_only("postgres://h/db?x=1").0, "postgres://h/db");
     }
 }
