@@ -13,6 +13,7 @@
 //! itself, it can refuse what sqlx cannot: sending a password in clear or as
 //! md5 over plain TCP to a host that is not loopback (see `authenticate`).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
@@ -25,6 +26,15 @@ use crate::tls::Io;
 
 /// Messages the reader may hold before it stops reading the socket.
 const BUFFERED_MESSAGES: usize = 10_000;
+
+/// Bytes of messages the reader may hold before it stops reading the
+/// socket: a bound on memory whatever the rows' sizes (a message larger
+/// than this still passes, alone).
+const BUFFERED_BYTES: usize = 64 << 20;
+
+/// A message in the queue, holding its share of [`BUFFERED_BYTES`] until
+/// the source takes it.
+type Queued = (Result<WalMessage>, Option<tokio::sync::OwnedSemaphorePermit>);
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
@@ -85,7 +95,7 @@ type Result<T> = std::result::Result<T, ReplicationError>;
 /// into a bounded queue, so that waiting for one can be cancelled and the
 /// source can see whether more are ready without blocking.
 pub struct WalStream {
-    rx: mpsc::Receiver<Result<WalMessage>>,
+    rx: mpsc::Receiver<Queued>,
     writer: WriteHalf<Box<dyn Io>>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -123,18 +133,19 @@ impl WalStream {
         }
         let (reader, writer) = tokio::io::split(io);
         let (tx, rx) = mpsc::channel(BUFFERED_MESSAGES);
-        let reader = tokio::spawn(read_stream(BufReader::with_capacity(1 << 16, reader), tx));
+        let budget = Arc::new(tokio::sync::Semaphore::new(BUFFERED_BYTES));
+        let reader = tokio::spawn(read_stream(BufReader::with_capacity(1 << 16, reader), tx, budget, BUFFERED_BYTES));
         Ok(WalStream { rx, writer, reader })
     }
 
     /// The next message; cancel-safe.
     pub async fn recv(&mut self) -> Result<WalMessage> {
-        self.rx.recv().await.unwrap_or(Err(ReplicationError::Ended))
+        self.rx.recv().await.map_or(Err(ReplicationError::Ended), |(message, _bytes)| message)
     }
 
     /// The next message if one is already here.
     pub fn try_recv(&mut self) -> Option<Result<WalMessage>> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv().ok().map(|(message, _bytes)| message)
     }
 
     /// Tells the server that everything before `flushed` is safe: the slot
@@ -156,7 +167,13 @@ impl WalStream {
 }
 
 /// Reads CopyData messages until the stream ends or fails; the last item sent is the error.
-async fn read_stream(mut reader: BufReader<ReadHalf<Box<dyn Io>>>, tx: mpsc::Sender<Result<WalMessage>>) {
+/// A data message waits for its size in `budget` (at most `limit`) before it is queued.
+async fn read_stream<R: AsyncRead + Unpin>(
+    mut reader: R,
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<tokio::sync::Semaphore>,
+    limit: usize,
+) {
     loop {
         let item = match read_message(&mut reader).await {
             Ok((b'd', body)) => match body.first() {
@@ -181,7 +198,12 @@ async fn read_stream(mut reader: BufReader<ReadHalf<Box<dyn Io>>>, tx: mpsc::Sen
             Err(e) => Err(e),
         };
         let failed = item.is_err();
-        if tx.send(item).await.is_err() || failed {
+        let size = match &item {
+            Ok(WalMessage::Data(data)) => data.len().clamp(1, limit),
+            _ => 1,
+        };
+        let Ok(bytes) = budget.clone().acquire_many_owned(size as u32).await else { return };
+        if tx.send((item, Some(bytes))).await.is_err() || failed {
             return;
         }
     }
@@ -390,6 +412,35 @@ pub const START_TIMEOUT: Duration = crate::db::CONNECT_TIMEOUT;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_reader_holds_no_more_bytes_than_its_budget() {
+        let (mut server, client) = tokio::io::duplex(1 << 16);
+        let (tx, mut rx) = mpsc::channel(BUFFERED_MESSAGES);
+        let budget = Arc::new(tokio::sync::Semaphore::new(100));
+        tokio::spawn(read_stream(client, tx, budget.clone(), 100));
+        // Three XLogData messages of 60 bytes each (25 bytes of header).
+        for i in 0..3u8 {
+            let mut body = vec![b'w'];
+            body.extend_from_slice(&[0; 24]);
+            body.extend_from_slice(&[i; 60]);
+            server.write_all(&message(b'd', &body)).await.unwrap();
+        }
+        // The first is queued; the second waits for bytes, however long the
+        // reader runs.
+        while rx.len() < 1 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+        // (The waiting second message has taken the 40 bytes left meanwhile.)
+        assert_eq!((rx.len(), budget.available_permits()), (1, 0));
+        // Taking one frees its bytes: the next comes in.
+        assert!(matches!(rx.recv().await, Some((Ok(WalMessage::Data(d)), _)) if d == [0; 60]));
+        assert!(matches!(rx.recv().await, Some((Ok(WalMessage::Data(d)), _)) if d == [1; 60]));
+        assert!(matches!(rx.recv().await, Some((Ok(WalMessage::Data(d)), _)) if d == [2; 60]));
+    }
 
     #[test]
     fn frames_and_errors_are_read_as_postgres_writes_them() {
