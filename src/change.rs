@@ -274,7 +274,7 @@ mod tests {
             superseded: op == Op::Update,
             origin: "seoul".into(),
             version: 1_700_000_000_000_001,
-            position: Position { master: "seoul".into(), lsn: 0x1_6B37_48, txid: 42, commit_ms: 1_700_000_000_000 },
+            position: Position { master: "seoul".into(), lsn: 0x016B_3748, txid: 42, commit_ms: 1_700_000_000_000 },
         }
     }
 

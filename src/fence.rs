@@ -26,7 +26,7 @@ use crate::topology::Master;
 /// (0x6d6d73796e63, [`TOMBSTONE_HIGH_LOCK_KEY`]), which every local delete's
 /// trigger may take for a moment: sharing it would block those deletes for
 /// as long as a run lives.
-pub const LOCK_KEY: i64 = 0x6d6d_7379_6e63_52;
+pub const LOCK_KEY: i64 = 0x006d_6d73_796e_6352;
 
 /// The transaction-level advisory lock under which migration 0003's trigger
 /// raises `mmsync.tombstone_high`.

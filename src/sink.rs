@@ -1125,7 +1125,9 @@ pub struct RetryReport {
 pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<RetryReport> {
     let name = target.name.as_str();
     let mut conn = crate::db::connect(target).await?;
-    let rows: Vec<(i64, String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
+    /// id, topic, partition, offset, key, value.
+    type Letter = (i64, String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+    let rows: Vec<Letter> = sqlx::query_as(
         "SELECT id, topic, partition, kafka_offset, record_key, record_value FROM mmsync.dead_letters
          WHERE retried_at IS NULL AND partition >= 0 ORDER BY id",
     )

@@ -61,8 +61,13 @@ pub async fn run(topology: Arc<Topology>, master: Master, mut shutdown: watch::R
                     tracing::info!(master = %master.name, "source connected, capturing from slot {}", slot_name(&master.name));
                     was_up = Some(true);
                 }
-                backoff.reset();
-                capture.run(&topology, &producer, &mut shutdown).await
+                let result = capture.run(&topology, &producer, &mut shutdown).await;
+                // Only real progress resets the backoff: a source that
+                // connects and fails at once, again and again, backs off.
+                if capture.confirmed > capture.connected_at {
+                    backoff.reset();
+                }
+                result
             }
         };
         match result {
@@ -102,6 +107,8 @@ pub struct Capture {
     decoder: Decoder,
     /// What the slot has been told is safe; it never moves backwards.
     confirmed: Lsn,
+    /// `confirmed` when this connection started.
+    connected_at: Lsn,
     /// Synced tables as this master has them, for reading back unchanged values.
     tables: HashMap<TableName, TableInfo>,
     /// Failpoint [`crate::failpoint::CRASH_AFTER_PRODUCE`] (debug builds
@@ -166,6 +173,7 @@ impl Capture {
             stream,
             decoder,
             confirmed,
+            connected_at: confirmed,
             tables,
             crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
         })
