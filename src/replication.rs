@@ -428,7 +428,7 @@ mod tests {
         }
         // The first is queued; the second waits for bytes, however long the
         // reader runs.
-        while rx.len() < 1 {
+        while rx.is_empty() {
             tokio::task::yield_now().await;
         }
         for _ in 0..1000 {

@@ -39,8 +39,9 @@ struct SourceState {
 /// Reads every link of the topology.
 pub async fn status(topology: &Topology) -> Vec<Link> {
     let mut sources: HashMap<String, Result<SourceState, String>> = HashMap::new();
-    let mut targets: HashMap<String, Result<(HashMap<(String, i32), i64>, HashMap<String, f64>), String>> =
-        HashMap::new();
+    /// Per target: applied offsets by (topic, partition), and heartbeat lag by source.
+    type TargetState = (HashMap<(String, i32), i64>, HashMap<String, f64>);
+    let mut targets: HashMap<String, Result<TargetState, String>> = HashMap::new();
     for m in &topology.masters {
         let read = async {
             let mut conn = crate::db::connect(m).await.map_err(|e| e.to_string())?;
