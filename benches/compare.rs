@@ -505,7 +505,9 @@ async fn main() {
          | mmsync / native | mmsync / pglogical | mmsync / Debezium |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    let pgl = |f: fn((f64, f64, (f64, f64))) -> f64| pglogical.map(f);
+    /// pglogical's figures: (seconds one way, seconds both ways, (lag p50, lag p99)).
+    type Figures = (f64, f64, (f64, f64));
+    let pgl = |f: fn(Figures) -> f64| pglogical.map(f);
     let row = |name: &str, m: f64, nat: f64, p: Option<f64>, d: Option<f64>, unit: &str| {
         let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} {unit}"));
         let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", m / v));

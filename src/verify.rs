@@ -108,7 +108,9 @@ async fn verify_table(conns: &mut [(String, PgConnection)], table: &TableName, m
     }
 
     // Narrow the differing buckets down to keys.
-    let mut keys: BTreeMap<String, Vec<Option<(String, i64, String)>>> = BTreeMap::new();
+    /// Per key, per master: (row hash, version, origin), or nothing.
+    type Held = Vec<Option<(String, i64, String)>>;
+    let mut keys: BTreeMap<String, Held> = BTreeMap::new();
     let masters = conns.len();
     for (i, ((name, conn), source)) in conns.iter_mut().zip(&queries).enumerate() {
         let rows = sqlx::query(&format!(

@@ -727,6 +727,6 @@ impl Prometheus {
             .collect();
         let body = self.get(&format!("/api/v1/query?query={encoded}")).await.map_err(|e| e.to_string())?;
         let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
-        v["data"]["result"].as_array().cloned().ok_or_else(|| body)
+        v["data"]["result"].as_array().cloned().ok_or(body)
     }
 }
