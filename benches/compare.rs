@@ -505,7 +505,7 @@ async fn main() {
          | mmsync / native | mmsync / pglogical | mmsync / Debezium |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    /// pglogical's figures: (seconds one way, seconds both ways, (lag p50, lag p99)).
+    /// pglogical's figures: (one way, catch-up seconds, write cost).
     type Figures = (f64, f64, (f64, f64));
     let pgl = |f: fn(Figures) -> f64| pglogical.map(f);
     let row = |name: &str, m: f64, nat: f64, p: Option<f64>, d: Option<f64>, unit: &str| {
