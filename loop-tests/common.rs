@@ -306,7 +306,19 @@ pub async fn write_once(
     rng: &mut Rng,
     keys: u64,
 ) -> Result<Vec<Written>, Vec<Uncertain>> {
-    let id = rng.below(keys) as i32;
+    write_once_from(conn, master, i, rng, 0, keys).await
+}
+
+/// [`write_once`] on keys `first..first + keys`.
+pub async fn write_once_from(
+    conn: &mut PgConnection,
+    master: &str,
+    i: usize,
+    rng: &mut Rng,
+    first: i32,
+    keys: u64,
+) -> Result<Vec<Written>, Vec<Uncertain>> {
+    let id = first + rng.below(keys) as i32;
     let val = format!("{master}-{i}");
     let n = rng.below(1000) as i32;
     let kind = rng.below(20);
@@ -340,7 +352,7 @@ pub async fn write_once(
             .await
             .map_err(|_| uncertain(Some(&val)))?,
         13..=15 => {
-            let to = rng.below(keys) as i32;
+            let to = first + rng.below(keys) as i32;
             let moved: Result<Option<(i64, String, String)>, sqlx::Error> = sqlx::query_as(&format!(
                 "UPDATE kv SET id = $2, val = $3 WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM kv WHERE id = $2) {RETURNING}"
             ))
@@ -412,6 +424,16 @@ pub fn lww_model(writes: &[Written]) -> Vec<String> {
         .values()
         .filter_map(|w| w.value.as_ref().map(|value| format!("{}|{value}|{}|{}", w.id, w.version, w.origin)))
         .collect()
+}
+
+/// Waits until `table` on `master` holds at least `rows` rows.
+pub async fn wait_rows(s: &Synced, master: &str, table: &str, rows: i64) {
+    wait_for(&format!("{rows} rows in {table} on {master}"), DEADLINE, || async {
+        let mut conn = s.conn(master).await;
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(&mut conn).await.ok()?;
+        (n >= rows).then_some(())
+    })
+    .await;
 }
 
 /// The kv table of a master in the model's form.

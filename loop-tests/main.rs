@@ -9,6 +9,7 @@ mod chaos;
 mod common;
 mod constraints;
 mod hardening;
+mod join;
 mod kafka;
 mod observability;
 mod races;

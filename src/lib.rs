@@ -13,6 +13,7 @@ pub mod db;
 pub mod error;
 pub mod failpoint;
 pub mod fence;
+pub mod join;
 pub mod kafka;
 pub mod lww;
 pub mod metrics;

@@ -46,6 +46,23 @@ enum Command {
     /// Run the sync: a source and a sink for every master, until SIGINT or
     /// SIGTERM (current batches finish and positions are stored first).
     Run,
+    /// Bring a master that joins the mesh (or is rebuilt after a loss) up to
+    /// date from another: its rows and tombstones, read in one snapshot, are
+    /// applied by last-writer-wins, and the new master's sinks will go on from
+    /// the Kafka positions that snapshot stands for. Add the master to the
+    /// topology and run `mmsync init` first; applications may keep writing
+    /// everywhere, but `mmsync run` must not run meanwhile. Then `mmsync run`.
+    Join {
+        /// The master that joins.
+        #[arg(long)]
+        master: String,
+        /// The master to copy from.
+        #[arg(long)]
+        from: String,
+        /// Rows per transaction on the joining master.
+        #[arg(long, default_value_t = 1000)]
+        batch: u64,
+    },
     /// Adopt the rows the synced tables held before `mmsync init`: stamp them
     /// on every master, in batches, with their master as origin and a version
     /// by one rule, so that they reach the other masters and every master
@@ -109,6 +126,45 @@ enum DeadLetterAction {
     Retry,
 }
 
+async fn join(topology: &Topology, master: &str, from: &str, batch: u64) -> ExitCode {
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    let progress = |table: &mmsync::topology::TableName, done: u64| {
+        if last_line.elapsed() >= std::time::Duration::from_secs(2) {
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            tracing::info!("joining {master} from {from}: {table}: {done} rows, {rate:.0} rows/s");
+            last_line = std::time::Instant::now();
+        }
+    };
+    match mmsync::join::join(topology, master, from, batch.max(1), progress).await {
+        Ok(report) => {
+            let mut refused = 0;
+            for c in report {
+                println!(
+                    "{}: {} rows and {} tombstones copied from {from} in {:.1} s ({:.0} rows/s){}",
+                    c.table,
+                    c.rows,
+                    c.tombstones,
+                    c.seconds,
+                    c.rows as f64 / c.seconds.max(0.001),
+                    if c.refused > 0 { format!(", {} refused (see dead letters)", c.refused) } else { String::new() }
+                );
+                refused += c.refused;
+            }
+            println!("{master} joined; now `mmsync run`, and `mmsync verify` once it has caught up");
+            if refused > 0 {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("join failed: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
 async fn adopt(topology: &Topology, seed: Option<String>, version_column: Option<String>, batch: u64) -> ExitCode {
     let rule = match (seed, version_column) {
         (Some(seed), _) => mmsync::adopt::Rule::Seed(seed),
@@ -167,6 +223,7 @@ fn main() -> ExitCode {
             Command::Init => init(&topology).await,
             Command::Run => run(topology).await,
             Command::Adopt { seed, version_column, batch } => adopt(&topology, seed, version_column, batch).await,
+            Command::Join { master, from, batch } => join(&topology, &master, &from, batch).await,
             Command::DeadLetters { action, master } => dead_letters(&topology, action, master.as_deref()).await,
             Command::Verify { table, max_keys } => verify(&topology, table.as_deref(), max_keys).await,
             Command::Status { json } => {

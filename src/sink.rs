@@ -1083,6 +1083,26 @@ fn key_text(v: serde_json::Value) -> String {
     encode_key(&key)
 }
 
+/// Applies changes that did not come from Kafka (a copy from another master,
+/// say) to one table of `target` in the open transaction `conn`, by the
+/// sink's own rules: last-writer-wins against rows and tombstones, unique
+/// values settled, what the target refuses returned as dead letters (kept
+/// by the caller). Returns how many took effect.
+pub(crate) async fn apply_changes(
+    conn: &mut PgConnection,
+    target: &str,
+    info: TableInfo,
+    max_clock_skew: std::time::Duration,
+    origin_of_copy: &str,
+    changes: Vec<Change>,
+) -> Result<(usize, Vec<DeadLetter>)> {
+    sqlx::query(APPLIER_SESSION).execute(&mut *conn).await.map_err(Error::db(target, "marking the applier"))?;
+    let at = RecordId { topic: format!("copy from {origin_of_copy}"), partition: -1, offset: -1 };
+    let recs = changes.into_iter().map(|change| Rec { change, at: at.clone() }).collect();
+    let (applied, dead) = TableSql::new(info, max_clock_skew).apply_isolated(conn, target, recs).await?;
+    Ok((applied.len(), dead))
+}
+
 /// Errors that mean "the database refuses this data", not "try again later":
 /// SQLSTATE classes 22 (data exception), 23 (integrity constraint) and 42 (a
 /// column or type that does not exist, schema drift), but not the refusals

@@ -552,6 +552,15 @@ impl Bed {
         Ok(Bed { masters: masters?, broker: broker?, topic_prefix, dir })
     }
 
+    /// Starts one more master, as a new region would bring: empty, with the
+    /// bed's database. (Write the topology again to include it.)
+    pub async fn add_master(&mut self, name: &str) -> Result<()> {
+        let cluster = PgCluster::start(PgOptions::default()).await?;
+        cluster.create_database(BED_DATABASE).await?;
+        self.masters.push((name.to_string(), cluster));
+        Ok(())
+    }
+
     pub fn master(&self, name: &str) -> &PgCluster {
         &self.masters.iter().find(|(n, _)| n == name).expect("a master of this bed").1
     }

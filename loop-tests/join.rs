@@ -1,0 +1,95 @@
+//! A master that joins a running mesh: `mmsync join` copies another
+//! master's rows under one snapshot and starts the new master's sinks where
+//! that snapshot stands in Kafka, while the applications keep writing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use mmsync::testbed::{BedKafka, BED_DATABASE};
+use sqlx::{Connection, PgConnection};
+
+use crate::common::{kv_state, lww_model, mmsync, write_once_from, Rng, Synced, Written, KV};
+
+/// Writes keys `first..first + 300` on one master until told to stop;
+/// returns what it acknowledged.
+fn writer(
+    url: String,
+    master: &'static str,
+    seed: u64,
+    first: i32,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Written>> {
+    tokio::spawn(async move {
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let mut rng = Rng::new(seed);
+        let mut written = Vec::new();
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            written.extend(write_once_from(&mut conn, master, i, &mut rng, first, 300).await.expect("no faults here"));
+        }
+        written
+    })
+}
+
+#[tokio::test]
+async fn a_master_joins_a_running_mesh_from_another_with_no_gap_while_applications_write() {
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
+    s.start();
+    let seed = crate::common::seed("join");
+    // Before: writes, deletes and key changes of keys 0..300 on both masters.
+    let before = Arc::new(AtomicBool::new(false));
+    let mut writers = vec![
+        writer(s.bed.master("seoul").url(BED_DATABASE), "seoul", seed, 0, before.clone()),
+        writer(s.bed.master("busan").url(BED_DATABASE), "busan", seed + 1, 0, before.clone()),
+    ];
+    crate::common::wait_rows(&s, "seoul", "kv", 100).await;
+    crate::common::wait_rows(&s, "seoul", "kv WHERE mmsync_origin = 'busan'", 30).await;
+    // Then seoul falls behind busan: its table is locked, so its sink cannot
+    // apply busan's changes, which pile up in Kafka; mmsync dies there. The
+    // copy from seoul will not hold them: jeju must get them from Kafka (they
+    // are the last writes of their keys, so nothing hides a gap).
+    let mut lock = s.conn("seoul").await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE kv IN SHARE MODE").execute(&mut lock).await.unwrap();
+    s.wait_metric("mmsync_kafka_pending_records", &[("target", "seoul")], 50.0).await;
+    s.kill().await;
+    before.store(true, Ordering::Relaxed);
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    let mut written = Vec::new();
+    for w in writers.drain(..) {
+        written.extend(w.await.unwrap());
+    }
+
+    // During and after the join: keys 1000..1300, on every master.
+    let stop = Arc::new(AtomicBool::new(false));
+    writers.push(writer(s.bed.master("seoul").url(BED_DATABASE), "seoul", seed + 2, 1000, stop.clone()));
+    writers.push(writer(s.bed.master("busan").url(BED_DATABASE), "busan", seed + 3, 1000, stop.clone()));
+    // jeju comes up empty; the topology gains it, and init prepares it (and
+    // the others' sequences for three masters).
+    s.bed.add_master("jeju").await.unwrap();
+    sqlx::raw_sql(KV).execute(&mut s.conn("jeju").await).await.unwrap();
+    s.topology = s.bed.write_topology(&["public.kv"], "");
+    let (code, out) = mmsync(&s.topology, &["init"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = mmsync(&s.topology, &["join", "--master", "jeju", "--from", "seoul", "--batch", "50"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("jeju joined"), "{out}");
+    s.start();
+    writers.push(writer(s.bed.master("jeju").url(BED_DATABASE), "jeju", seed + 4, 1000, stop.clone()));
+    crate::common::wait_rows(&s, "jeju", "kv WHERE id >= 1000", 100).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        written.extend(w.await.unwrap());
+    }
+    let expected = lww_model(&written);
+    s.converged("kv").await;
+    for m in ["seoul", "busan", "jeju"] {
+        assert_eq!(kv_state(&s, m).await, expected, "seed {seed}: {m} differs from the LWW model");
+    }
+    let (code, out) = mmsync(&s.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
+    let mut jeju = s.conn("jeju").await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.dead_letters").fetch_one(&mut jeju).await.unwrap();
+    assert_eq!(dead, 0);
+    s.stop().await;
+}
