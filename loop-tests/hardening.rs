@@ -243,8 +243,10 @@ async fn a_record_of_a_newer_format_waits_in_kafka_while_its_link_says_to_upgrad
         (count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 1").await == 1).then_some(())
     })
     .await;
-    // The link retries with backoff, and says why.
+    // The link retries with a growing backoff (a link that connects and
+    // fails at once does not reset it), and says why.
     s.wait_metric("mmsync_errors_total", &[("stage", "apply"), ("kind", "retry")], 3.0).await;
+    s.wait_metric("mmsync_retry_delay_seconds", &[("stage", "apply"), ("master", "busan")], 0.8).await;
     let log = s.log();
     assert!(
         log.contains(&format!("record {topic}[0]@{} has envelope format 2, newer than this mmsync reads", offsets[1]))

@@ -41,6 +41,7 @@ pub const APPLY_DURATION: &str = "mmsync_apply_duration_seconds";
 // Health.
 pub const MASTER_UP: &str = "mmsync_master_up";
 pub const ERRORS: &str = "mmsync_errors_total";
+pub const RETRY_DELAY: &str = "mmsync_retry_delay_seconds";
 
 /// Installs the Prometheus exporter on `listen` and describes every metric.
 /// Call once per process.
@@ -116,6 +117,11 @@ fn describe() {
     describe_histogram!(APPLY_DURATION, Unit::Seconds, "Time to apply and commit one batch.");
     describe_gauge!(MASTER_UP, "1 while mmsync is connected to the master.");
     describe_counter!(ERRORS, "Errors by stage (capture, apply) and kind (retry, fatal).");
+    describe_gauge!(
+        RETRY_DELAY,
+        Unit::Seconds,
+        "The backoff before the latest retry of a source (stage capture) or sink (stage apply) of a master: it grows while retries fail and falls back after real progress."
+    );
 }
 
 /// What the sinks have applied, shared with the monitor that turns it into

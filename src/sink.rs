@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -67,6 +67,7 @@ pub async fn run(
             }
         }
         let delay = backoff.next_delay();
+        gauge!(m::RETRY_DELAY, m::STAGE => "apply", m::MASTER => target.name.clone()).set(delay.as_secs_f64());
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
             _ = tokio::time::sleep(delay) => {}

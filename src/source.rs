@@ -86,6 +86,7 @@ pub async fn run(topology: Arc<Topology>, master: Master, mut shutdown: watch::R
             }
         }
         let delay = backoff.next_delay();
+        gauge!(m::RETRY_DELAY, m::STAGE => "capture", m::MASTER => master.name.clone()).set(delay.as_secs_f64());
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
