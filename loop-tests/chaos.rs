@@ -30,15 +30,21 @@ enum Workload {
     Chat,
 }
 
-/// The chat schema of the foreign-keys issue, for the chaos runs.
+/// The chat schema of the foreign-keys issue, for the chaos runs: a unique
+/// room slug that masters take at once, and an audit trail kept by a
+/// trigger of the application's own (not synced).
 const CHAT: &str = "
-CREATE TABLE rooms (id bigserial PRIMARY KEY, title text NOT NULL);
+CREATE TABLE rooms (id bigserial PRIMARY KEY, title text NOT NULL, slug text UNIQUE);
 CREATE TABLE messages (
     id bigserial PRIMARY KEY,
     room_id bigint NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
     reply_to bigint REFERENCES messages(id) ON DELETE SET NULL,
     body text NOT NULL
-);";
+);
+CREATE TABLE audit (id bigserial PRIMARY KEY, message_id bigint NOT NULL);
+CREATE FUNCTION audit_message() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO audit (message_id) VALUES (NEW.id); RETURN NEW; END $$;
+CREATE TRIGGER audit_message AFTER INSERT ON messages FOR EACH ROW EXECUTE FUNCTION audit_message();";
 
 /// One step of a chat application: a room and its first message in two
 /// quick transactions; a post or a reply in any room (another master's
@@ -49,10 +55,16 @@ async fn chat_once(conn: &mut PgConnection, rng: &mut Rng) -> Result<bool, ()> {
     let step = rng.below(10);
     let result = match step {
         0..=3 => {
-            let room: i64 = sqlx::query_scalar("INSERT INTO rooms (title) VALUES ('room') RETURNING id")
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(|_| ())?;
+            // A slug of 300: masters take the same one at once, and mmsync
+            // settles it (a slug taken here already is no write).
+            let room: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO rooms (title, slug) VALUES ('room', $1) ON CONFLICT (slug) DO NOTHING RETURNING id",
+            )
+            .bind(format!("slug-{}", rng.below(300)))
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|_| ())?;
+            let Some(room) = room else { return Ok(false) };
             sqlx::query("INSERT INTO messages (room_id, body) VALUES ($1, 'hello')")
                 .bind(room)
                 .execute(&mut *conn)

@@ -796,7 +796,12 @@ impl TableSql {
             }
             _ => (true, held.iter().map(|(k, _, row)| (k.clone(), row.clone())).collect::<Vec<_>>(), s.clone()),
         };
-        // Removed at the winner's stamp, with a tombstone, as on every master.
+        // Removed at the winner's stamp. Its tombstone is this master's own
+        // (the winner's version, this master's name), so this master's
+        // source sends it: whether the loser meets the winner depends on
+        // arrival order (the winner may be deleted on some master before the
+        // loser gets there, and then nothing clashes there), so every master
+        // that sees the clash tells the others, and the loser goes everywhere.
         let deletes: Vec<serde_json::Value> = losers
             .iter()
             .map(|(key, _)| serde_json::json!({"key": key, "version": winner.0, "origin": winner.1}))
@@ -807,7 +812,15 @@ impl TableSql {
             .execute(&mut *conn)
             .await
             .map_err(db("removing a unique value's loser"))?;
-        sqlx::query(&self.tombstone).bind(&deletes).execute(&mut *conn).await.map_err(db("recording tombstones"))?;
+        let tombstones: Vec<serde_json::Value> = losers
+            .iter()
+            .map(|(key, _)| serde_json::json!({"key": key, "version": winner.0, "origin": target}))
+            .collect();
+        sqlx::query(&self.tombstone)
+            .bind(serde_json::Value::Array(tombstones))
+            .execute(&mut *conn)
+            .await
+            .map_err(db("recording tombstones"))?;
         let logged: Vec<serde_json::Value> = losers
             .iter()
             .map(|(key, row)| {
