@@ -210,14 +210,31 @@ async fn replaying_every_record_changes_no_row() {
     let mut s = converge_under_conflict(&["seoul", "busan"], 600).await;
     s.stop().await;
     let before: Vec<Vec<String>> = vec![kv_state(&s, "seoul").await, kv_state(&s, "busan").await];
+    // Equal values are not enough: a row written again with what it held
+    // was changed too. Its physical version (xmin) shows that.
+    async fn xmins(s: &Synced, m: &str) -> Vec<String> {
+        let mut conn = s.conn(m).await;
+        sqlx::query_scalar("SELECT id || ':' || xmin::text FROM kv ORDER BY id").fetch_all(&mut conn).await.unwrap()
+    }
+    let physical_before = vec![xmins(&s, "seoul").await, xmins(&s, "busan").await];
     let mut applied = Vec::new();
-    for m in ["seoul", "busan"] {
+    let mut records = Vec::new();
+    for (m, other) in [("seoul", "busan"), ("busan", "seoul")] {
         let mut conn = s.conn(m).await;
         let next: i64 = sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets")
             .fetch_one(&mut conn)
             .await
             .unwrap();
         assert!(next > 0);
+        let kv: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(next_offset), 0)::int8 FROM mmsync.applied_offsets WHERE topic = $1",
+        )
+        .bind(s.bed.topic(other, "public.kv"))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert!(kv > 0);
+        records.push((m, kv));
         sqlx::raw_sql("DELETE FROM mmsync.applied_offsets").execute(&mut conn).await.unwrap();
         applied.push((m, next));
     }
@@ -235,6 +252,24 @@ async fn replaying_every_record_changes_no_row() {
     }
     let after: Vec<Vec<String>> = vec![kv_state(&s, "seoul").await, kv_state(&s, "busan").await];
     assert_eq!(after, before, "replay changed rows");
+    // Every replayed record was taken for what it is, one the master already
+    // holds (skipped) or one that lost (a conflict), and none was applied:
+    // a record that ties the row it finds must not be written again.
+    for (m, kv) in records {
+        let labels = [("target", m), ("table", "public.kv")];
+        let sum = |text: &str, name: &str| crate::common::metric_sum(text, name, &labels);
+        let text = wait_for(&format!("{m} to account for {kv} replayed records"), DEADLINE, || async {
+            let text = s.metrics().await;
+            let handled = ["mmsync_changes_applied_total", "mmsync_changes_skipped_total", "mmsync_conflicts_total"]
+                .map(|name| sum(&text, name))
+                .iter()
+                .sum::<f64>();
+            (handled >= kv as f64).then_some(text)
+        })
+        .await;
+        assert_eq!(sum(&text, "mmsync_changes_applied_total"), 0.0, "{m} applied replayed records again");
+    }
+    assert_eq!(vec![xmins(&s, "seoul").await, xmins(&s, "busan").await], physical_before, "replay rewrote rows");
     s.stop().await;
 }
 
