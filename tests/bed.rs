@@ -56,10 +56,15 @@ async fn bed_runs_masters_and_broker_that_survive_kills() {
     // A master killed with SIGKILL comes back on the same port with its data.
     let alpha = bed.master_mut("alpha");
     let mut conn = alpha.connect(BED_DATABASE).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept VALUES (1), (2)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    // An unlogged table is emptied by crash recovery only: a clean shutdown
+    // keeps its rows. That tells a real kill from a polite stop.
+    sqlx::raw_sql(
+        "CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept VALUES (1), (2);
+         CREATE UNLOGGED TABLE crash_only (id int); INSERT INTO crash_only VALUES (1); CHECKPOINT",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
     drop(conn);
     let port = alpha.port();
     alpha.kill().await;
@@ -69,6 +74,8 @@ async fn bed_runs_masters_and_broker_that_survive_kills() {
     let mut conn = alpha.connect(BED_DATABASE).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM kept").fetch_one(&mut conn).await.unwrap();
     assert_eq!(n, 2);
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM crash_only").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(n, 0, "the master went through no crash recovery: it was stopped, not killed");
 }
 
 #[tokio::test]
