@@ -106,6 +106,22 @@ async fn check_passes_on_a_good_topology_and_explains_every_broken_one() {
         "{out}"
     );
 
+    // A role that may stream but may not write as the applier does.
+    sqlx::raw_sql("CREATE ROLE streamer LOGIN REPLICATION").execute(&mut busan).await.unwrap();
+    let no_replica_role = write(
+        dir,
+        "noreplicarole.toml",
+        &text.replace(
+            &busan_url,
+            &format!("url = \"{}\"", bed.master("busan").url(BED_DATABASE).replace("postgres@", "streamer@")),
+        ),
+    );
+    let (code, out) = mmsync(&no_replica_role, &["check"], &[]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("master \"busan\": role \"streamer\" may not set session_replication_role"), "{out}");
+    assert!(out.contains("run GRANT SET ON PARAMETER session_replication_role TO \"streamer\""), "{out}");
+    assert!(!out.contains("may not stream from a replication slot"), "{out}");
+
     let no_pk = write(
         dir,
         "nopk.toml",
