@@ -135,14 +135,50 @@ async fn check_passes_on_a_good_topology_and_explains_every_broken_one() {
     }
 }
 
+/// `mmsync <args> --help`, which must succeed.
+fn help(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync")).args(args).arg("--help").output().unwrap();
+    assert!(out.status.success(), "{args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The subcommands a help lists under "Commands:" (but `help`), each with its summary.
+fn commands(args: &[&str]) -> Vec<(String, String)> {
+    help(args)
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.trim().split_once(' ').map_or((l.trim(), ""), |(n, a)| (n, a.trim())))
+        .filter(|(name, _)| *name != "help")
+        .map(|(name, about)| (name.to_string(), about.to_string()))
+        .collect()
+}
+
 #[tokio::test]
 async fn help_explains_every_subcommand() {
-    for sub in ["check", "init", "run", "status", "verify"] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync")).args([sub, "--help"]).output().unwrap();
-        assert!(out.status.success());
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("--topology"), "{sub}: {text}");
-        assert!(text.lines().count() > 4, "{sub} --help says too little: {text}");
+    // Every subcommand the binary has, nested ones too, not a list kept here.
+    let mut subs: Vec<Vec<String>> = Vec::new();
+    let top = commands(&[]);
+    let names: Vec<&str> = top.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in ["check", "init", "run", "status", "dead-letters", "verify"] {
+        assert!(names.contains(&expected), "`mmsync --help` lists no {expected}: {names:?}");
+    }
+    for (name, about) in &top {
+        assert!(!about.is_empty(), "`mmsync --help` says nothing of {name}");
+        subs.push(vec![name.clone()]);
+        for (nested, about) in commands(&[name]) {
+            assert!(!about.is_empty(), "`mmsync {name} --help` says nothing of {nested}");
+            subs.push(vec![name.clone(), nested]);
+        }
+    }
+    for sub in subs {
+        let args: Vec<&str> = sub.iter().map(String::as_str).collect();
+        let text = help(&args);
+        // A description comes first; only an undocumented command starts with its usage.
+        assert!(!text.starts_with("Usage:"), "{sub:?} --help explains nothing: {text}");
+        assert!(text.contains("--topology"), "{sub:?}: {text}");
+        assert!(text.lines().count() > 4, "{sub:?} --help says too little: {text}");
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmsync")).arg("nonsense").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
