@@ -460,6 +460,11 @@ async fn a_chat_schema_under_randomized_faults_converges_without_dead_letters() 
     randomized_faults_with(&["seoul", "busan", "jeju"], "randomized_faults_chat", Workload::Chat).await;
 }
 
+#[tokio::test]
+async fn a_chat_schema_on_two_masters_under_randomized_faults_converges_without_dead_letters() {
+    randomized_faults_with(&["seoul", "busan"], "randomized_faults_chat_two", Workload::Chat).await;
+}
+
 /// Kills, at random, one master, mmsync or the broker, while every master
 /// takes conflicting writes of every kind (see [`write_once`]).
 async fn randomized_faults(names: &[&str], test: &str) {
