@@ -436,7 +436,7 @@ async fn a_second_mmsync_run_stops_and_names_the_first_which_goes_on() {
     let status = tokio::time::timeout(DEADLINE, run.wait()).await.expect("the second run stops by itself");
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(1), "{text}");
-    assert!(text.contains("another mmsync run or adopt holds this master"), "{text}");
+    assert!(text.contains("another mmsync run, adopt or join holds this master"), "{text}");
     assert!(text.contains("mmsync:seoul:run") || text.contains("mmsync:busan:run"), "{text}");
     assert!(text.contains("run one `mmsync run` per topology"), "{text}");
 

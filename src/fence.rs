@@ -73,7 +73,7 @@ pub async fn acquire_as(master: &Master, what: &str) -> Result<PgConnection> {
     };
     Err(Error::Setup {
         master: master.name.clone(),
-        problem: format!("another mmsync run or adopt holds this master ({who})"),
+        problem: format!("another mmsync run, adopt or join holds this master ({who})"),
         fix: format!(
             "stop it before this {what}: run one `mmsync run` per topology, and none while `mmsync adopt` or `mmsync join` works"
         ),
