@@ -130,19 +130,8 @@ pub async fn join(
     sqlx::query("ROLLBACK").execute(&mut read).await.map_err(db(from, "ending the snapshot".into()))?;
 
     // Where the new master's sinks go on, in one transaction.
-    let (topics, rest): (Vec<String>, Vec<(i32, i64)>) = positions.into_iter().map(|((t, p), o)| (t, (p, o))).unzip();
-    let (partitions, next): (Vec<i32>, Vec<i64>) = rest.into_iter().unzip();
-    sqlx::query(
-        "INSERT INTO mmsync.applied_offsets (topic, partition, next_offset)
-         SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
-         ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, applied_at = now()",
-    )
-    .bind(&topics)
-    .bind(&partitions)
-    .bind(&next)
-    .execute(&mut write)
-    .await
-    .map_err(db(new, "storing where its sinks go on".into()))?;
+    let positions: std::collections::BTreeMap<(String, i32), i64> = positions.into_iter().collect();
+    crate::sink::store_offsets(&mut write, new, &positions).await?;
     drop(locks);
     Ok(report)
 }

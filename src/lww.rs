@@ -44,10 +44,12 @@ pub struct Conflict {
 /// What to write, by index into the batch.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Whole rows to upsert: the winning change, with columns an update left
-    /// unchanged filled in from the same master's previous change of the row
-    /// in this batch where there is one.
-    pub upserts: Vec<(usize, Change)>,
+    /// Whole rows to upsert ([`Plan::whole`] gives each one's change).
+    pub upserts: Vec<usize>,
+    /// Winners whose columns an update left unchanged were filled in from the
+    /// same master's previous change of the row in this batch: only these are
+    /// copies, every other change is planned by reference.
+    pub filled: HashMap<usize, Change>,
     /// Updates that set only the columns they carry, on a row the target has.
     pub partial: Vec<usize>,
     /// Deletes whose tombstone is recorded or raised; the row goes if older.
@@ -100,8 +102,8 @@ pub fn plan(changes: &[&Change], held: &HashMap<String, Held>) -> Plan {
     let nothing = Held::default();
     for key in order {
         let i = winners[&key];
-        let change = filled.remove(&i).unwrap_or_else(|| changes[i].clone());
-        let s = stamp(&change);
+        let change = filled.get(&i).unwrap_or(changes[i]);
+        let s = stamp(change);
         let held = held.get(&key).unwrap_or(&nothing);
         if change.op == Op::Delete {
             // The tombstone is recorded or raised whether or not the delete wins.
@@ -119,7 +121,7 @@ pub fn plan(changes: &[&Change], held: &HashMap<String, Held>) -> Plan {
         match [held.row.as_ref(), held.tombstone.as_ref()].into_iter().flatten().max() {
             Some(newest) if *newest >= s => losers.push((i, newest.clone())),
             _ if change.unchanged.is_empty() => {
-                plan.upserts.push((i, change));
+                plan.upserts.push(i);
                 plan.applied.push(i);
             }
             // Its source had the row deleted by a newer change before it
@@ -150,7 +152,15 @@ pub fn plan(changes: &[&Change], held: &HashMap<String, Held>) -> Plan {
         let kind = format!("{}_older_than_{against}", if change.op == Op::Delete { "delete" } else { "upsert" });
         plan.conflicts.push(Conflict { index: i, kind, winner });
     }
+    plan.filled = filled;
     plan
+}
+
+impl Plan {
+    /// The change that upsert `i` writes: filled in, or as it came.
+    pub fn whole<'a>(&'a self, i: usize, changes: &[&'a Change]) -> &'a Change {
+        self.filled.get(&i).unwrap_or(changes[i])
+    }
 }
 
 /// `newer` with its unchanged columns taken from `older`, when `older` is the
@@ -217,7 +227,7 @@ mod tests {
         let c = change("1", Op::Update, 4, "jeju");
         let p = plan(&[&a, &b, &c], &HashMap::new());
         assert_eq!(p.upserts.len(), 1);
-        assert_eq!(p.upserts[0].1.origin, "seoul");
+        assert_eq!(p.whole(p.upserts[0], &[&a, &b, &c]).origin, "seoul");
         let kinds: Vec<&str> = p.conflicts.iter().map(|c| c.kind.as_str()).collect();
         assert_eq!(kinds, ["upsert_older_than_row", "upsert_older_than_row"]);
     }
@@ -254,7 +264,7 @@ mod tests {
         update.unchanged = vec!["v".into()];
         let p = plan(&[&insert, &update], &HashMap::new());
         assert_eq!(p.upserts.len(), 1);
-        assert_eq!(p.upserts[0].1.row.as_ref().unwrap()["v"], Some("seoul5".into()));
+        assert_eq!(p.whole(p.upserts[0], &[&insert, &update]).row.as_ref().unwrap()["v"], Some("seoul5".into()));
         assert_eq!(p.skipped, 1);
     }
 
@@ -280,7 +290,7 @@ mod tests {
     /// row, tombstones only raised.
     fn apply(state: &mut State, changes: &[&Change], p: &Plan) {
         let newer = |a: &Option<Stamp>, s: &Stamp| a.as_ref().is_none_or(|a| a < s);
-        for (_, c) in &p.upserts {
+        for c in p.upserts.iter().map(|&i| p.whole(i, changes)) {
             let h = state.entry(c.kafka_key()).or_default();
             if newer(&h.row, &stamp(c)) {
                 h.row = Some(stamp(c));

@@ -422,26 +422,14 @@ impl Apply {
         for d in dead {
             d.keep(&mut tx, &target).await?;
         }
-        let (topics, rest): (Vec<String>, Vec<(i32, i64)>) = offsets.into_iter().map(|((t, p), o)| (t, (p, o))).unzip();
-        let (partitions, next): (Vec<i32>, Vec<i64>) = rest.into_iter().unzip();
-        sqlx::query(
-            "INSERT INTO mmsync.applied_offsets (topic, partition, next_offset)
-             SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
-             ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, applied_at = now()",
-        )
-        .bind(&topics)
-        .bind(&partitions)
-        .bind(&next)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("storing offsets"))?;
+        store_offsets(&mut tx, &target, &offsets).await?;
         tx.commit().await.map_err(db("committing a batch"))?;
 
         let now_ms = m::now_ms();
         for (source, commit_ms) in newest {
             self.progress.applied(&source, &target, commit_ms, lag_seconds(now_ms, commit_ms));
         }
-        for ((topic, partition), next) in topics.iter().zip(&partitions).zip(&next) {
+        for ((topic, partition), next) in &offsets {
             if let Some(source) = self.sources.get(topic) {
                 self.progress.offset(topic, *partition, source, &target, *next);
             }
@@ -930,8 +918,9 @@ impl TableSql {
 
         let plan = crate::lww::plan(&changes, &held);
         outcome.applied.extend(plan.applied.iter().map(|&j| valid[j]));
-        outcome.dead.extend(plan.dead.into_iter().map(|(j, reason)| (valid[j], reason)));
-        let upserts: Vec<serde_json::Value> = plan.upserts.iter().map(|(_, c)| self.row_json(c)).collect();
+        outcome.dead.extend(plan.dead.iter().map(|(j, reason)| (valid[*j], reason.clone())));
+        let upserts: Vec<serde_json::Value> =
+            plan.upserts.iter().map(|&j| self.row_json(plan.whole(j, &changes))).collect();
         let partial: Vec<&Change> = plan.partial.iter().map(|&j| changes[j]).collect();
         let deletes: Vec<serde_json::Value> = plan
             .deletes
@@ -1095,6 +1084,30 @@ fn lag_seconds(now_ms: i64, commit_ms: i64) -> f64 {
 fn key_text(v: serde_json::Value) -> String {
     let key: Key = serde_json::from_value(v).unwrap_or_default();
     encode_key(&key)
+}
+
+/// Stores where the sinks of `target` go on, (topic, partition) -> next
+/// offset, in the caller's transaction.
+pub(crate) async fn store_offsets(
+    conn: &mut PgConnection,
+    target: &str,
+    offsets: &BTreeMap<(String, i32), i64>,
+) -> Result<()> {
+    let topics: Vec<&str> = offsets.keys().map(|(t, _)| t.as_str()).collect();
+    let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p).collect();
+    let next: Vec<i64> = offsets.values().copied().collect();
+    sqlx::query(
+        "INSERT INTO mmsync.applied_offsets (topic, partition, next_offset)
+         SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
+         ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, applied_at = now()",
+    )
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&next)
+    .execute(conn)
+    .await
+    .map_err(Error::db(target, "storing offsets"))?;
+    Ok(())
 }
 
 /// Applies changes that did not come from Kafka (a copy from another master,
