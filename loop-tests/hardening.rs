@@ -30,6 +30,35 @@ async fn count(s: &Synced, master: &str, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
 }
 
+/// A record of seoul's `plain` topic as mmsync writes it, with `fields`
+/// (`"format":2,` say) before the usual ones.
+fn plain_record(fields: &str, op: &str, id: &str, v: &str, version: i64) -> String {
+    format!(
+        r#"{{{fields}"op":"{op}","before":null,"after":{{"id":"{id}","v":"{v}"}},"source":{{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1}},"origin":"seoul","version":{version}}}"#
+    )
+}
+
+/// Sends (key, value) records to seoul's `plain` topic, in order, all to
+/// `partition` if given (by key otherwise); returns their offsets.
+async fn send_plain(s: &Synced, partition: Option<i32>, records: &[(String, String)]) -> Vec<i64> {
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    let topic = s.bed.topic("seoul", "public.plain");
+    let mut offsets = Vec::new();
+    for (key, value) in records {
+        let mut record = FutureRecord::to(&topic).key(key).payload(value);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        offsets.push(producer.send(record, Duration::from_secs(10)).await.unwrap().offset);
+    }
+    offsets
+}
+
+fn key(id: &str) -> String {
+    format!("{{\"id\":\"{id}\"}}")
+}
+
 #[tokio::test]
 async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
     let tables = [r#"public."Order Items""#, "public.plain"];
@@ -62,25 +91,20 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
     .await;
 
     // Records that are not mmsync's, on a topic busan applies.
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
-    let good = r#"{"op":"c","before":null,"after":{"id":"9","v":"x"},"source":{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1},"origin":"seoul","version":1}"#;
+    let good = plain_record("", "c", "9", "x", 1);
     // A well-formed change that claims another master wrote it.
-    let forged = good.replace("\"9\"", "\"10\"").replace("\"origin\":\"seoul\"", "\"origin\":\"mallory\"");
-    for (key, value) in [
-        ("{\"id\":\"7\"}", "not json at all"),
-        ("{\"id\":\"7\"}", r#"{"hello":"world"}"#),
-        ("{\"id\":\"8\"}", good),
-        ("{\"id\":\"10\"}", forged.as_str()),
-    ] {
-        producer
-            .send(
-                FutureRecord::to(&s.bed.topic("seoul", "public.plain")).key(key).payload(value),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    let forged = plain_record("", "c", "10", "x", 1).replace("\"origin\":\"seoul\"", "\"origin\":\"mallory\"");
+    send_plain(
+        &s,
+        None,
+        &[
+            (key("7"), "not json at all".into()),
+            (key("7"), r#"{"hello":"world"}"#.into()),
+            (key("8"), good),
+            (key("10"), forged),
+        ],
+    )
+    .await;
 
     // A unique index, and a check that is stricter on busan only.
     sqlx::raw_sql(
@@ -218,27 +242,19 @@ async fn a_record_of_a_newer_format_waits_in_kafka_while_its_link_says_to_upgrad
     let tables = [r#"public."Order Items""#, "public.plain"];
     let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
     s.start();
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
-    let record = |id: &str, format: u32, extra: &str| {
-        format!(
-            r#"{{"format":{format},"op":"c","before":null,"after":{{"id":"{id}","v":"x"}},"source":{{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1}},"origin":"seoul","version":1{extra}}}"#
-        )
-    };
     // One partition, in this order: a record of our format with a field
     // added later (read), one of the next format (waits), one behind it.
     let topic = s.bed.topic("seoul", "public.plain");
-    let mut offsets = Vec::new();
-    for (id, value) in
-        [("1", record("1", 1, r#","added_later":{"x":[1]}"#)), ("2", record("2", 2, "")), ("3", record("3", 1, ""))]
-    {
-        let key = format!("{{\"id\":\"{id}\"}}");
-        let delivered = producer
-            .send(FutureRecord::to(&topic).partition(0).key(&key).payload(&value), Duration::from_secs(10))
-            .await
-            .unwrap();
-        offsets.push(delivered.offset);
-    }
+    let offsets = send_plain(
+        &s,
+        Some(0),
+        &[
+            (key("1"), plain_record(r#""format":1,"added_later":{"x":[1]},"#, "c", "1", "x", 1)),
+            (key("2"), plain_record(r#""format":2,"#, "c", "2", "x", 1)),
+            (key("3"), plain_record(r#""format":1,"#, "c", "3", "x", 1)),
+        ],
+    )
+    .await;
     wait_for("row 1 on busan", DEADLINE, || async {
         (count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 1").await == 1).then_some(())
     })
@@ -296,19 +312,7 @@ async fn a_version_near_the_top_of_bigint_neither_wins_nor_freezes_the_row() {
         .await;
 
     // A forged record with the largest version: a dead letter on busan.
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
-    let forged = format!(
-        r#"{{"op":"u","before":null,"after":{{"id":"1","v":"forged"}},"source":{{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1}},"origin":"seoul","version":{}}}"#,
-        i64::MAX
-    );
-    producer
-        .send(
-            FutureRecord::to(&s.bed.topic("seoul", "public.plain")).key(r#"{"id":"1"}"#).payload(&forged),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    send_plain(&s, None, &[(key("1"), plain_record("", "u", "1", "forged", i64::MAX))]).await;
     let dead = wait_for("the forged record dead-lettered on busan", DEADLINE, || async {
         let d = dead_letters(&s, "busan").await;
         (!d.is_empty()).then_some(d)
@@ -362,28 +366,13 @@ async fn two_keys_that_differ_as_text_but_not_to_the_target_do_not_block_their_p
     let tables = [r#"public."Order Items""#, "public.plain"];
     let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, SCHEMA, &tables, "").await;
     s.start();
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
-    let record = |id: &str, v: &str, version: i64| {
-        format!(
-            r#"{{"op":"c","before":null,"after":{{"id":"{id}","v":"{v}"}},"source":{{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1}},"origin":"seoul","version":{version}}}"#
-        )
-    };
     // Back to back on one partition, so one batch holds both twins; then a
     // good record behind them.
-    let topic = s.bed.topic("seoul", "public.plain");
-    for (id, v, version) in [("1", "older", 10), ("01", "newer", 20), ("5", "behind", 10)] {
-        producer
-            .send(
-                FutureRecord::to(&topic)
-                    .partition(0)
-                    .key(&format!("{{\"id\":\"{id}\"}}"))
-                    .payload(&record(id, v, version)),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    let records: Vec<(String, String)> = [("1", "older", 10), ("01", "newer", 20), ("5", "behind", 10)]
+        .into_iter()
+        .map(|(id, v, version)| (key(id), plain_record("", "c", id, v, version)))
+        .collect();
+    send_plain(&s, Some(0), &records).await;
     wait_for("the record behind the twins on busan", DEADLINE, || async {
         (count(&s, "busan", "SELECT count(*) FROM plain WHERE id = 5").await == 1).then_some(())
     })
@@ -578,17 +567,9 @@ async fn dead_letters_of_one_topic_stop_at_their_bound_and_old_audit_rows_are_pr
 
     // Five bad records on one partition, then a good one: no more than the
     // bound are added, then the link stops, the rest waiting in Kafka.
-    let producer: FutureProducer =
-        ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
-    let topic = s.bed.topic("seoul", "public.plain");
-    let good = r#"{"op":"c","before":null,"after":{"id":"9","v":"x"},"source":{"master":"seoul","schema":"public","table":"plain","lsn":"0/1","txid":1,"ts_ms":1},"origin":"seoul","version":1}"#;
-    for i in 0..6 {
-        let (key, value) = if i < 5 { (r#"{"id":"7"}"#, "garbage") } else { (r#"{"id":"9"}"#, good) };
-        producer
-            .send(FutureRecord::to(&topic).partition(0).key(key).payload(value), Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
+    let mut records: Vec<(String, String)> = (0..5).map(|_| (key("7"), "garbage".to_string())).collect();
+    records.push((key("9"), plain_record("", "c", "9", "x", 1)));
+    send_plain(&s, Some(0), &records).await;
     wait_for("the link stopping at the bound", DEADLINE, || async {
         s.log().contains("would pass [sync] dead_letters_max_per_topic = 3").then_some(())
     })
