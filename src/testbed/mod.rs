@@ -130,16 +130,16 @@ async fn make_certificates(dir: &Path, subject_alt_names: &str) -> Result<()> {
         &["-CAcreateserial", "-extfile", "server.ext", "-out", "server.crt"],
     ];
     for (step, out) in steps.iter().zip(outputs) {
-        let out = Command::new("openssl")
-            .args(*step)
-            .args(out)
-            .current_dir(dir)
-            .output()
-            .await
-            .map_err(io("running openssl"))?;
-        if !out.status.success() {
-            return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
-        }
+        openssl(dir, &[step, out].concat()).await?;
+    }
+    Ok(())
+}
+
+/// Runs `openssl args` in `dir`; its stderr is the error if it fails.
+async fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().await.map_err(io("running openssl"))?;
+    if !out.status.success() {
+        return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
     }
     Ok(())
 }
@@ -148,16 +148,15 @@ async fn make_certificates(dir: &Path, subject_alt_names: &str) -> Result<()> {
 /// tests of what a client trusts. Returns the certificate's path.
 pub async fn make_ca(dir: &Path, name: &str) -> Result<PathBuf> {
     let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
-    let out = Command::new("openssl")
-        .args(["req", "-new", "-x509", "-days", "2", "-nodes", "-subj", &format!("/CN={name}")])
-        .args(["-newkey", "rsa:2048", "-keyout", &key, "-out", &crt])
-        .current_dir(dir)
-        .output()
-        .await
-        .map_err(io("running openssl"))?;
-    if !out.status.success() {
-        return Err(BedError::Setup(format!("openssl failed: {}", String::from_utf8_lossy(&out.stderr))));
-    }
+    let subject = format!("/CN={name}");
+    openssl(
+        dir,
+        &[
+            "req", "-new", "-x509", "-days", "2", "-nodes", "-subj", &subject, "-newkey", "rsa:2048", "-keyout", &key,
+            "-out", &crt,
+        ],
+    )
+    .await?;
     Ok(dir.join(crt))
 }
 
