@@ -13,3 +13,4 @@ mod join;
 mod kafka;
 mod observability;
 mod races;
+mod tombstones;

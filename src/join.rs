@@ -131,7 +131,7 @@ pub async fn join(
 
     // Where the new master's sinks go on, in one transaction.
     let positions: std::collections::BTreeMap<(String, i32), i64> = positions.into_iter().collect();
-    crate::sink::store_offsets(&mut write, new, &positions).await?;
+    crate::sink::store_offsets(&mut write, new, &positions, &Default::default()).await?;
     drop(locks);
     Ok(report)
 }

@@ -26,5 +26,6 @@ pub mod source;
 pub mod status;
 pub mod testbed;
 pub mod tls;
+pub mod tombstones;
 pub mod topology;
 pub mod verify;

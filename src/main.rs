@@ -85,8 +85,10 @@ enum Command {
     },
     /// Show, per link (source -> target): the source slot's position and the
     /// WAL it retains, the offsets applied on the target, the records waiting
-    /// in Kafka, and the lag by the source's latest heartbeat on the target.
-    /// Reads the masters and Kafka directly; exits 1 if something did not answer.
+    /// in Kafka, and the lag by the source's latest heartbeat on the target;
+    /// then, per master, the tombstones it keeps and what holds their
+    /// retention back. Reads the masters and Kafka directly; exits 1 if
+    /// something did not answer.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -228,15 +230,16 @@ fn main() -> ExitCode {
             Command::Verify { table, max_keys } => verify(&topology, table.as_deref(), max_keys).await,
             Command::Status { json } => {
                 let links = mmsync::status::status(&topology).await;
+                let tombstones = mmsync::status::tombstones(&topology).await;
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&serde_json::json!({ "links": links })).expect("plain data")
-                    );
+                    let all = serde_json::json!({ "links": links, "tombstones": tombstones });
+                    println!("{}", serde_json::to_string_pretty(&all).expect("plain data"));
                 } else {
                     print!("{}", mmsync::status::table(&links));
+                    println!();
+                    print!("{}", mmsync::status::tombstones_table(&tombstones, topology.sync.tombstones_keep));
                 }
-                if links.iter().any(|l| !l.problems.is_empty()) {
+                if links.iter().any(|l| !l.problems.is_empty()) || tombstones.iter().any(|t| t.problem.is_some()) {
                     ExitCode::from(EXIT_FAILED)
                 } else {
                     ExitCode::SUCCESS

@@ -32,6 +32,9 @@ pub const DEAD_LETTERS: &str = "mmsync_dead_letters_total";
 pub const OFFSET_GAPS: &str = "mmsync_offset_gaps_total";
 pub const DEAD_LETTERS_PENDING: &str = "mmsync_dead_letters_pending";
 pub const AUDIT_PRUNED: &str = "mmsync_audit_rows_pruned_total";
+pub const TOMBSTONES_PRUNED: &str = "mmsync_tombstones_pruned_total";
+pub const TOMBSTONE_RETENTION_RUNS: &str = "mmsync_tombstone_retention_runs_total";
+pub const TOMBSTONE_RETENTION_BEHIND: &str = "mmsync_tombstone_retention_behind_seconds";
 pub const KAFKA_PENDING: &str = "mmsync_kafka_pending_records";
 pub const REPLICATION_LAG: &str = "mmsync_replication_lag_seconds";
 pub const REPLICATION_LAG_HISTOGRAM: &str = "mmsync_replication_lag_distribution_seconds";
@@ -106,6 +109,13 @@ fn describe() {
     describe_counter!(
         AUDIT_PRUNED,
         "Rows of mmsync.conflicts and retried rows of mmsync.dead_letters deleted for their age (kind conflicts, dead_letters)."
+    );
+    describe_counter!(TOMBSTONES_PRUNED, "Tombstones deleted by retention (see [sync] tombstones_keep_seconds).");
+    describe_counter!(TOMBSTONE_RETENTION_RUNS, "Rounds of tombstone retention on a master.");
+    describe_gauge!(
+        TOMBSTONE_RETENTION_BEHIND,
+        Unit::Seconds,
+        "How far back what other masters can still send to this master reaches (now minus the retention watermark): about a heartbeat normally; it grows while a master is away or a link is behind, and tombstones newer than that minus tombstones_keep_seconds are kept."
     );
     describe_counter!(
         OFFSET_GAPS,

@@ -45,6 +45,8 @@ pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output =
     for master in &topology.masters {
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
         tasks.spawn(async move { (format!("source {}", m.name), crate::source::run(t, m, rx).await) });
+        let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
+        tasks.spawn(async move { (format!("tombstones {}", m.name), crate::tombstones::run(t, m, rx).await) });
         for table in topology.synced_tables() {
             let count = topology.sync.apply_workers;
             for index in 0..count {

@@ -348,6 +348,8 @@ impl Apply {
         let target = self.target.clone();
         let db = |what: &str| Error::db(&target, what.to_string());
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        // The commit time of the last change taken from each partition (tombstone retention).
+        let mut commits: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut recs: Vec<Rec> = Vec::with_capacity(batch.len());
         let mut dead: Vec<DeadLetter> = Vec::new();
         let mut own = 0u64;
@@ -391,6 +393,7 @@ impl Apply {
                 dead.push(DeadLetter::of(rec, reason));
                 continue;
             }
+            commits.insert((rec.at.topic.clone(), rec.at.partition), rec.change.position.commit_ms);
             recs.push(rec);
         }
         counter!(m::LOOP_SUPPRESSED, m::MASTER => target.clone()).increment(own);
@@ -422,7 +425,7 @@ impl Apply {
         for d in dead {
             d.keep(&mut tx, &target).await?;
         }
-        store_offsets(&mut tx, &target, &offsets).await?;
+        store_offsets(&mut tx, &target, &offsets, &commits).await?;
         tx.commit().await.map_err(db("committing a batch"))?;
 
         let now_ms = m::now_ms();
@@ -1087,23 +1090,29 @@ fn key_text(v: serde_json::Value) -> String {
 }
 
 /// Stores where the sinks of `target` go on, (topic, partition) -> next
-/// offset, in the caller's transaction.
+/// offset, in the caller's transaction, with the commit time of the last
+/// change taken from each partition where there was one (a partition
+/// without keeps the time it had: see [`crate::tombstones`]).
 pub(crate) async fn store_offsets(
     conn: &mut PgConnection,
     target: &str,
     offsets: &BTreeMap<(String, i32), i64>,
+    commits: &BTreeMap<(String, i32), i64>,
 ) -> Result<()> {
     let topics: Vec<&str> = offsets.keys().map(|(t, _)| t.as_str()).collect();
     let partitions: Vec<i32> = offsets.keys().map(|(_, p)| *p).collect();
     let next: Vec<i64> = offsets.values().copied().collect();
+    let commit: Vec<Option<i64>> = offsets.keys().map(|at| commits.get(at).copied()).collect();
     sqlx::query(
-        "INSERT INTO mmsync.applied_offsets (topic, partition, next_offset)
-         SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[])
-         ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, applied_at = now()",
+        "INSERT INTO mmsync.applied_offsets AS a (topic, partition, next_offset, last_commit_ms)
+         SELECT * FROM unnest($1::text[], $2::int4[], $3::int8[], $4::int8[])
+         ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, applied_at = now(),
+             last_commit_ms = coalesce(EXCLUDED.last_commit_ms, a.last_commit_ms)",
     )
     .bind(&topics)
     .bind(&partitions)
     .bind(&next)
+    .bind(&commit)
     .execute(conn)
     .await
     .map_err(Error::db(target, "storing offsets"))?;

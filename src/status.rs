@@ -155,6 +155,110 @@ pub async fn status(topology: &Topology) -> Vec<Link> {
     links
 }
 
+/// One master's tombstones: how many it keeps, and how far back what the
+/// other masters can still send reaches (see [`crate::tombstones`]).
+#[derive(Debug, Serialize)]
+pub struct Tombstones {
+    pub master: String,
+    pub kept: Option<i64>,
+    /// Now minus the retention watermark.
+    pub behind_seconds: Option<f64>,
+    /// What holds the watermark.
+    pub held_by: Option<String>,
+    pub problem: Option<String>,
+}
+
+/// Reads every master's tombstone retention.
+pub async fn tombstones(topology: &Topology) -> Vec<Tombstones> {
+    let consumer = match crate::kafka::client_config(&topology.kafka).create::<BaseConsumer>() {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => {
+            let problem = Some(format!("kafka: {e}"));
+            return topology
+                .masters
+                .iter()
+                .map(|m| Tombstones {
+                    master: m.name.clone(),
+                    kept: None,
+                    behind_seconds: None,
+                    held_by: None,
+                    problem: problem.clone(),
+                })
+                .collect();
+        }
+    };
+    let mut out = Vec::new();
+    for m in &topology.masters {
+        let read = async {
+            let mut conn = crate::db::connect(m).await?;
+            let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.tombstones")
+                .fetch_one(&mut conn)
+                .await
+                .map_err(crate::error::Error::db(&m.name, "counting tombstones"))?;
+            let w = crate::tombstones::assess(&mut conn, topology, &m.name, consumer.clone()).await?;
+            Ok::<_, crate::error::Error>((kept, w))
+        };
+        out.push(match read.await {
+            Ok((kept, w)) => Tombstones {
+                master: m.name.clone(),
+                kept: Some(kept),
+                behind_seconds: Some(crate::metrics::now_ms().saturating_sub(w.ms).max(0) as f64 / 1000.0),
+                held_by: Some(w.held_by.to_string()),
+                problem: None,
+            },
+            Err(e) => Tombstones {
+                master: m.name.clone(),
+                kept: None,
+                behind_seconds: None,
+                held_by: None,
+                problem: Some(e.to_string()),
+            },
+        });
+    }
+    out
+}
+
+/// The tombstones as a table for people, with a line for each master whose
+/// retention is held back beyond the horizon.
+pub fn tombstones_table(all: &[Tombstones], keep: std::time::Duration) -> String {
+    let dash = || "-".to_string();
+    let mut rows = vec![["MASTER".to_string(), "TOMBSTONES".into(), "RETENTION BEHIND".into(), "HELD BY".into()]];
+    for t in all {
+        rows.push([
+            t.master.clone(),
+            t.kept.map_or_else(dash, |n| n.to_string()),
+            t.behind_seconds.map_or_else(dash, |s| format!("{s:.1}s")),
+            t.held_by.clone().unwrap_or_else(dash),
+        ]);
+    }
+    let mut out = columns(&rows);
+    for t in all {
+        if let Some(p) = &t.problem {
+            out.push_str(&format!("{}: {p}\n", t.master));
+        } else if t.behind_seconds.is_some_and(|s| s > keep.as_secs_f64()) {
+            out.push_str(&format!(
+                "{}: tombstones are kept past [sync] tombstones_keep_seconds = {}, held by {}; bring that master \
+                 or link back, or remove a master that will not come back (`mmsync remove`)\n",
+                t.master,
+                keep.as_secs(),
+                t.held_by.as_deref().unwrap_or("-")
+            ));
+        }
+    }
+    out
+}
+
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// The links as a table for people.
 pub fn table(links: &[Link]) -> String {
     let dash = || "-".to_string();
@@ -176,13 +280,7 @@ pub fn table(links: &[Link]) -> String {
             l.lag_seconds.map_or_else(dash, |s| format!("{s:.1}s")),
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in &rows {
-        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&rows);
     for l in links {
         for p in &l.problems {
             out.push_str(&format!("{} -> {}: {p}\n", l.source, l.target));

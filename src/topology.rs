@@ -91,6 +91,8 @@ struct SyncFile {
     dead_letters_keep_days: Spanned<i64>,
     #[serde(default = "default_dead_letters_max_per_topic")]
     dead_letters_max_per_topic: Spanned<i64>,
+    #[serde(default = "default_tombstones_keep_seconds")]
+    tombstones_keep_seconds: Spanned<i64>,
 }
 
 fn unspanned<T>(v: T) -> Spanned<T> {
@@ -133,6 +135,10 @@ fn default_keep_days() -> Spanned<i64> {
 }
 fn default_dead_letters_max_per_topic() -> Spanned<i64> {
     unspanned(10_000)
+}
+/// Seven days: far longer than any transaction stays open.
+fn default_tombstones_keep_seconds() -> Spanned<i64> {
+    unspanned(7 * 86_400)
 }
 
 // ---------------------------------------------------------------------------
@@ -194,6 +200,9 @@ pub struct SyncSettings {
     /// it, that link stops with an error (the records wait in Kafka), so a
     /// forged or broken stream cannot fill a target's disk.
     pub dead_letters_max_per_topic: i64,
+    /// A tombstone goes once its version is this much older than what every
+    /// other master can still send (see [`crate::tombstones`]).
+    pub tombstones_keep: Duration,
 }
 
 /// A synced table, `schema.name`, as PostgreSQL spells it (case kept).
@@ -764,6 +773,11 @@ impl Validator<'_> {
                 "sync.dead_letters_max_per_topic",
                 1_000_000_000,
             ),
+            tombstones_keep: Duration::from_secs(self.positive(
+                &s.tombstones_keep_seconds,
+                "sync.tombstones_keep_seconds",
+                36_500 * 86_400,
+            ) as u64),
         };
 
         Some(Topology {

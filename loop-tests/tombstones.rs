@@ -1,0 +1,90 @@
+//! Tombstone retention: a tombstone goes once it is older than the horizon
+//! and no other master can still send a change older than it; a master that
+//! is away holds them, however long.
+
+use mmsync::testbed::{wait_for, BedKafka};
+
+use crate::common::{mmsync, Synced, DEADLINE, KV};
+
+async fn tombstone_of(s: &Synced, master: &str, id: i32) -> Option<i64> {
+    sqlx::query_scalar("SELECT version FROM mmsync.tombstones WHERE table_name = 'kv' AND key = jsonb_build_object('id', $1::text)")
+        .bind(id.to_string())
+        .fetch_optional(&mut s.conn(master).await)
+        .await
+        .unwrap()
+}
+
+async fn rows_exactly(s: &Synced, master: &str, rows: i64) {
+    wait_for(&format!("{rows} rows in kv on {master}"), DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM kv").fetch_one(&mut s.conn(master).await).await.ok()?;
+        (n == rows).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_it_is_away_and_goes_after() {
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "tombstones_keep_seconds = 1").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    let mut busan = s.conn("busan").await;
+    sqlx::raw_sql("INSERT INTO kv VALUES (1, 'first', 1), (2, 'other', 1)").execute(&mut seoul).await.unwrap();
+    rows_exactly(&s, "busan", 2).await;
+    // Tombstones of the past go once the horizon has passed: both masters hear from each other.
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 2").execute(&mut seoul).await.unwrap();
+    rows_exactly(&s, "busan", 1).await;
+    for m in ["seoul", "busan"] {
+        wait_for("the old tombstone to go", DEADLINE, || async { tombstone_of(&s, m, 2).await.is_none().then_some(()) })
+            .await;
+    }
+
+    // busan's source stops, as when its mmsync is down: its heartbeat row is
+    // locked, so the source waits on it and captures nothing meanwhile.
+    let mut hold = s.conn("busan").await;
+    sqlx::raw_sql("BEGIN; SELECT 1 FROM mmsync.heartbeats WHERE master = 'busan' FOR UPDATE")
+        .execute(&mut hold)
+        .await
+        .unwrap();
+    // An update on busan that its source has not sent yet, then a newer
+    // delete on seoul, which reaches busan and wins there.
+    sqlx::raw_sql("UPDATE kv SET val = 'late', n = 2 WHERE id = 1").execute(&mut busan).await.unwrap();
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 1").execute(&mut seoul).await.unwrap();
+    rows_exactly(&s, "busan", 0).await;
+    let deleted = tombstone_of(&s, "seoul", 1).await.expect("seoul's delete left a tombstone");
+
+    // Retention runs on seoul well past the horizon, and keeps it: busan's
+    // late update is still to come, and only the tombstone makes it lose.
+    wait_for("the horizon to pass", DEADLINE, || async {
+        let now: i64 = sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn("seoul").await).await.unwrap();
+        (now > deleted + 1_000_000).then_some(())
+    })
+    .await;
+    let runs = s.metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")]).await;
+    s.wait_metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")], runs + 3.0).await;
+    assert_eq!(tombstone_of(&s, "seoul", 1).await, Some(deleted), "seoul dropped the tombstone busan's update needs");
+    let behind = s.metric("mmsync_tombstone_retention_behind_seconds", &[("master", "seoul")]).await;
+    assert!(behind > 1.0, "the gauge shows retention held back: {behind}");
+    let (code, out) = mmsync(&s.topology, &["status"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("the latest heartbeat of busan here"), "status names what holds seoul's tombstones: {out}");
+    assert!(out.contains("seoul: tombstones are kept past [sync] tombstones_keep_seconds = 1"), "{out}");
+
+    // busan is back: its update reaches seoul and loses to the tombstone,
+    // and then the tombstone goes on both masters.
+    sqlx::raw_sql("COMMIT").execute(&mut hold).await.unwrap();
+    for m in ["seoul", "busan"] {
+        wait_for("the tombstone to go", DEADLINE, || async { tombstone_of(&s, m, 1).await.is_none().then_some(()) })
+            .await;
+    }
+    let lost: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.conflicts WHERE key = '{\"id\": \"1\"}' AND incoming_origin = 'busan'")
+        .fetch_one(&mut seoul)
+        .await
+        .unwrap();
+    assert_eq!(lost, 1, "busan's late update lost to the tombstone on seoul");
+    assert!(s.converged("kv").await.is_empty(), "no master brought key 1 back");
+    let (code, out) = mmsync(&s.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
+    let pruned = s.metric("mmsync_tombstones_pruned_total", &[("master", "seoul")]).await;
+    assert!(pruned >= 2.0, "{pruned}");
+    s.stop().await;
+}
