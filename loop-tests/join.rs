@@ -93,3 +93,73 @@ async fn a_master_joins_a_running_mesh_from_another_with_no_gap_while_applicatio
     assert_eq!(dead, 0);
     s.stop().await;
 }
+
+const NOTES: &str = "CREATE TABLE notes (id bigserial PRIMARY KEY, author text NOT NULL, body text NOT NULL)";
+
+/// Inserts notes with ids from the master's own sequence until told to
+/// stop; returns each acknowledged row as `id|author|body`.
+fn note_writer(url: String, master: &'static str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let mut written = Vec::new();
+        for i in 0.. {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let id: i64 = sqlx::query_scalar("INSERT INTO notes (author, body) VALUES ($1, $2) RETURNING id")
+                .bind(master)
+                .bind(i.to_string())
+                .fetch_one(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("insert {i} on {master}: {e}"));
+            written.push(format!("{id}|{master}|{i}"));
+        }
+        written
+    })
+}
+
+#[tokio::test]
+async fn ids_minted_on_every_master_while_a_third_joins_never_collide() {
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, NOTES, &["public.notes"], "").await;
+    s.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = vec![
+        note_writer(s.bed.master("seoul").url(BED_DATABASE), "seoul", stop.clone()),
+        note_writer(s.bed.master("busan").url(BED_DATABASE), "busan", stop.clone()),
+    ];
+    crate::common::wait_rows(&s, "seoul", "notes WHERE author = 'busan'", 50).await;
+    // mmsync stops, as a join needs: ids minted from here on reach no
+    // other master until it runs again, so no master's rows say how far
+    // the others' sequences went.
+    s.kill().await;
+    crate::common::wait_rows(&s, "busan", "notes WHERE author = 'busan'", 500).await;
+    s.bed.add_master("jeju").await.unwrap();
+    sqlx::raw_sql(NOTES).execute(&mut s.conn("jeju").await).await.unwrap();
+    s.topology = s.bed.write_topology(&["public.notes"], "");
+    let (code, out) = mmsync(&s.topology, &["init"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("increment 3"), "{out}");
+    let (code, out) = mmsync(&s.topology, &["join", "--master", "jeju", "--from", "seoul"]).await;
+    assert_eq!(code, 0, "{out}");
+    s.start();
+    writers.push(note_writer(s.bed.master("jeju").url(BED_DATABASE), "jeju", stop.clone()));
+    crate::common::wait_rows(&s, "seoul", "notes WHERE author = 'jeju'", 50).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut expected = Vec::new();
+    for w in writers {
+        expected.extend(w.await.unwrap());
+    }
+    expected.sort();
+    s.converged("notes").await;
+    for m in ["seoul", "busan", "jeju"] {
+        let mut rows: Vec<String> =
+            sqlx::query_scalar("SELECT concat_ws('|', id, author, body) FROM notes").fetch_all(&mut s.conn(m).await).await.unwrap();
+        rows.sort();
+        assert_eq!(rows.len(), expected.len(), "{m} holds every acknowledged note, each under its own id");
+        assert_eq!(rows, expected, "{m}");
+        let conflicts: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM mmsync.conflicts").fetch_one(&mut s.conn(m).await).await.unwrap();
+        assert_eq!(conflicts, 0, "no two masters minted the same id ({m})");
+    }
+    s.stop().await;
+}

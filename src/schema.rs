@@ -379,10 +379,13 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
         }
         conns.push((master, conn));
     }
-    for (index, (master, conn)) in conns.iter_mut().enumerate() {
-        for line in init_master(topology, master, index, conn).await? {
+    for (master, conn) in conns.iter_mut() {
+        for line in init_master(topology, master, conn).await? {
             done.push(format!("master {:?}: {line}", master.name));
         }
+    }
+    for table in &topology.synced_tables() {
+        done.extend(interleave_sequences(&mut conns, table).await?);
     }
     for topic in crate::kafka::create_topics(topology).await? {
         done.push(format!("kafka: created topic {topic} ({} partitions)", topology.kafka.partitions));
@@ -395,12 +398,7 @@ async fn exec(conn: &mut PgConnection, master: &str, what: &str, sql: &str) -> R
     Ok(())
 }
 
-async fn init_master(
-    topology: &Topology,
-    master: &Master,
-    index: usize,
-    conn: &mut PgConnection,
-) -> Result<Vec<String>> {
+async fn init_master(topology: &Topology, master: &Master, conn: &mut PgConnection) -> Result<Vec<String>> {
     let name = master.name.as_str();
     let mut done = Vec::new();
 
@@ -463,7 +461,6 @@ async fn init_master(
     for table in &topology.synced_tables() {
         let info = describe(conn, name, table).await?.expect("checked above, or made by the migrations");
         done.extend(install_table(conn, name, &info).await?);
-        done.extend(interleave_sequences(conn, name, &info, index, topology.masters.len()).await?);
     }
 
     // The publication: synced tables and the tombstones that carry deletes.
@@ -634,62 +631,108 @@ END
 }
 
 /// For integer keys fed by a sequence or identity: increment = number of
-/// masters, and a residue per master, so two masters never mint the same id.
-async fn interleave_sequences(
-    conn: &mut PgConnection,
-    master: &str,
-    info: &TableInfo,
-    index: usize,
-    masters: usize,
-) -> Result<Vec<String>> {
+/// masters, and a residue per master (its place in the topology), so two
+/// masters never mint the same id.
+///
+/// Applications keep writing meanwhile, and ids minted under the old
+/// increment may not have reached every master yet (a master that joins, or
+/// `mmsync run` stopped), so no master's own rows say where it is safe to
+/// start. The sequences are therefore changed together: each master's is
+/// locked first (a no-op `ALTER SEQUENCE` blocks `nextval` until commit),
+/// then the highest id any of them minted or holds is read under those
+/// locks, and every sequence restarts above it, at its own residue. Inserts
+/// wait for the moment that takes; none can mint an id that exists.
+async fn interleave_sequences(conns: &mut [(&Master, PgConnection)], table: &TableName) -> Result<Vec<String>> {
+    let n = conns.len() as i64;
     let mut done = Vec::new();
-    let n = masters as i64;
-    let residue = (index as i64 + 1) % n;
+    let first = &mut conns[0];
+    let Some(info) = describe(&mut first.1, &first.0.name, table).await? else { return Ok(done) };
     for key in &info.key {
         let column = info.column(key).expect("key columns are columns");
         if !["int2", "int4", "int8"].contains(&column.type_name.as_str()) {
             continue;
         }
-        let seq: Option<String> = sqlx::query_scalar("SELECT pg_get_serial_sequence($1, $2)")
-            .bind(info.name.quoted())
-            .bind(key)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(Error::db(master, format!("looking up the sequence of {}.{key}", info.name)))?;
-        let Some(seq) = seq else { continue };
-        let increment: i64 = sqlx::query_scalar("SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass")
-            .bind(&seq)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(Error::db(master, format!("reading sequence {seq}")))?;
-        let (last, called): (i64, bool) = sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(Error::db(master, format!("reading sequence {seq}")))?;
-        let next = if called { last + increment } else { last };
-        if increment == n && next.rem_euclid(n) == residue {
-            continue;
-        }
-        let max_key: Option<i64> =
-            sqlx::query_scalar(&format!("SELECT max({})::int8 FROM {}", quote_ident(key), info.name.quoted()))
+        // Each master's sequence of this column, and whether it is in place.
+        let mut seqs: Vec<Option<String>> = Vec::new();
+        let mut in_place = true;
+        for (index, (master, conn)) in conns.iter_mut().enumerate() {
+            let seq: Option<String> = sqlx::query_scalar("SELECT pg_get_serial_sequence($1, $2)")
+                .bind(table.quoted())
+                .bind(key)
                 .fetch_one(&mut *conn)
                 .await
-                .map_err(Error::db(master, format!("reading max({key}) of {}", info.name)))?;
-        let base = max_key.unwrap_or(0).max(next - 1) + 1;
-        let restart = base + (residue - base).rem_euclid(n);
-        exec(
-            conn,
-            master,
-            &format!("interleaving sequence {seq}"),
-            &format!("ALTER SEQUENCE {seq} INCREMENT BY {n} RESTART WITH {restart}"),
-        )
-        .await?;
-        done.push(format!(
-            "sequence {seq} of {}.{key}: increment {increment} -> {n}, next value {restart} (ids = {residue} mod {n} on this master)",
-            info.name
-        ));
+                .map_err(Error::db(&master.name, format!("looking up the sequence of {table}.{key}")))?;
+            if let Some(seq) = &seq {
+                let (increment, next) = sequence_state(conn, &master.name, seq).await?;
+                in_place &= increment == n && next.rem_euclid(n) == residue(index, n);
+            }
+            seqs.push(seq);
+        }
+        if in_place {
+            continue;
+        }
+        // Lock every sequence, then find the highest id anywhere.
+        let mut high = 0i64;
+        for ((master, conn), seq) in conns.iter_mut().zip(&seqs) {
+            let name = master.name.as_str();
+            exec(conn, name, "beginning", "BEGIN; SET LOCAL lock_timeout = '30s'").await?;
+            if let Some(seq) = seq {
+                let (increment, next) = sequence_state(conn, name, seq).await?;
+                exec(conn, name, &format!("locking sequence {seq}"), &format!("ALTER SEQUENCE {seq} INCREMENT BY {increment}"))
+                    .await?;
+                // Read again under the lock: nextval may have moved it since.
+                let (_, next_locked) = sequence_state(conn, name, seq).await?;
+                high = high.max(next.max(next_locked) - 1);
+            }
+            let max_key: Option<i64> =
+                sqlx::query_scalar(&format!("SELECT max({})::int8 FROM {}", quote_ident(key), table.quoted()))
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(Error::db(name, format!("reading max({key}) of {table}")))?;
+            high = high.max(max_key.unwrap_or(0));
+        }
+        for (index, ((master, conn), seq)) in conns.iter_mut().zip(&seqs).enumerate() {
+            let name = master.name.as_str();
+            if let Some(seq) = seq {
+                let residue = residue(index, n);
+                let restart = (high + 1) + (residue - (high + 1)).rem_euclid(n);
+                exec(
+                    conn,
+                    name,
+                    &format!("interleaving sequence {seq}"),
+                    &format!("ALTER SEQUENCE {seq} INCREMENT BY {n} RESTART WITH {restart}"),
+                )
+                .await?;
+                done.push(format!(
+                    "master {name:?}: sequence {seq} of {table}.{key}: increment {n}, next value {restart} \
+                     (ids = {residue} mod {n} on this master, above {high}, the highest id any master minted or holds)"
+                ));
+            }
+        }
+        for (master, conn) in conns.iter_mut() {
+            exec(conn, &master.name, "committing the sequences", "COMMIT").await?;
+        }
     }
     Ok(done)
+}
+
+/// The residue of ids minted on the master at `index` of `n`.
+fn residue(index: usize, n: i64) -> i64 {
+    (index as i64 + 1) % n
+}
+
+/// A sequence's increment and the value its next `nextval` returns.
+async fn sequence_state(conn: &mut PgConnection, master: &str, seq: &str) -> Result<(i64, i64)> {
+    let increment: i64 = sqlx::query_scalar("SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass")
+        .bind(seq)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(master, format!("reading sequence {seq}")))?;
+    let (last, called): (i64, bool) = sqlx::query_as(&format!("SELECT last_value, is_called FROM {seq}"))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Error::db(master, format!("reading sequence {seq}")))?;
+    Ok((increment, if called { last + increment } else { last }))
 }
 
 #[cfg(test)]
