@@ -1,14 +1,15 @@
-//! A master that joins a running mesh: `mmsync join` copies another
+//! Masters that join and leave a running mesh: `mmsync join` copies another
 //! master's rows under one snapshot and starts the new master's sinks where
-//! that snapshot stands in Kafka, while the applications keep writing.
+//! that snapshot stands in Kafka, while the applications keep writing;
+//! `mmsync remove` takes a master out once what it wrote has reached the others.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use mmsync::testbed::{BedKafka, BED_DATABASE};
+use mmsync::testbed::{wait_for, BedKafka, BED_DATABASE};
 use sqlx::{Connection, PgConnection};
 
-use crate::common::{kv_state, lww_model, mmsync, write_once_from, Rng, Synced, Written, KV};
+use crate::common::{kv_state, lww_model, mmsync, write_once_from, Rng, Synced, Written, DEADLINE, KV};
 
 /// Writes keys `first..first + 300` on one master until told to stop;
 /// returns what it acknowledged.
@@ -152,8 +153,10 @@ async fn ids_minted_on_every_master_while_a_third_joins_never_collide() {
     expected.sort();
     s.converged("notes").await;
     for m in ["seoul", "busan", "jeju"] {
-        let mut rows: Vec<String> =
-            sqlx::query_scalar("SELECT concat_ws('|', id, author, body) FROM notes").fetch_all(&mut s.conn(m).await).await.unwrap();
+        let mut rows: Vec<String> = sqlx::query_scalar("SELECT concat_ws('|', id, author, body) FROM notes")
+            .fetch_all(&mut s.conn(m).await)
+            .await
+            .unwrap();
         rows.sort();
         assert_eq!(rows.len(), expected.len(), "{m} holds every acknowledged note, each under its own id");
         assert_eq!(rows, expected, "{m}");
@@ -161,5 +164,101 @@ async fn ids_minted_on_every_master_while_a_third_joins_never_collide() {
             sqlx::query_scalar("SELECT count(*) FROM mmsync.conflicts").fetch_one(&mut s.conn(m).await).await.unwrap();
         assert_eq!(conflicts, 0, "no two masters minted the same id ({m})");
     }
+    s.stop().await;
+}
+
+async fn keys(s: &Synced, master: &str) -> Vec<i32> {
+    sqlx::query_scalar("SELECT id FROM kv ORDER BY id").fetch_all(&mut s.conn(master).await).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_master_leaves_only_once_what_it_wrote_reached_the_others_and_nothing_of_it_stays() {
+    let mut s =
+        Synced::new(&["seoul", "busan", "jeju"], BedKafka::Shared, KV, &["public.kv"], "tombstones_keep_seconds = 1")
+            .await;
+    s.start();
+    let urls: std::collections::HashMap<&str, String> =
+        ["seoul", "busan", "jeju"].into_iter().map(|m| (m, s.bed.master(m).url(BED_DATABASE))).collect();
+    let sql = |m: &'static str, q: &'static str| {
+        let url = urls[m].clone();
+        async move { sqlx::raw_sql(q).execute(&mut PgConnection::connect(&url).await.unwrap()).await.unwrap() }
+    };
+    sql("seoul", "INSERT INTO kv VALUES (1, 's', 1), (2, 's', 1)").await;
+    sql("busan", "INSERT INTO kv VALUES (3, 'b', 1)").await;
+    sql("jeju", "INSERT INTO kv VALUES (5, 'j', 1), (6, 'j', 1); DELETE FROM kv WHERE id = 6").await;
+    s.converged("kv").await;
+    s.stop().await;
+
+    // A write on jeju that mmsync has not sent: jeju may not leave yet.
+    sql("jeju", "INSERT INTO kv VALUES (7, 'late', 1)").await;
+    let (code, out) = mmsync(&s.topology, &["remove", "--master", "jeju"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("its slot holds 1 change(s) of its own that mmsync has not sent yet"), "{out}");
+    s.start();
+    wait_for("jeju's last write to reach the others", DEADLINE, || async {
+        (keys(&s, "seoul").await.contains(&7) && keys(&s, "busan").await.contains(&7)).then_some(())
+    })
+    .await;
+    s.stop().await;
+
+    let (code, out) = mmsync(&s.topology, &["remove", "--master", "jeju", "--delete-topics"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("dropped replication slot mmsync_jeju"), "{out}");
+    assert!(out.contains("kafka: deleted topic"), "{out}");
+    let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots")
+        .fetch_one(&mut s.conn("jeju").await)
+        .await
+        .unwrap();
+    assert_eq!(slots, 0, "jeju's slot no longer holds its WAL");
+    let topology = s.topology();
+    let jeju_topics: Vec<String> =
+        mmsync::kafka::all_topics(&topology).into_iter().filter(|(m, _, _)| m == "jeju").map(|(_, _, t)| t).collect();
+    for m in ["seoul", "busan"] {
+        let mut conn = s.conn(m).await;
+        let offsets: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.applied_offsets WHERE topic = ANY($1)")
+            .bind(&jeju_topics)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        let beats: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.heartbeats WHERE master = 'jeju'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!((offsets, beats), (0, 0), "{m} keeps nothing of jeju");
+    }
+    let consumer: rdkafka::consumer::BaseConsumer = mmsync::kafka::client_config(&topology.kafka).create().unwrap();
+    wait_for("jeju's topics to be gone", DEADLINE, || async {
+        jeju_topics.iter().all(|t| mmsync::kafka::partitions(&consumer, t).unwrap().is_none()).then_some(())
+    })
+    .await;
+
+    // The topology without jeju: status knows nothing of it, and the two
+    // others sync on; their tombstones no longer wait for jeju.
+    let text = std::fs::read_to_string(&s.topology).unwrap();
+    let start = text.find("[[masters]]\nname = \"jeju\"").unwrap();
+    let end = start + text[start..].find("\n\n").unwrap() + 2;
+    std::fs::write(&s.topology, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let (code, out) = mmsync(&s.topology, &["init"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = mmsync(&s.topology, &["status"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("jeju"), "{out}");
+    s.start();
+    sql("seoul", "DELETE FROM kv WHERE id = 1; INSERT INTO kv VALUES (8, 's', 1)").await;
+    wait_for("seoul's writes to reach busan", DEADLINE, || async {
+        (keys(&s, "busan").await == vec![2, 3, 5, 7, 8]).then_some(())
+    })
+    .await;
+    assert_eq!(keys(&s, "seoul").await, vec![2, 3, 5, 7, 8]);
+    wait_for("seoul's tombstones to go", DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.tombstones")
+            .fetch_one(&mut s.conn("seoul").await)
+            .await
+            .unwrap();
+        (n == 0).then_some(())
+    })
+    .await;
+    let (code, out) = mmsync(&s.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
     s.stop().await;
 }

@@ -7,11 +7,13 @@ use mmsync::testbed::{wait_for, BedKafka};
 use crate::common::{mmsync, Synced, DEADLINE, KV};
 
 async fn tombstone_of(s: &Synced, master: &str, id: i32) -> Option<i64> {
-    sqlx::query_scalar("SELECT version FROM mmsync.tombstones WHERE table_name = 'kv' AND key = jsonb_build_object('id', $1::text)")
-        .bind(id.to_string())
-        .fetch_optional(&mut s.conn(master).await)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT version FROM mmsync.tombstones WHERE table_name = 'kv' AND key = jsonb_build_object('id', $1::text)",
+    )
+    .bind(id.to_string())
+    .fetch_optional(&mut s.conn(master).await)
+    .await
+    .unwrap()
 }
 
 async fn rows_exactly(s: &Synced, master: &str, rows: i64) {
@@ -24,7 +26,8 @@ async fn rows_exactly(s: &Synced, master: &str, rows: i64) {
 
 #[tokio::test]
 async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_it_is_away_and_goes_after() {
-    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "tombstones_keep_seconds = 1").await;
+    let mut s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "tombstones_keep_seconds = 1").await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     let mut busan = s.conn("busan").await;
@@ -34,8 +37,10 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
     sqlx::raw_sql("DELETE FROM kv WHERE id = 2").execute(&mut seoul).await.unwrap();
     rows_exactly(&s, "busan", 1).await;
     for m in ["seoul", "busan"] {
-        wait_for("the old tombstone to go", DEADLINE, || async { tombstone_of(&s, m, 2).await.is_none().then_some(()) })
-            .await;
+        wait_for("the old tombstone to go", DEADLINE, || async {
+            tombstone_of(&s, m, 2).await.is_none().then_some(())
+        })
+        .await;
     }
 
     // busan's source stops, as when its mmsync is down: its heartbeat row is
@@ -55,7 +60,8 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
     // Retention runs on seoul well past the horizon, and keeps it: busan's
     // late update is still to come, and only the tombstone makes it lose.
     wait_for("the horizon to pass", DEADLINE, || async {
-        let now: i64 = sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn("seoul").await).await.unwrap();
+        let now: i64 =
+            sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn("seoul").await).await.unwrap();
         (now > deleted + 1_000_000).then_some(())
     })
     .await;
@@ -76,10 +82,12 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
         wait_for("the tombstone to go", DEADLINE, || async { tombstone_of(&s, m, 1).await.is_none().then_some(()) })
             .await;
     }
-    let lost: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.conflicts WHERE key = '{\"id\": \"1\"}' AND incoming_origin = 'busan'")
-        .fetch_one(&mut seoul)
-        .await
-        .unwrap();
+    let lost: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM mmsync.conflicts WHERE key = '{\"id\": \"1\"}' AND incoming_origin = 'busan'",
+    )
+    .fetch_one(&mut seoul)
+    .await
+    .unwrap();
     assert_eq!(lost, 1, "busan's late update lost to the tombstone on seoul");
     assert!(s.converged("kv").await.is_empty(), "no master brought key 1 back");
     let (code, out) = mmsync(&s.topology, &["verify"]).await;

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use sqlx::{Connection, PgConnection, Row as _};
 
 use crate::change::{Change, Key, Op, Position, Row};
@@ -71,21 +71,18 @@ pub async fn join(
     // The ends of `from`'s own topics, before its snapshot.
     let consumer: BaseConsumer = crate::kafka::consumer(&topology.kafka, &format!("mmsync-join-{new}"))?;
     let mut positions: HashMap<(String, i32), i64> = HashMap::new();
-    for (master, _, topic) in crate::kafka::all_topics(topology) {
-        if master != from {
-            continue;
-        }
-        let partitions = crate::kafka::partitions(&consumer, &topic)?.ok_or_else(|| Error::Missing {
+    let topics: Vec<String> =
+        crate::kafka::all_topics(topology).into_iter().filter(|(m, _, _)| m == from).map(|(_, _, t)| t).collect();
+    let ends = crate::kafka::ends(&consumer, &topics)?;
+    if let Some(topic) = topics.iter().find(|t| !ends.iter().any(|(e, _, _)| e == *t)) {
+        return Err(Error::Missing {
             master: from.to_string(),
             problem: format!("topic {topic} does not exist"),
             fix: "run `mmsync init`".into(),
-        })?;
-        for p in 0..partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(&topic, p, crate::kafka::REQUEST_TIMEOUT)
-                .map_err(Error::kafka(format!("reading the end of {topic}[{p}]")))?;
-            positions.insert((topic.clone(), p), high);
-        }
+        });
+    }
+    for (topic, p, high) in ends {
+        positions.insert((topic, p), high);
     }
 
     let mut read = crate::db::connect(source).await?;

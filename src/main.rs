@@ -63,6 +63,26 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch: u64,
     },
+    /// Take a master out of the mesh: once everything it wrote has reached
+    /// the others (refused otherwise, with what is missing), drop its slot and
+    /// publication, forget its offsets and heartbeat on the other masters (so
+    /// tombstone retention and `status` stop waiting for it), and keep or
+    /// delete its topics. Its database keeps its rows. Stop `mmsync run`
+    /// first, run this while topology.toml still names the master, then
+    /// delete its [[masters]] entry and run `mmsync init` (which re-interleaves
+    /// the other masters' sequences).
+    Remove {
+        /// The master that leaves.
+        #[arg(long)]
+        master: String,
+        /// Also delete its topics from Kafka (kept by default).
+        #[arg(long)]
+        delete_topics: bool,
+        /// Remove it even though changes of it have not reached the others
+        /// (they are lost), or it does not answer (its slot then stays on it).
+        #[arg(long)]
+        force: bool,
+    },
     /// Adopt the rows the synced tables held before `mmsync init`: stamp them
     /// on every master, in batches, with their master as origin and a version
     /// by one rule, so that they reach the other masters and every master
@@ -226,6 +246,24 @@ fn main() -> ExitCode {
             Command::Run => run(topology).await,
             Command::Adopt { seed, version_column, batch } => adopt(&topology, seed, version_column, batch).await,
             Command::Join { master, from, batch } => join(&topology, &master, &from, batch).await,
+            Command::Remove { master, delete_topics, force } => {
+                match mmsync::remove::remove(&topology, &master, force, delete_topics).await {
+                    Ok(removed) => {
+                        for line in removed.lines {
+                            println!("remove: {line}");
+                        }
+                        println!(
+                            "remove: {master} left the mesh; delete its [[masters]] entry from the topology, then \
+                             run `mmsync init` and `mmsync run`"
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("remove failed: {e}");
+                        ExitCode::from(EXIT_FAILED)
+                    }
+                }
+            }
             Command::DeadLetters { action, master } => dead_letters(&topology, action, master.as_deref()).await,
             Command::Verify { table, max_keys } => verify(&topology, table.as_deref(), max_keys).await,
             Command::Status { json } => {

@@ -678,8 +678,13 @@ async fn interleave_sequences(conns: &mut [(&Master, PgConnection)], table: &Tab
             exec(conn, name, "beginning", "BEGIN; SET LOCAL lock_timeout = '30s'").await?;
             if let Some(seq) = seq {
                 let (increment, next) = sequence_state(conn, name, seq).await?;
-                exec(conn, name, &format!("locking sequence {seq}"), &format!("ALTER SEQUENCE {seq} INCREMENT BY {increment}"))
-                    .await?;
+                exec(
+                    conn,
+                    name,
+                    &format!("locking sequence {seq}"),
+                    &format!("ALTER SEQUENCE {seq} INCREMENT BY {increment}"),
+                )
+                .await?;
                 // Read again under the lock: nextval may have moved it since.
                 let (_, next_locked) = sequence_state(conn, name, seq).await?;
                 high = high.max(next.max(next_locked) - 1);

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use serde::Serialize;
 
 use crate::schema::slot_name;
@@ -89,16 +89,10 @@ pub async fn status(topology: &Topology) -> Vec<Link> {
         crate::kafka::all_topics(topology).into_iter().map(|(m, _, t)| (m, t)).collect();
     let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String, i32, i64)>, String> {
         let consumer: BaseConsumer = crate::kafka::client_config(&kafka).create().map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        for (master, topic) in topics {
-            let partitions = crate::kafka::partitions(&consumer, &topic).map_err(|e| e.to_string())?.unwrap_or(0);
-            for p in 0..partitions {
-                let (_, high) =
-                    consumer.fetch_watermarks(&topic, p, crate::kafka::REQUEST_TIMEOUT).map_err(|e| e.to_string())?;
-                out.push((master.clone(), topic.clone(), p, high));
-            }
-        }
-        Ok(out)
+        let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
+        let ends = crate::kafka::ends(&consumer, &names).map_err(|e| e.to_string())?;
+        let master_of: HashMap<&String, &String> = topics.iter().map(|(m, t)| (t, m)).collect();
+        Ok(ends.into_iter().map(|(t, p, high)| (master_of[&t].clone(), t, p, high)).collect())
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()));

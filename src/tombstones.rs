@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{counter, gauge};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use sqlx::PgConnection;
 use tokio::sync::watch;
 
@@ -169,26 +169,15 @@ pub async fn assess(
     .await
     .map_err(db("reading the versions of pending dead letters"))?;
 
-    let topics: Vec<(String, String)> = crate::kafka::all_topics(topology)
+    let origin_of: std::collections::HashMap<String, String> = crate::kafka::all_topics(topology)
         .into_iter()
         .filter(|(origin, _, _)| origin != master)
-        .map(|(origin, _, topic)| (origin, topic))
+        .map(|(origin, _, topic)| (topic, origin))
         .collect();
-    let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String, i32, i64)>> {
-        let mut ends = Vec::new();
-        for (origin, topic) in topics {
-            let partitions = crate::kafka::partitions(consumer.as_ref(), &topic)?.unwrap_or(0);
-            for p in 0..partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(&topic, p, crate::kafka::REQUEST_TIMEOUT)
-                    .map_err(Error::kafka(format!("reading the end of {topic}[{p}]")))?;
-                ends.push((origin.clone(), topic.clone(), p, high));
-            }
-        }
-        Ok(ends)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("reading topic ends panicked: {e}")))??;
+    let topics: Vec<String> = origin_of.keys().cloned().collect();
+    let ends = tokio::task::spawn_blocking(move || crate::kafka::ends(consumer.as_ref(), &topics))
+        .await
+        .map_err(|e| Error::Internal(format!("reading topic ends panicked: {e}")))??;
 
     let mut links: Vec<Link> = topology
         .masters
@@ -200,9 +189,10 @@ pub async fn assess(
             partitions: Vec::new(),
         })
         .collect();
-    for (origin, topic, partition, end) in ends {
+    for (topic, partition, end) in ends {
+        let origin = &origin_of[&topic];
         let stored = applied.iter().find(|(t, p, _, _)| *t == topic && *p == partition);
-        let link = links.iter_mut().find(|l| l.origin == origin).expect("every topic's origin is a master");
+        let link = links.iter_mut().find(|l| l.origin == *origin).expect("every topic's origin is a master");
         link.partitions.push(Partition {
             topic,
             partition,
@@ -308,10 +298,7 @@ mod tests {
         let links = [link("busan", Some(900), vec![partition(7, Some(500), 10), partition(3, Some(600), 3)])];
         let w = watermark(1000, &links, None);
         assert_eq!(w.ms, 500);
-        assert_eq!(
-            w.held_by,
-            Holder::Partition { master: "busan".into(), topic: "t".into(), partition: 0, behind: 3 }
-        );
+        assert_eq!(w.held_by, Holder::Partition { master: "busan".into(), topic: "t".into(), partition: 0, behind: 3 });
     }
 
     #[test]

@@ -168,6 +168,22 @@ pub fn partitions(consumer: &impl Consumer, topic: &str) -> Result<Option<i32>> 
         .map(|t| t.partitions().len() as i32))
 }
 
+/// The end offset of every partition of `topics`, as (topic, partition,
+/// end); a topic that does not exist has none. Blocking: call it from
+/// `spawn_blocking`.
+pub fn ends(consumer: &impl Consumer, topics: &[String]) -> Result<Vec<(String, i32, i64)>> {
+    let mut ends = Vec::new();
+    for topic in topics {
+        for p in 0..partitions(consumer, topic)?.unwrap_or(0) {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
+                .map_err(Error::kafka(format!("reading the end of {topic}[{p}]")))?;
+            ends.push((topic.clone(), p, high));
+        }
+    }
+    Ok(ends)
+}
+
 /// Produces one round of changes and waits until Kafka has acknowledged every
 /// one. Any failed delivery fails the round: the caller then must not advance
 /// its slot, and will produce the round again (duplicates, never a gap).
