@@ -510,3 +510,113 @@ async fn randomized_faults_with(names: &[&str], test: &str, workload: Workload) 
     load.settle(&s, seed, test, f).await;
     s.stop().await;
 }
+
+/// Rows of `kv` on the master `m` whose id is at least `from`.
+async fn count_from(s: &Synced, m: &str, from: i32) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM kv WHERE id >= $1")
+        .bind(from)
+        .fetch_one(&mut s.conn(m).await)
+        .await
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_join_killed_and_then_its_source_master_killed_mid_copy_goes_on_where_it_stopped_and_loses_nothing() {
+    const BULK: i64 = 100_000;
+    const FIRST: i32 = 100_000;
+    let seed = seed("join_killed");
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
+    s.start();
+    // Rows enough that the copy overlaps the writes and the faults, on ids
+    // the load does not touch; with room in their pages, so that an update
+    // stays in place (HOT), in a part of the table a join already copied.
+    sqlx::raw_sql("ALTER TABLE kv SET (fillfactor = 70)").execute(&mut s.conn("seoul").await).await.unwrap();
+    sqlx::query("INSERT INTO kv SELECT i, 'bulk', i FROM generate_series($1::int, $1::int + $2::int - 1) i")
+        .bind(FIRST)
+        .bind(BULK as i32)
+        .execute(&mut s.conn("seoul").await)
+        .await
+        .unwrap();
+    wait_for("the bulk rows on busan", DEADLINE * 2, || async {
+        (count_from(&s, "busan", FIRST).await == BULK).then_some(())
+    })
+    .await;
+    let load = Load::start(&s, seed);
+    load.progress(&["seoul", "busan"], 100).await;
+    // jeju joins from seoul while both keep taking writes (mmsync stopped, as join needs).
+    s.kill().await;
+    s.bed.add_master("jeju").await.unwrap();
+    sqlx::raw_sql(KV).execute(&mut s.conn("jeju").await).await.unwrap();
+    s.topology = s.bed.write_topology(&["public.kv"], "");
+    let (code, out) = mmsync(&s.topology, &["init"]).await;
+    assert_eq!(code, 0, "{out}");
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_mmsync"));
+    let (dir, topology) = (s.bed.dir.path().to_path_buf(), s.topology.clone());
+    let join = |run: usize| {
+        let log = dir.join(format!("join-{run}.log"));
+        let args = ["join", "--master", "jeju", "--from", "seoul", "--batch", "2000"];
+        mmsync::testbed::MmsyncProcess::spawn(bin, &topology, &args, &[], log).unwrap()
+    };
+    let mut f = Figures { cycles: 1, faults: 0 };
+
+    // The join is killed a fifth of the way.
+    let first = join(1);
+    wait_for("a fifth of the copy", DEADLINE, || async {
+        (count_from(&s, "jeju", FIRST).await >= BULK / 5).then_some(())
+    })
+    .await;
+    first.kill().await;
+    f.faults += 1;
+    // Rows the first run copied change in place before the next run: only
+    // Kafka, read from the first run's positions, brings these to jeju.
+    sqlx::query("UPDATE kv SET val = 'hot' WHERE id >= $1 AND id < $1 + 1000")
+        .bind(FIRST)
+        .execute(&mut s.conn("seoul").await)
+        .await
+        .unwrap();
+    // Run again, it goes on; seoul dies half way through.
+    let second = join(2);
+    wait_for("half of the copy", DEADLINE, || async {
+        (count_from(&s, "jeju", FIRST).await >= BULK / 2).then_some(())
+    })
+    .await;
+    s.bed.master_mut("seoul").kill().await;
+    f.faults += 1;
+    let log = second.log();
+    assert!(!second.wait().await.success(), "the join cannot go on without seoul: {log}");
+    s.bed.master_mut("seoul").restart().await.unwrap();
+    // Run a third time, it finishes from where the second one came.
+    let third = join(3);
+    let log = third.log_path();
+    assert!(third.wait().await.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    let out = std::fs::read_to_string(&log).unwrap();
+    let went_on: u64 = out
+        .split("going on from row ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the third join goes on where the second stopped: {out}"));
+    assert!(went_on >= BULK as u64 / 2, "it went on from row {went_on}, not from the start: {out}");
+
+    // The copy alone holds every bulk row (seoul's slot may send them again
+    // once mmsync runs: a crash makes a slot forget how far it was confirmed
+    // since its last checkpoint, which would hide rows the copy skipped).
+    assert_eq!(count_from(&s, "jeju", FIRST).await, BULK, "the copy skipped rows: {out}");
+    s.start();
+    load.settle(&s, seed, "join_killed", f).await;
+    for m in ["seoul", "busan", "jeju"] {
+        let bulk: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM kv WHERE id >= $1 AND val = CASE WHEN id < $1 + 1000 THEN 'hot' ELSE 'bulk' END AND n = id",
+        )
+            .bind(FIRST)
+            .fetch_one(&mut s.conn(m).await)
+            .await
+            .unwrap();
+        assert_eq!(bulk, BULK, "{m} holds every bulk row as written");
+    }
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.dead_letters")
+        .fetch_one(&mut s.conn("jeju").await)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    s.stop().await;
+}

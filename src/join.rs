@@ -16,7 +16,17 @@
 //!
 //! The applications keep writing on every master meanwhile; `mmsync run`
 //! must not (join holds every run lock): its sinks would start the new
-//! master from nothing. A stopped join is simply run again.
+//! master from nothing.
+//!
+//! A join that was stopped (killed, or its source master lost) goes on where
+//! it stopped when run again: the positions of the first run and how far each
+//! table came are stored on the new master (`mmsync.join_progress`,
+//! `mmsync.join_tables`, each table's progress in the transaction of its
+//! batch). The run that goes on reads a newer snapshot, and what changed
+//! between the two, in ranges already copied or not, is in Kafka after the
+//! first run's positions, where the sinks read it: nothing is missed, and
+//! what arrives twice is settled by last-writer-wins. (A row an update moved
+//! from a range not yet copied into one already copied is such a change.)
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -37,18 +47,20 @@ pub struct Copied {
     pub tombstones: u64,
     /// Rows the new master refused (kept as its dead letters).
     pub refused: u64,
+    /// Rows an earlier join that was stopped had copied (this one went on from there).
+    pub resumed_from: u64,
     pub seconds: f64,
 }
 
 /// Copies `from`'s synced tables to master `new` and records where `new`'s
 /// sinks go on. `progress` is called after each batch with (table, rows
-/// copied so far).
+/// copied so far, rows the table holds about).
 pub async fn join(
     topology: &Topology,
     new: &str,
     from: &str,
     batch_rows: u64,
-    mut progress: impl FnMut(&TableName, u64),
+    mut progress: impl FnMut(&TableName, u64, u64),
 ) -> Result<Vec<Copied>> {
     let setup = |problem: String| Error::Setup {
         master: new.to_string(),
@@ -68,47 +80,56 @@ pub async fn join(
         locks.push(crate::fence::acquire_as(master, "join").await?);
     }
 
-    // The ends of `from`'s own topics, before its snapshot.
-    let consumer: BaseConsumer = crate::kafka::consumer(&topology.kafka, &format!("mmsync-join-{new}"))?;
-    let mut positions: HashMap<(String, i32), i64> = HashMap::new();
-    let topics: Vec<String> =
-        crate::kafka::all_topics(topology).into_iter().filter(|(m, _, _)| m == from).map(|(_, _, t)| t).collect();
-    let ends = crate::kafka::ends(&consumer, &topics)?;
-    if let Some(topic) = topics.iter().find(|t| !ends.iter().any(|(e, _, _)| e == *t)) {
-        return Err(Error::Missing {
-            master: from.to_string(),
-            problem: format!("topic {topic} does not exist"),
-            fix: "run `mmsync init`".into(),
-        });
-    }
-    for (topic, p, high) in ends {
-        positions.insert((topic, p), high);
-    }
-
     let mut read = crate::db::connect(source).await?;
     let mut write = crate::db::connect(target).await?;
     let db = |master: &str, what: String| Error::db(master, what);
-    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut read)
-        .await
-        .map_err(db(from, "beginning the snapshot".into()))?;
-    // What the snapshot holds of the other masters' topics (not the new one's).
-    let own: Vec<String> = crate::kafka::all_topics(topology)
-        .into_iter()
-        .filter(|(m, _, _)| m == new || m == from)
-        .map(|(_, _, t)| t)
-        .collect();
-    let applied: Vec<(String, i32, i64)> =
-        sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
-            .fetch_all(&mut read)
+
+    // A join stopped before goes on, from the same master, with its positions.
+    let stored: Option<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT from_master, positions FROM mmsync.join_progress")
+            .fetch_optional(&mut write)
             .await
-            .map_err(db(from, "reading applied offsets".into()))?;
-    let known: Vec<String> = crate::kafka::all_topics(topology).into_iter().map(|(_, _, t)| t).collect();
-    for (topic, p, next) in applied {
-        if known.contains(&topic) && !own.contains(&topic) {
-            positions.insert((topic, p), next);
+            .map_err(db(new, "reading mmsync.join_progress (has `mmsync init` run?)".into()))?;
+    let resumed = match stored {
+        Some((was, positions)) if was == from => {
+            let positions: Vec<(String, i32, i64)> = serde_json::from_value(positions)
+                .map_err(|e| Error::Internal(format!("mmsync.join_progress holds unreadable positions: {e}")))?;
+            tracing::info!("{new}: going on with the join from {from} that was stopped");
+            Some(positions.into_iter().map(|(t, p, o)| ((t, p), o)).collect::<HashMap<_, _>>())
         }
-    }
+        Some((was, _)) => {
+            tracing::warn!("{new}: a join from {was} was stopped; starting over from {from}");
+            None
+        }
+        None => None,
+    };
+
+    let positions = match resumed {
+        Some(positions) => {
+            sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut read)
+                .await
+                .map_err(db(from, "beginning the snapshot".into()))?;
+            positions
+        }
+        None => {
+            let positions = first_positions(topology, &mut read, new, from).await?;
+            let list: Vec<(&String, &i32, &i64)> = positions.iter().map(|((t, p), o)| (t, p, o)).collect();
+            let mut tx = write.begin().await.map_err(db(new, "beginning".into()))?;
+            sqlx::raw_sql("DELETE FROM mmsync.join_progress; DELETE FROM mmsync.join_tables")
+                .execute(&mut *tx)
+                .await
+                .map_err(db(new, "clearing mmsync.join_progress".into()))?;
+            sqlx::query("INSERT INTO mmsync.join_progress (from_master, positions) VALUES ($1, $2)")
+                .bind(from)
+                .bind(serde_json::to_value(list).expect("plain data"))
+                .execute(&mut *tx)
+                .await
+                .map_err(db(new, "storing the join's positions".into()))?;
+            tx.commit().await.map_err(db(new, "storing the join's positions".into()))?;
+            positions
+        }
+    };
 
     let mut report = Vec::new();
     for table in &topology.tables {
@@ -126,11 +147,67 @@ pub async fn join(
     }
     sqlx::query("ROLLBACK").execute(&mut read).await.map_err(db(from, "ending the snapshot".into()))?;
 
-    // Where the new master's sinks go on, in one transaction.
+    // Where the new master's sinks go on, and the join is over, in one transaction.
     let positions: std::collections::BTreeMap<(String, i32), i64> = positions.into_iter().collect();
-    crate::sink::store_offsets(&mut write, new, &positions, &Default::default()).await?;
+    let mut tx = write.begin().await.map_err(db(new, "beginning".into()))?;
+    crate::sink::store_offsets(&mut tx, new, &positions, &Default::default()).await?;
+    sqlx::raw_sql("DELETE FROM mmsync.join_progress; DELETE FROM mmsync.join_tables")
+        .execute(&mut *tx)
+        .await
+        .map_err(db(new, "clearing mmsync.join_progress".into()))?;
+    tx.commit().await.map_err(db(new, "storing the positions".into()))?;
     drop(locks);
     Ok(report)
+}
+
+/// Where the new master's sinks will go on: the ends of `from`'s own topics,
+/// read before its snapshot (every record before them is a change that
+/// snapshot holds), and for the other masters' topics the offsets up to
+/// which `from` had applied them in that snapshot. Leaves `read` in that
+/// snapshot.
+async fn first_positions(
+    topology: &Topology,
+    read: &mut PgConnection,
+    new: &str,
+    from: &str,
+) -> Result<HashMap<(String, i32), i64>> {
+    let consumer: BaseConsumer = crate::kafka::consumer(&topology.kafka, &format!("mmsync-join-{new}"))?;
+    let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+    let topics: Vec<String> =
+        crate::kafka::all_topics(topology).into_iter().filter(|(m, _, _)| m == from).map(|(_, _, t)| t).collect();
+    let ends = crate::kafka::ends(&consumer, &topics)?;
+    if let Some(topic) = topics.iter().find(|t| !ends.iter().any(|(e, _, _)| e == *t)) {
+        return Err(Error::Missing {
+            master: from.to_string(),
+            problem: format!("topic {topic} does not exist"),
+            fix: "run `mmsync init`".into(),
+        });
+    }
+    for (topic, p, high) in ends {
+        positions.insert((topic, p), high);
+    }
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *read)
+        .await
+        .map_err(Error::db(from, "beginning the snapshot"))?;
+    // What the snapshot holds of the other masters' topics (not the new one's).
+    let own: Vec<String> = crate::kafka::all_topics(topology)
+        .into_iter()
+        .filter(|(m, _, _)| m == new || m == from)
+        .map(|(_, _, t)| t)
+        .collect();
+    let applied: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
+            .fetch_all(&mut *read)
+            .await
+            .map_err(Error::db(from, "reading applied offsets"))?;
+    let known: Vec<String> = crate::kafka::all_topics(topology).into_iter().map(|(_, _, t)| t).collect();
+    for (topic, p, next) in applied {
+        if known.contains(&topic) && !own.contains(&topic) {
+            positions.insert((topic, p), next);
+        }
+    }
+    Ok(positions)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -143,11 +220,41 @@ async fn copy_table(
     info: &TableInfo,
     new_info: TableInfo,
     batch_rows: u64,
-    progress: &mut impl FnMut(&TableName, u64),
+    progress: &mut impl FnMut(&TableName, u64, u64),
 ) -> Result<Copied> {
     let started = Instant::now();
     let table = &info.name;
     let t = table.quoted();
+    let mut done = Copied { table: table.clone(), rows: 0, tombstones: 0, refused: 0, resumed_from: 0, seconds: 0.0 };
+    // Where a join that was stopped left this table.
+    let state: Option<(i64, i64, bool)> = sqlx::query_as(
+        "SELECT next_block, rows_copied, done FROM mmsync.join_tables WHERE schema_name = $1 AND table_name = $2",
+    )
+    .bind(&table.schema)
+    .bind(&table.name)
+    .fetch_optional(&mut *write)
+    .await
+    .map_err(Error::db(new, format!("reading how far the copy of {table} came")))?;
+    let mut block = match state {
+        Some((_, rows, true)) => {
+            (done.rows, done.resumed_from) = (rows as u64, rows as u64);
+            return Ok(done);
+        }
+        Some((block, rows, false)) => {
+            (done.rows, done.resumed_from) = (rows as u64, rows as u64);
+            block
+        }
+        None => {
+            sqlx::query("INSERT INTO mmsync.join_tables (schema_name, table_name) VALUES ($1, $2)")
+                .bind(&table.schema)
+                .bind(&table.name)
+                .execute(&mut *write)
+                .await
+                .map_err(Error::db(new, format!("recording the copy of {table}")))?;
+            0
+        }
+    };
+
     let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
     let columns: Vec<&str> = info.data_columns().map(|c| c.name.as_str()).collect();
     // Values in the text of each type's output function, as pgoutput sends them.
@@ -182,8 +289,8 @@ async fn copy_table(
         version,
         position: position.clone(),
     };
-    let mut done = Copied { table: table.clone(), rows: 0, tombstones: 0, refused: 0, seconds: 0.0 };
-    let mut block = 0i64;
+    let total = (rows as u64).max(done.rows);
+    progress(table, done.rows, total);
     while block < blocks {
         let batch = sqlx::query(&select)
             .bind(block)
@@ -200,34 +307,56 @@ async fn copy_table(
             changes.push(change(Op::Insert, key, Some(row), r.get(2), r.get(1)));
         }
         done.rows += changes.len() as u64;
-        done.refused += apply(write, topology, new, from, &new_info, changes).await?;
-        progress(table, done.rows);
+        let mark = Mark { table, next_block: block, rows: done.rows, done: false };
+        done.refused += apply(write, topology, new, from, &new_info, changes, mark).await?;
+        progress(table, done.rows, total.max(done.rows));
     }
-    // Its tombstones, so that an older change arriving later stays deleted.
-    let tombstones: Vec<(serde_json::Value, i64, String)> = sqlx::query_as(
-        "SELECT key, version, origin::text FROM mmsync.tombstones WHERE schema_name = $1 AND table_name = $2",
-    )
-    .bind(&table.schema)
-    .bind(&table.name)
-    .fetch_all(&mut *read)
-    .await
-    .map_err(Error::db(from, format!("reading the tombstones of {table}")))?;
-    for chunk in tombstones.chunks(batch_rows.max(1) as usize) {
-        let changes: Vec<Change> = chunk
-            .iter()
+    // Its tombstones, so that an older change arriving later stays deleted:
+    // in pages by key, then the table is done.
+    let mut after = serde_json::Value::Null;
+    loop {
+        let page: Vec<(serde_json::Value, i64, String)> = sqlx::query_as(
+            "SELECT key, version, origin::text FROM mmsync.tombstones
+             WHERE schema_name = $1 AND table_name = $2 AND ($3::jsonb IS NULL OR key > $3)
+             ORDER BY key LIMIT $4",
+        )
+        .bind(&table.schema)
+        .bind(&table.name)
+        .bind(&after)
+        .bind(batch_rows as i64)
+        .fetch_all(&mut *read)
+        .await
+        .map_err(Error::db(from, format!("reading the tombstones of {table}")))?;
+        let last = page.len() < batch_rows as usize;
+        after = page.last().map_or(serde_json::Value::Null, |(key, _, _)| key.clone());
+        let changes: Vec<Change> = page
+            .into_iter()
             .map(|(key, version, origin)| {
-                let key: Key = serde_json::from_value(key.clone()).unwrap_or_default();
-                change(Op::Delete, key, None, origin.clone(), *version)
+                let key: Key = serde_json::from_value(key).unwrap_or_default();
+                change(Op::Delete, key, None, origin, version)
             })
             .collect();
         done.tombstones += changes.len() as u64;
-        done.refused += apply(write, topology, new, from, &new_info, changes).await?;
+        let mark = Mark { table, next_block: block, rows: done.rows, done: last };
+        done.refused += apply(write, topology, new, from, &new_info, changes, mark).await?;
+        if last {
+            break;
+        }
     }
     done.seconds = started.elapsed().as_secs_f64();
     Ok(done)
 }
 
-/// One batch on the new master, in its own transaction; returns how many it refused.
+/// How far a table's copy came, stored with the batch that brought it there.
+struct Mark<'a> {
+    table: &'a TableName,
+    next_block: i64,
+    rows: u64,
+    done: bool,
+}
+
+/// One batch on the new master, in its own transaction with its mark;
+/// returns how many it refused.
 async fn apply(
     write: &mut PgConnection,
     topology: &Topology,
@@ -235,17 +364,30 @@ async fn apply(
     from: &str,
     info: &TableInfo,
     changes: Vec<Change>,
+    mark: Mark<'_>,
 ) -> Result<u64> {
-    if changes.is_empty() {
-        return Ok(0);
-    }
     let mut tx = write.begin().await.map_err(Error::db(new, "beginning a transaction"))?;
-    let (_, dead) =
-        crate::sink::apply_changes(&mut tx, new, info.clone(), topology.sync.max_clock_skew, from, changes).await?;
-    let refused = dead.len() as u64;
-    for d in dead {
-        d.keep(&mut tx, new).await?;
+    let mut refused = 0;
+    if !changes.is_empty() {
+        let (_, dead) =
+            crate::sink::apply_changes(&mut tx, new, info.clone(), topology.sync.max_clock_skew, from, changes).await?;
+        refused = dead.len() as u64;
+        for d in dead {
+            d.keep(&mut tx, new).await?;
+        }
     }
+    sqlx::query(
+        "UPDATE mmsync.join_tables SET next_block = $3, rows_copied = $4, done = $5
+         WHERE schema_name = $1 AND table_name = $2",
+    )
+    .bind(&mark.table.schema)
+    .bind(&mark.table.name)
+    .bind(mark.next_block)
+    .bind(mark.rows as i64)
+    .bind(mark.done)
+    .execute(&mut *tx)
+    .await
+    .map_err(Error::db(new, format!("recording how far the copy of {} came", mark.table)))?;
     tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
     Ok(refused)
 }

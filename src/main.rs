@@ -149,26 +149,28 @@ enum DeadLetterAction {
 }
 
 async fn join(topology: &Topology, master: &str, from: &str, batch: u64) -> ExitCode {
-    let started = std::time::Instant::now();
-    let mut last_line = std::time::Instant::now();
-    let progress = |table: &mmsync::topology::TableName, done: u64| {
-        if last_line.elapsed() >= std::time::Duration::from_secs(2) {
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            tracing::info!("joining {master} from {from}: {table}: {done} rows, {rate:.0} rows/s");
-            last_line = std::time::Instant::now();
-        }
+    let mut bar = mmsync::progress::Progress::new(format!("joining {master} from {from}:"));
+    let progress = |table: &mmsync::topology::TableName, done: u64, total: u64| {
+        bar.update(&table.to_string(), done, total);
     };
-    match mmsync::join::join(topology, master, from, batch.max(1), progress).await {
+    let result = mmsync::join::join(topology, master, from, batch.max(1), progress).await;
+    bar.finish();
+    match result {
         Ok(report) => {
             let mut refused = 0;
             for c in report {
+                let went_on = if c.resumed_from > 0 {
+                    format!(", going on from row {} where a join that was stopped had come", c.resumed_from)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{}: {} rows and {} tombstones copied from {from} in {:.1} s ({:.0} rows/s){}",
+                    "{}: {} rows and {} tombstones copied from {from} in {:.1} s ({:.0} rows/s{went_on}){}",
                     c.table,
                     c.rows,
                     c.tombstones,
                     c.seconds,
-                    c.rows as f64 / c.seconds.max(0.001),
+                    (c.rows - c.resumed_from) as f64 / c.seconds.max(0.001),
                     if c.refused > 0 { format!(", {} refused (see dead letters)", c.refused) } else { String::new() }
                 );
                 refused += c.refused;
@@ -193,19 +195,13 @@ async fn adopt(topology: &Topology, seed: Option<String>, version_column: Option
         (None, Some(column)) => mmsync::adopt::Rule::VersionColumn(column),
         (None, None) => unreachable!("clap requires one"),
     };
-    let started = std::time::Instant::now();
-    let mut last_line = std::time::Instant::now();
+    let mut bar = mmsync::progress::Progress::new("adopting");
     let progress = |master: &str, table: &mmsync::topology::TableName, done: u64, total: u64| {
-        if last_line.elapsed() >= std::time::Duration::from_secs(2) || done >= total {
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let left = total.saturating_sub(done) as f64 / rate.max(1.0);
-            tracing::info!(
-                "adopting {master} {table}: {done} of {total} rows, {rate:.0} rows/s, about {left:.0} s left"
-            );
-            last_line = std::time::Instant::now();
-        }
+        bar.update(&format!("{master} {table}"), done, total);
     };
-    match mmsync::adopt::adopt(topology, &rule, batch.max(1), progress).await {
+    let result = mmsync::adopt::adopt(topology, &rule, batch.max(1), progress).await;
+    bar.finish();
+    match result {
         Ok(report) => {
             for a in report {
                 println!("{} {}: {} rows adopted in {:.1} s", a.master, a.table, a.rows, a.seconds);
