@@ -262,3 +262,83 @@ async fn a_master_leaves_only_once_what_it_wrote_reached_the_others_and_nothing_
     assert_eq!(code, 0, "{out}");
     s.stop().await;
 }
+
+/// Runs a PostgreSQL client program (pg_dump, pg_restore) of the bed's version.
+fn pg_tool(tool: &str, args: &[&str]) {
+    let bin = mmsync::testbed::pg_bin_dir().unwrap().join(tool);
+    let out = std::process::Command::new(&bin).args(args).output().unwrap();
+    assert!(out.status.success(), "{tool} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+async fn val(s: &Synced, master: &str, id: i32) -> Option<String> {
+    sqlx::query_scalar("SELECT val FROM kv WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut s.conn(master).await)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_master_restored_from_an_old_backup_is_rebuilt_keeping_only_what_is_newer_than_the_others() {
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    sqlx::raw_sql("INSERT INTO kv SELECT i, 'old', i FROM generate_series(1, 40) i").execute(&mut seoul).await.unwrap();
+    s.converged("kv").await;
+    // busan's backup, then the mesh moves on: updates, deletes, inserts.
+    let dump = s.bed.dir.path().join("busan.dump");
+    let busan_port = s.bed.master("busan").port().to_string();
+    let dump_path = dump.to_str().unwrap();
+    pg_tool("pg_dump", &["-h", "127.0.0.1", "-p", &busan_port, "-U", "postgres", "-Fc", "-f", dump_path, BED_DATABASE]);
+    sqlx::raw_sql(
+        "UPDATE kv SET val = 'new' WHERE id <= 10; DELETE FROM kv WHERE id > 10 AND id <= 20;
+         INSERT INTO kv SELECT i, 'new', i FROM generate_series(41, 50) i",
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    s.converged("kv").await;
+    s.stop().await;
+
+    // busan is lost and restored from the backup.
+    let mut admin = s.bed.master("busan").connect("postgres").await.unwrap();
+    for sql in [
+        "SELECT pg_drop_replication_slot('mmsync_busan')".to_string(),
+        format!("DROP DATABASE {BED_DATABASE} WITH (FORCE)"),
+        format!("CREATE DATABASE {BED_DATABASE}"),
+    ] {
+        sqlx::raw_sql(&sql).execute(&mut admin).await.unwrap();
+    }
+    pg_tool("pg_restore", &["-h", "127.0.0.1", "-p", &busan_port, "-U", "postgres", "-d", BED_DATABASE, dump_path]);
+    assert_eq!(val(&s, "busan", 15).await.as_deref(), Some("old"), "the backup predates the deletes");
+    let (code, out) = mmsync(&s.topology, &["init"]).await;
+    assert_eq!(code, 0, "{out}");
+    // Applications write on the restored busan before it is rebuilt: newer
+    // than anything seoul holds of those keys.
+    sqlx::raw_sql("UPDATE kv SET val = 'busan' WHERE id = 5 OR id = 30; INSERT INTO kv VALUES (60, 'busan', 60)")
+        .execute(&mut s.conn("busan").await)
+        .await
+        .unwrap();
+
+    let (code, out) = mmsync(&s.topology, &["join", "--master", "busan", "--from", "seoul"]).await;
+    assert_eq!(code, 0, "{out}");
+    s.start();
+    let rows = s.converged("kv").await;
+    assert_eq!(rows.len(), 41, "1..10, 21..50 and 60: {rows:?}");
+    for m in ["seoul", "busan"] {
+        assert_eq!(val(&s, m, 1).await.as_deref(), Some("new"), "{m}: the backup's older row lost");
+        assert_eq!(val(&s, m, 15).await, None, "{m}: the backup's row deleted since stays deleted");
+        assert_eq!(val(&s, m, 5).await.as_deref(), Some("busan"), "{m}: busan's newer write stays");
+        assert_eq!(val(&s, m, 30).await.as_deref(), Some("busan"), "{m}");
+        assert_eq!(val(&s, m, 45).await.as_deref(), Some("new"), "{m}");
+        assert_eq!(val(&s, m, 60).await.as_deref(), Some("busan"), "{m}");
+    }
+    let (code, out) = mmsync(&s.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.dead_letters")
+        .fetch_one(&mut s.conn("busan").await)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    s.stop().await;
+}

@@ -31,6 +31,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use futures_util::TryStreamExt as _;
 use rdkafka::consumer::BaseConsumer;
 use sqlx::{Connection, PgConnection, Row as _};
 
@@ -83,6 +84,9 @@ pub async fn join(
     let mut read = crate::db::connect(source).await?;
     let mut write = crate::db::connect(target).await?;
     let db = |master: &str, what: String| Error::db(master, what);
+    // A batch lost to a crash of the new master is copied again (its mark is
+    // in its transaction), so its commits need not wait for the disk.
+    exec(&mut write, new, "setting synchronous_commit", "SET synchronous_commit = off").await?;
 
     // A join stopped before goes on, from the same master, with its positions.
     let stored: Option<(String, serde_json::Value)> =
@@ -291,24 +295,45 @@ async fn copy_table(
     };
     let total = (rows as u64).max(done.rows);
     progress(table, done.rows, total);
+    let copy = CopySql::new(info, &new_info);
+    exec(write, new, &format!("preparing the staging table of {table}"), &copy.create_stage).await?;
     while block < blocks {
-        let batch = sqlx::query(&select)
-            .bind(block)
-            .bind(block + step)
-            .fetch_all(&mut *read)
-            .await
-            .map_err(Error::db(from, format!("reading {table}")))?;
-        block += step;
-        let mut changes = Vec::with_capacity(batch.len());
-        for r in batch {
-            let row: Row = serde_json::from_value(r.get::<serde_json::Value, _>(0)).expect("a JSON object of text");
-            let key: Key =
-                info.key.iter().map(|k| (k.clone(), row.get(k).cloned().flatten().unwrap_or_default())).collect();
-            changes.push(change(Op::Insert, key, Some(row), r.get(2), r.get(1)));
-        }
-        done.rows += changes.len() as u64;
-        let mark = Mark { table, next_block: block, rows: done.rows, done: false };
-        done.refused += apply(write, topology, new, from, &new_info, changes, mark).await?;
+        let range = (block, block + step);
+        // Streamed with COPY (memory stays bounded by a batch), or, when the
+        // new master refuses the batch as a whole, a row at a time by the
+        // sink's rules (which keep what it refuses as dead letters).
+        let fast = copy_batch(read, write, topology, from, new, &new_info, &copy, range, done.rows).await?;
+        let (copied, refused) = match fast {
+            Ok(done) => done,
+            Err(why) => {
+                tracing::warn!("{table}: blocks {}..{} go a row at a time: {why}", range.0, range.1);
+                let batch = sqlx::query(&select)
+                    .bind(range.0)
+                    .bind(range.1)
+                    .fetch_all(&mut *read)
+                    .await
+                    .map_err(Error::db(from, format!("reading {table}")))?;
+                let changes: Vec<Change> = batch
+                    .into_iter()
+                    .map(|r| {
+                        let row: Row =
+                            serde_json::from_value(r.get::<serde_json::Value, _>(0)).expect("a JSON object of text");
+                        let key: Key = info
+                            .key
+                            .iter()
+                            .map(|k| (k.clone(), row.get(k).cloned().flatten().unwrap_or_default()))
+                            .collect();
+                        change(Op::Insert, key, Some(row), r.get(2), r.get(1))
+                    })
+                    .collect();
+                let n = changes.len() as u64;
+                let mark = Mark { table, next_block: range.1, rows: done.rows + n, done: false };
+                (n, apply(write, topology, new, from, &new_info, changes, mark).await?)
+            }
+        };
+        block = range.1;
+        done.rows += copied;
+        done.refused += refused;
         progress(table, done.rows, total.max(done.rows));
     }
     // Its tombstones, so that an older change arriving later stays deleted:
@@ -347,6 +372,161 @@ async fn copy_table(
     Ok(done)
 }
 
+/// The statements of the COPY path for one table.
+struct CopySql {
+    /// A temporary table on the new master shaped like the copied columns,
+    /// emptied at each commit.
+    create_stage: String,
+    /// Reads a range of blocks on the source (`{from}`, `{to}` replaced).
+    copy_out: String,
+    copy_in: String,
+    analyze_stage: String,
+    /// Inserts the staged rows whose key the new master neither holds nor
+    /// has a tombstone of, and whose version is not from the future, and
+    /// returns the others: they go by the sink's rules.
+    insert_new: String,
+}
+
+impl CopySql {
+    fn new(info: &TableInfo, new_info: &TableInfo) -> CopySql {
+        let t = info.name.quoted();
+        let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
+        let columns: Vec<String> = info.data_columns().map(|c| quote_ident(&c.name)).collect();
+        let listed = format!("{}, {o}, {v}", columns.join(", "));
+        let stage = "pg_temp.mmsync_join_stage";
+        let keys: Vec<String> = new_info.key.iter().map(|k| quote_ident(k)).collect();
+        let key_matches: Vec<String> = keys.iter().map(|k| format!("t.{k} = s.{k}")).collect();
+        let names: Vec<String> = info.data_columns().map(|c| quote_literal(&c.name)).collect();
+        let values: Vec<String> =
+            columns.iter().map(|c| format!("CASE WHEN s.{c} IS NULL THEN NULL ELSE concat(s.{c}) END")).collect();
+        CopySql {
+            create_stage: format!(
+                "DROP TABLE IF EXISTS {stage}; CREATE TEMP TABLE {stage} ON COMMIT DELETE ROWS AS SELECT {listed} FROM {t} WITH NO DATA"
+            ),
+            copy_out: format!(
+                "COPY (SELECT {listed} FROM {t} WHERE {o} <> '' AND ctid >= '({{from}},0)'::tid AND ctid < '({{to}},0)'::tid) TO STDOUT"
+            ),
+            copy_in: format!("COPY {stage} ({listed}) FROM STDIN"),
+            analyze_stage: format!("ANALYZE {stage}"),
+            insert_new: format!(
+                "WITH inserted AS (
+                     INSERT INTO {t} ({listed}) OVERRIDING SYSTEM VALUE SELECT {listed} FROM {stage} AS s
+                     WHERE s.{v} <= mmsync.now_us() + mmsync.max_clock_skew_us()
+                       AND NOT EXISTS (SELECT 1 FROM mmsync.tombstones tb
+                                       WHERE tb.schema_name = $1 AND tb.table_name = $2 AND tb.key = {})
+                     ON CONFLICT DO NOTHING
+                     RETURNING {})
+                 SELECT jsonb_object(ARRAY[{}]::text[], ARRAY[{}]::text[]), s.{v}, s.{o}::text FROM {stage} AS s
+                 WHERE NOT EXISTS (SELECT 1 FROM inserted AS t WHERE {})",
+                new_info.key_json_sql("s"),
+                keys.join(", "),
+                names.join(", "),
+                values.join(", "),
+                key_matches.join(" AND ")
+            ),
+        }
+    }
+}
+
+/// One range of blocks by COPY, in one transaction on the new master with
+/// its mark: the rows stream from the source into the staging table; those
+/// the new master lacks go in with one statement; the rest (a key it holds
+/// already, with another version, or a tombstone of, or a unique value
+/// another key holds) go by the sink's rules. Returns (rows, refused), or
+/// why the new master refused the batch as a whole (then nothing of it
+/// stays, and the caller goes a row at a time).
+#[allow(clippy::too_many_arguments)]
+async fn copy_batch(
+    read: &mut PgConnection,
+    write: &mut PgConnection,
+    topology: &Topology,
+    from: &str,
+    new: &str,
+    info: &TableInfo,
+    sql: &CopySql,
+    (first, end): (i64, i64),
+    rows_before: u64,
+) -> Result<std::result::Result<(u64, u64), String>> {
+    let table = &info.name;
+    let mut tx = write.begin().await.map_err(Error::db(new, "beginning a transaction"))?;
+    sqlx::query(crate::sink::APPLIER_SESSION)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(new, "marking the applier session"))?;
+    let refusal = |e: sqlx::Error| -> Result<String> {
+        if crate::sink::is_data_error(&e) {
+            Ok(e.to_string())
+        } else {
+            Err(Error::db(new, format!("copying {table}"))(e))
+        }
+    };
+    let mut sink = match tx.copy_in_raw(&sql.copy_in).await {
+        Ok(sink) => sink,
+        Err(e) => return Ok(Err(refusal(e)?)),
+    };
+    let out = sql.copy_out.replace("{from}", &first.to_string()).replace("{to}", &end.to_string());
+    let mut source = read.copy_out_raw(&out).await.map_err(Error::db(from, format!("reading {table}")))?;
+    loop {
+        match source.try_next().await {
+            Ok(Some(chunk)) => {
+                if let Err(e) = sink.send(chunk).await {
+                    return Ok(Err(refusal(e)?));
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let _ = sink.abort("the source stopped").await;
+                return Err(Error::db(from, format!("reading {table}"))(e));
+            }
+        }
+    }
+    drop(source);
+    let staged = match sink.finish().await {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(refusal(e)?)),
+    };
+    // The planner must know the stage is a batch, not the size of the
+    // table: it would hash the whole table to find a batch's keys otherwise.
+    sqlx::raw_sql(&sql.analyze_stage).execute(&mut *tx).await.map_err(Error::db(new, "analyzing the staged rows"))?;
+    let rest = match sqlx::query(&sql.insert_new).bind(&table.schema).bind(&table.name).fetch_all(&mut *tx).await {
+        Ok(rest) => rest,
+        Err(e) => return Ok(Err(refusal(e)?)),
+    };
+    let mut refused = 0;
+    if !rest.is_empty() {
+        let position = Position { master: from.to_string(), lsn: 0, txid: 0, commit_ms: crate::metrics::now_ms() };
+        let changes: Vec<Change> = rest
+            .into_iter()
+            .map(|r| {
+                let row: Row = serde_json::from_value(r.get::<serde_json::Value, _>(0)).expect("a JSON object of text");
+                let key: Key =
+                    info.key.iter().map(|k| (k.clone(), row.get(k).cloned().flatten().unwrap_or_default())).collect();
+                Change {
+                    table: table.clone(),
+                    op: Op::Insert,
+                    key,
+                    row: Some(row),
+                    unchanged: Vec::new(),
+                    superseded: false,
+                    origin: r.get(2),
+                    version: r.get(1),
+                    position: position.clone(),
+                }
+            })
+            .collect();
+        let (_, dead) =
+            crate::sink::apply_changes(&mut tx, new, info.clone(), topology.sync.max_clock_skew, from, changes).await?;
+        refused = dead.len() as u64;
+        for d in dead {
+            d.keep(&mut tx, new).await?;
+        }
+    }
+    let mark = Mark { table, next_block: end, rows: rows_before + staged, done: false };
+    store_mark(&mut tx, new, &mark).await?;
+    tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
+    Ok(Ok((staged, refused)))
+}
+
 /// How far a table's copy came, stored with the batch that brought it there.
 struct Mark<'a> {
     table: &'a TableName,
@@ -376,6 +556,12 @@ async fn apply(
             d.keep(&mut tx, new).await?;
         }
     }
+    store_mark(&mut tx, new, &mark).await?;
+    tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
+    Ok(refused)
+}
+
+async fn store_mark(conn: &mut PgConnection, new: &str, mark: &Mark<'_>) -> Result<()> {
     sqlx::query(
         "UPDATE mmsync.join_tables SET next_block = $3, rows_copied = $4, done = $5
          WHERE schema_name = $1 AND table_name = $2",
@@ -385,9 +571,13 @@ async fn apply(
     .bind(mark.next_block)
     .bind(mark.rows as i64)
     .bind(mark.done)
-    .execute(&mut *tx)
+    .execute(conn)
     .await
     .map_err(Error::db(new, format!("recording how far the copy of {} came", mark.table)))?;
-    tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
-    Ok(refused)
+    Ok(())
+}
+
+async fn exec(conn: &mut PgConnection, master: &str, what: &str, sql: &str) -> Result<()> {
+    sqlx::raw_sql(sql).execute(conn).await.map_err(Error::db(master, what.to_string()))?;
+    Ok(())
 }

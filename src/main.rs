@@ -52,6 +52,9 @@ enum Command {
     /// the Kafka positions that snapshot stands for. Add the master to the
     /// topology and run `mmsync init` first; applications may keep writing
     /// everywhere, but `mmsync run` must not run meanwhile. Then `mmsync run`.
+    /// Rows stream with COPY; progress shows as a bar on a terminal and as log
+    /// lines otherwise. A join that was stopped goes on where it came when run
+    /// again with the same --from.
     Join {
         /// The master that joins.
         #[arg(long)]
@@ -59,8 +62,9 @@ enum Command {
         /// The master to copy from.
         #[arg(long)]
         from: String,
-        /// Rows per transaction on the joining master.
-        #[arg(long, default_value_t = 1000)]
+        /// Rows per transaction on the joining master (a range of the source
+        /// table's blocks holding about this many; streamed, not held in memory).
+        #[arg(long, default_value_t = 10_000)]
         batch: u64,
     },
     /// Take a master out of the mesh: once everything it wrote has reached

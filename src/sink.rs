@@ -1146,7 +1146,7 @@ pub(crate) async fn apply_changes(
 /// twice: two keys whose texts differ but that the target finds equal (`1`
 /// and `01`, numeric `1.0` and `1.00`, citext `ABC` and `abc`) in one
 /// statement. Each record alone then settles them by last-writer-wins.
-fn is_data_error(e: &sqlx::Error) -> bool {
+pub(crate) fn is_data_error(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
             db.code().is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42") || s == "21000")
