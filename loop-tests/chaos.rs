@@ -522,7 +522,7 @@ async fn count_from(s: &Synced, m: &str, from: i32) -> i64 {
 
 #[tokio::test]
 async fn a_join_killed_and_then_its_source_master_killed_mid_copy_goes_on_where_it_stopped_and_loses_nothing() {
-    const BULK: i64 = 100_000;
+    const BULK: i64 = 200_000;
     const FIRST: i32 = 100_000;
     let seed = seed("join_killed");
     let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
