@@ -11,6 +11,10 @@ use sqlx::{Connection, PgConnection};
 
 use crate::common::{mmsync, Rng, Synced};
 
+/// Rows seoul holds before init: enough that adoption overlaps the
+/// applications' writes for a while.
+const N: i32 = 100_000;
+
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, body text NOT NULL, updated_at timestamptz NOT NULL)";
 
 /// Rows as they were before init: written with the triggers off, so they
@@ -36,7 +40,7 @@ async fn application(
     let mut i = 0;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let id = rng.below(6000) as i32;
+        let id = rng.below(2 * N as u64 + 6000) as i32;
         let body = format!("{master} wrote {i}");
         let (version, origin): (i64, String) = sqlx::query_as(
             "INSERT INTO items VALUES ($1, $2, now()) ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body, updated_at = now()
@@ -56,10 +60,21 @@ async fn application(
 async fn existing_rows_reach_every_master_and_the_seed_wins_where_they_differ_while_applications_write() {
     let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, ITEMS, &["public.items"], "").await;
     let (mut seoul, mut busan) = (s.conn("seoul").await, s.conn("busan").await);
-    // seoul holds 1..3000; busan 2501..3000 (differently) and 5001..5200.
-    existing(&mut seoul, "INSERT INTO items SELECT i, 'seoul ' || i, now() FROM generate_series(1, 3000) i").await;
-    existing(&mut busan, "INSERT INTO items SELECT i, 'busan ' || i, now() FROM generate_series(2501, 3000) i").await;
-    existing(&mut busan, "INSERT INTO items SELECT i, 'busan ' || i, now() FROM generate_series(5001, 5200) i").await;
+    // seoul holds 1..N; busan the last 500 of them (differently) and 200 of its own.
+    let (overlap, own) = ((N - 499)..=N, (2 * N + 1)..=(2 * N + 200));
+    existing(&mut seoul, &format!("INSERT INTO items SELECT i, 'seoul ' || i, now() FROM generate_series(1, {N}) i")).await;
+    existing(
+        &mut busan,
+        &format!(
+            "INSERT INTO items SELECT i, 'busan ' || i, now() FROM generate_series({}, {}) i
+             UNION ALL SELECT i, 'busan ' || i, now() FROM generate_series({}, {}) i",
+            overlap.start(),
+            overlap.end(),
+            own.start(),
+            own.end()
+        ),
+    )
+    .await;
 
     // Adopt refuses while a run syncs: a sink could overwrite a row not yet stamped.
     s.start();
@@ -81,14 +96,14 @@ async fn existing_rows_reach_every_master_and_the_seed_wins_where_they_differ_wh
             tokio::spawn(application(url, m, seed + k, stop.clone()))
         })
         .collect();
-    let (code, out) = mmsync(&s.topology, &["adopt", "--seed", "seoul", "--batch", "300"]).await;
+    let (code, out) = mmsync(&s.topology, &["adopt", "--seed", "seoul", "--batch", "5000"]).await;
     assert_eq!(code, 0, "{out}");
     // Rows the applications wrote since init have their stamps already.
     let adopted: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("seoul public.items: ")?.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("{out}"));
-    assert!((1..=3000).contains(&adopted), "{out}");
+    assert!((1..=N as u64).contains(&adopted), "{out}");
     s.start();
     let mut written: BTreeMap<i32, (i64, String, String)> = BTreeMap::new();
     stop.store(true, Ordering::Relaxed);
@@ -111,10 +126,10 @@ async fn existing_rows_reach_every_master_and_the_seed_wins_where_they_differ_wh
         .unwrap()
         .into_iter()
         .collect();
-    for id in (1..=3000).chain(5001..=5200) {
+    for id in (1..=N).chain(own.clone()) {
         let expected = match written.get(&id) {
             Some((_, _, body)) => body.clone(),
-            None if id <= 3000 => format!("seoul {id}"),
+            None if id <= N => format!("seoul {id}"),
             None => format!("busan {id}"),
         };
         assert_eq!(rows.get(&id), Some(&expected), "seed {seed}: key {id}");
@@ -126,7 +141,7 @@ async fn existing_rows_reach_every_master_and_the_seed_wins_where_they_differ_wh
     .fetch_one(&mut seoul)
     .await
     .unwrap();
-    let overlap_untouched = (2501..=3000).filter(|id| !written.contains_key(id)).count() as i64;
+    let overlap_untouched = overlap.filter(|id| !written.contains_key(id)).count() as i64;
     assert!(logged >= overlap_untouched, "{logged} logged, {overlap_untouched} expected");
     // Nothing is left without an origin, and running adopt again changes nothing.
     s.stop().await;

@@ -167,8 +167,28 @@ async fn ids_minted_on_every_master_while_a_third_joins_never_collide() {
     s.stop().await;
 }
 
+/// The keys below 1000 (the applications' inserts use the others).
 async fn keys(s: &Synced, master: &str) -> Vec<i32> {
-    sqlx::query_scalar("SELECT id FROM kv ORDER BY id").fetch_all(&mut s.conn(master).await).await.unwrap()
+    sqlx::query_scalar("SELECT id FROM kv WHERE id < 1000 ORDER BY id")
+        .fetch_all(&mut s.conn(master).await)
+        .await
+        .unwrap()
+}
+
+/// Inserts keys `first`, `first + 2`, ... until told to stop; returns them.
+fn inserter(url: String, first: i32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<i32>> {
+    tokio::spawn(async move {
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let mut ids = Vec::new();
+        let mut id = first;
+        while !stop.load(Ordering::Relaxed) {
+            sqlx::query("INSERT INTO kv VALUES ($1, 'app', 1)").bind(id).execute(&mut conn).await.unwrap();
+            ids.push(id);
+            id += 2;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        ids
+    })
 }
 
 #[tokio::test]
@@ -187,6 +207,9 @@ async fn a_master_leaves_only_once_what_it_wrote_reached_the_others_and_nothing_
     sql("busan", "INSERT INTO kv VALUES (3, 'b', 1)").await;
     sql("jeju", "INSERT INTO kv VALUES (5, 'j', 1), (6, 'j', 1); DELETE FROM kv WHERE id = 6").await;
     s.converged("kv").await;
+    // seoul's and busan's applications write throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let apps = [inserter(urls["seoul"].clone(), 1000, stop.clone()), inserter(urls["busan"].clone(), 1001, stop.clone())];
     s.stop().await;
 
     // A write on jeju that mmsync has not sent: jeju may not leave yet.
@@ -250,6 +273,23 @@ async fn a_master_leaves_only_once_what_it_wrote_reached_the_others_and_nothing_
     })
     .await;
     assert_eq!(keys(&s, "seoul").await, vec![2, 3, 5, 7, 8]);
+    stop.store(true, Ordering::Relaxed);
+    let mut written = Vec::new();
+    for app in apps {
+        written.extend(app.await.unwrap());
+    }
+    written.sort();
+    assert!(written.len() > 100, "{}", written.len());
+    for m in ["seoul", "busan"] {
+        wait_for("every application insert on both masters", DEADLINE, || async {
+            let ids: Vec<i32> = sqlx::query_scalar("SELECT id FROM kv WHERE id >= 1000 ORDER BY id")
+                .fetch_all(&mut s.conn(m).await)
+                .await
+                .unwrap();
+            (ids == written).then_some(())
+        })
+        .await;
+    }
     wait_for("seoul's tombstones to go", DEADLINE, || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.tombstones")
             .fetch_one(&mut s.conn("seoul").await)
