@@ -62,7 +62,8 @@ async fn existing_rows_reach_every_master_and_the_seed_wins_where_they_differ_wh
     let (mut seoul, mut busan) = (s.conn("seoul").await, s.conn("busan").await);
     // seoul holds 1..N; busan the last 500 of them (differently) and 200 of its own.
     let (overlap, own) = ((N - 499)..=N, (2 * N + 1)..=(2 * N + 200));
-    existing(&mut seoul, &format!("INSERT INTO items SELECT i, 'seoul ' || i, now() FROM generate_series(1, {N}) i")).await;
+    existing(&mut seoul, &format!("INSERT INTO items SELECT i, 'seoul ' || i, now() FROM generate_series(1, {N}) i"))
+        .await;
     existing(
         &mut busan,
         &format!(

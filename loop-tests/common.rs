@@ -31,9 +31,30 @@ pub async fn mmsync(topology: &std::path::Path, args: &[&str]) -> (i32, String) 
 impl Synced {
     /// Starts masters and broker, creates the schema on every master, runs init.
     pub async fn new(masters: &[&str], kafka: BedKafka, schema: &str, tables: &[&str], extra_sync: &str) -> Synced {
+        Synced::with_partitions(masters, kafka, schema, tables, extra_sync, None).await
+    }
+
+    /// Like [`Synced::new`], with this many partitions per topic instead of the bed's.
+    pub async fn with_partitions(
+        masters: &[&str],
+        kafka: BedKafka,
+        schema: &str,
+        tables: &[&str],
+        extra_sync: &str,
+        partitions: Option<u32>,
+    ) -> Synced {
         let bed = Bed::start(masters, kafka).await.expect("bed starts");
         bed.sql_everywhere(schema).await.expect("schema");
         let topology = bed.write_topology(tables, extra_sync);
+        if let Some(n) = partitions {
+            let text = std::fs::read_to_string(&topology).unwrap();
+            assert!(text.contains("\npartitions = "), "{text}");
+            let text: Vec<String> = text
+                .lines()
+                .map(|l| if l.starts_with("partitions = ") { format!("partitions = {n}") } else { l.to_string() })
+                .collect();
+            std::fs::write(&topology, text.join("\n")).unwrap();
+        }
         let (code, out) = mmsync(&topology, &["init"]).await;
         assert_eq!(code, 0, "init failed: {out}");
         Synced { bed, topology, run: None, runs: 0 }

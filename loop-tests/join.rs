@@ -209,7 +209,8 @@ async fn a_master_leaves_only_once_what_it_wrote_reached_the_others_and_nothing_
     s.converged("kv").await;
     // seoul's and busan's applications write throughout.
     let stop = Arc::new(AtomicBool::new(false));
-    let apps = [inserter(urls["seoul"].clone(), 1000, stop.clone()), inserter(urls["busan"].clone(), 1001, stop.clone())];
+    let apps =
+        [inserter(urls["seoul"].clone(), 1000, stop.clone()), inserter(urls["busan"].clone(), 1001, stop.clone())];
     s.stop().await;
 
     // A write on jeju that mmsync has not sent: jeju may not leave yet.
@@ -355,16 +356,19 @@ async fn a_master_restored_from_an_old_backup_is_rebuilt_keeping_only_what_is_ne
     assert_eq!(code, 0, "{out}");
     // Applications write on the restored busan before it is rebuilt: newer
     // than anything seoul holds of those keys.
-    sqlx::raw_sql("UPDATE kv SET val = 'busan' WHERE id = 5 OR id = 30; INSERT INTO kv VALUES (60, 'busan', 60)")
-        .execute(&mut s.conn("busan").await)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "UPDATE kv SET val = 'busan' WHERE id = 5 OR id = 30; INSERT INTO kv VALUES (60, 'busan', 60);
+         DELETE FROM kv WHERE id = 35",
+    )
+    .execute(&mut s.conn("busan").await)
+    .await
+    .unwrap();
 
     let (code, out) = mmsync(&s.topology, &["join", "--master", "busan", "--from", "seoul"]).await;
     assert_eq!(code, 0, "{out}");
     s.start();
     let rows = s.converged("kv").await;
-    assert_eq!(rows.len(), 41, "1..10, 21..50 and 60: {rows:?}");
+    assert_eq!(rows.len(), 40, "1..10, 21..34, 36..50 and 60: {rows:?}");
     for m in ["seoul", "busan"] {
         assert_eq!(val(&s, m, 1).await.as_deref(), Some("new"), "{m}: the backup's older row lost");
         assert_eq!(val(&s, m, 15).await, None, "{m}: the backup's row deleted since stays deleted");
@@ -372,6 +376,7 @@ async fn a_master_restored_from_an_old_backup_is_rebuilt_keeping_only_what_is_ne
         assert_eq!(val(&s, m, 30).await.as_deref(), Some("busan"), "{m}");
         assert_eq!(val(&s, m, 45).await.as_deref(), Some("new"), "{m}");
         assert_eq!(val(&s, m, 60).await.as_deref(), Some("busan"), "{m}");
+        assert_eq!(val(&s, m, 35).await, None, "{m}: busan's newer delete stays, the copy does not bring it back");
     }
     let (code, out) = mmsync(&s.topology, &["verify"]).await;
     assert_eq!(code, 0, "{out}");
@@ -381,4 +386,28 @@ async fn a_master_restored_from_an_old_backup_is_rebuilt_keeping_only_what_is_ne
         .unwrap();
     assert_eq!(dead, 0);
     s.stop().await;
+}
+
+#[tokio::test]
+async fn rows_the_joining_master_refuses_are_kept_as_dead_letters_and_the_rest_is_copied() {
+    let s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
+    sqlx::raw_sql("INSERT INTO kv SELECT i, 'v', i FROM generate_series(1, 500) i")
+        .execute(&mut s.conn("seoul").await)
+        .await
+        .unwrap();
+    // busan's table refuses one of seoul's rows.
+    sqlx::raw_sql("ALTER TABLE kv ADD CONSTRAINT not_250 CHECK (n <> 250)")
+        .execute(&mut s.conn("busan").await)
+        .await
+        .unwrap();
+    let (code, out) = mmsync(&s.topology, &["join", "--master", "busan", "--from", "seoul", "--batch", "100"]).await;
+    assert_eq!(code, 1, "a refused row fails the join's exit code: {out}");
+    assert!(out.contains("1 refused (see dead letters)"), "{out}");
+    let mut busan = s.conn("busan").await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM kv").fetch_one(&mut busan).await.unwrap();
+    assert_eq!(n, 499, "every other row is copied, the refused range row by row");
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM mmsync.dead_letters").fetch_all(&mut busan).await.unwrap();
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(reasons[0].contains("not_250"), "{reasons:?}");
 }

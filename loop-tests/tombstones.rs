@@ -94,5 +94,99 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
     assert_eq!(code, 0, "{out}");
     let pruned = s.metric("mmsync_tombstones_pruned_total", &[("master", "seoul")]).await;
     assert!(pruned >= 2.0, "{pruned}");
+
+    // A dead letter of busan's waits on seoul, an hour old: retried later,
+    // it must meet the tombstone of a newer delete, which is kept meanwhile.
+    let topic = s.bed.topic("busan", "public.kv");
+    sqlx::query(
+        "INSERT INTO mmsync.dead_letters (topic, partition, kafka_offset, reason, record_value)
+         VALUES ($1, 0, 0, 'refused', convert_to('{\"format\": 1, \"op\": \"u\", \"version\": '
+                 || (mmsync.now_us() - 3600000000) || ', \"origin\": \"busan\"}', 'UTF8'))",
+    )
+    .bind(&topic)
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    sqlx::raw_sql("INSERT INTO kv VALUES (3, 'third', 1)").execute(&mut seoul).await.unwrap();
+    rows_exactly(&s, "busan", 1).await;
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 3").execute(&mut seoul).await.unwrap();
+    let deleted = tombstone_of(&s, "seoul", 3).await.expect("a tombstone");
+    // Past the horizon and the heartbeats' own lag, by a margin: without
+    // the dead letter, the tombstone would go by now.
+    wait_for("the horizon to pass", DEADLINE, || async {
+        let now: i64 =
+            sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn("seoul").await).await.unwrap();
+        (now > deleted + 5_000_000).then_some(())
+    })
+    .await;
+    let runs = s.metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")]).await;
+    s.wait_metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")], runs + 3.0).await;
+    assert_eq!(tombstone_of(&s, "seoul", 3).await, Some(deleted), "the dead letter holds it");
+    let behind = s.metric("mmsync_tombstone_retention_behind_seconds", &[("master", "seoul")]).await;
+    assert!(behind > 3000.0, "held an hour back, at the dead letter's version: {behind}");
+    let (_, out) = mmsync(&s.topology, &["status"]).await;
+    assert!(out.contains("a pending dead letter here"), "{out}");
+    sqlx::raw_sql("UPDATE mmsync.dead_letters SET retried_at = now()").execute(&mut seoul).await.unwrap();
+    wait_for("the tombstone to go", DEADLINE, || async { tombstone_of(&s, "seoul", 3).await.is_none().then_some(()) })
+        .await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_tombstone_is_kept_while_a_link_is_stuck_behind_an_older_change_even_as_heartbeats_flow() {
+    // One partition per topic: a change stuck at its head holds back the
+    // ones behind it.
+    let mut s = Synced::with_partitions(
+        &["seoul", "busan"],
+        BedKafka::Shared,
+        KV,
+        &["public.kv"],
+        "tombstones_keep_seconds = 1",
+        Some(1),
+    )
+    .await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    let mut busan = s.conn("busan").await;
+    sqlx::raw_sql("INSERT INTO kv VALUES (1, 'first', 1), (2, 'second', 1)").execute(&mut seoul).await.unwrap();
+    rows_exactly(&s, "busan", 2).await;
+    // seoul's sink cannot apply busan's change of key 2 (a session holds
+    // that row), and busan's older change of key 1 waits behind it; busan's
+    // heartbeats reach seoul all along.
+    let mut hold = s.conn("seoul").await;
+    sqlx::raw_sql("BEGIN; SELECT 1 FROM kv WHERE id = 2 FOR UPDATE").execute(&mut hold).await.unwrap();
+    sqlx::raw_sql("UPDATE kv SET val = 'stuck' WHERE id = 2; UPDATE kv SET val = 'late' WHERE id = 1")
+        .execute(&mut busan)
+        .await
+        .unwrap();
+    s.wait_metric("mmsync_kafka_pending_records", &[("source", "busan"), ("target", "seoul")], 2.0).await;
+    sqlx::raw_sql("DELETE FROM kv WHERE id = 1").execute(&mut seoul).await.unwrap();
+    let deleted = tombstone_of(&s, "seoul", 1).await.expect("seoul's delete left a tombstone");
+    rows_exactly(&s, "busan", 1).await;
+    // Long past the horizon, with busan's heartbeats newer than the delete.
+    wait_for("the horizon and a heartbeat to pass", DEADLINE, || async {
+        let now: i64 =
+            sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn("seoul").await).await.unwrap();
+        let beat: i64 = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM beat_at) * 1000000)::int8 FROM mmsync.heartbeats WHERE master = 'busan'",
+        )
+        .fetch_one(&mut s.conn("seoul").await)
+        .await
+        .unwrap();
+        (now > deleted + 5_000_000 && beat > deleted + 3_000_000).then_some(())
+    })
+    .await;
+    let runs = s.metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")]).await;
+    s.wait_metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")], runs + 3.0).await;
+    assert_eq!(tombstone_of(&s, "seoul", 1).await, Some(deleted), "the stuck link holds it");
+    let (_, out) = mmsync(&s.topology, &["status"]).await;
+    assert!(out.contains("records of busan not applied here yet"), "{out}");
+
+    // The link moves: busan's older change of key 1 loses to the tombstone.
+    sqlx::raw_sql("COMMIT").execute(&mut hold).await.unwrap();
+    wait_for("the tombstone to go", DEADLINE, || async { tombstone_of(&s, "seoul", 1).await.is_none().then_some(()) })
+        .await;
+    let rows = s.converged("kv").await;
+    assert_eq!(rows.len(), 1, "key 1 stays deleted everywhere: {rows:?}");
     s.stop().await;
 }

@@ -154,6 +154,12 @@ pub async fn join(
     // Where the new master's sinks go on, and the join is over, in one transaction.
     let positions: std::collections::BTreeMap<(String, i32), i64> = positions.into_iter().collect();
     let mut tx = write.begin().await.map_err(db(new, "beginning".into()))?;
+    // This commit ends the join: it waits for the disk. Offsets the new
+    // master held before (a master rebuilt with its mmsync tables) go, and
+    // with them their commit times, which would vouch for what it no
+    // longer holds (tombstone retention).
+    exec(&mut tx, new, "setting synchronous_commit", "SET LOCAL synchronous_commit = on").await?;
+    exec(&mut tx, new, "clearing old offsets", "DELETE FROM mmsync.applied_offsets").await?;
     crate::sink::store_offsets(&mut tx, new, &positions, &Default::default()).await?;
     sqlx::raw_sql("DELETE FROM mmsync.join_progress; DELETE FROM mmsync.join_tables")
         .execute(&mut *tx)
@@ -295,18 +301,36 @@ async fn copy_table(
     };
     let total = (rows as u64).max(done.rows);
     progress(table, done.rows, total);
-    let copy = CopySql::new(info, &new_info);
-    exec(write, new, &format!("preparing the staging table of {table}"), &copy.create_stage).await?;
+    // COPY when both masters' columns are alike; otherwise every row goes
+    // by the sink's rules, which keep what does not fit as dead letters.
+    let shape = |i: &TableInfo| {
+        let mut c: Vec<(String, String)> = i.data_columns().map(|c| (c.name.clone(), c.sql_type.clone())).collect();
+        c.sort();
+        c
+    };
+    let copy = if shape(info) == shape(&new_info) {
+        let copy = CopySql::new(info, &new_info);
+        exec(write, new, &format!("preparing the staging table of {table}"), &copy.create_stage).await?;
+        Some(copy)
+    } else {
+        tracing::warn!("{table}: its columns differ between {from} and {new}: copied a row at a time");
+        None
+    };
     while block < blocks {
         let range = (block, block + step);
         // Streamed with COPY (memory stays bounded by a batch), or, when the
         // new master refuses the batch as a whole, a row at a time by the
         // sink's rules (which keep what it refuses as dead letters).
-        let fast = copy_batch(read, write, topology, from, new, &new_info, &copy, range, done.rows).await?;
+        let fast = match &copy {
+            Some(copy) => copy_batch(read, write, topology, from, new, &new_info, copy, range, done.rows).await?,
+            None => Err("the columns differ".to_string()),
+        };
         let (copied, refused) = match fast {
             Ok(done) => done,
             Err(why) => {
-                tracing::warn!("{table}: blocks {}..{} go a row at a time: {why}", range.0, range.1);
+                if copy.is_some() {
+                    tracing::warn!("{table}: blocks {}..{} go a row at a time: {why}", range.0, range.1);
+                }
                 let batch = sqlx::query(&select)
                     .bind(range.0)
                     .bind(range.1)
@@ -385,6 +409,10 @@ struct CopySql {
     /// has a tombstone of, and whose version is not from the future, and
     /// returns the others: they go by the sink's rules.
     insert_new: String,
+    /// Deletes again what `insert_new` inserted under a key whose tombstone,
+    /// newer, committed while it ran (an application's delete on a master
+    /// being rebuilt): its snapshot could not see it.
+    undo_beaten: String,
 }
 
 impl CopySql {
@@ -423,6 +451,14 @@ impl CopySql {
                 names.join(", "),
                 values.join(", "),
                 key_matches.join(" AND ")
+            ),
+            undo_beaten: format!(
+                "DELETE FROM {t} AS t USING {stage} AS s, mmsync.tombstones AS tb
+                 WHERE {} AND t.{v} = s.{v} AND t.{o} = s.{o}
+                   AND tb.schema_name = $1 AND tb.table_name = $2 AND tb.key = {}
+                   AND (tb.version, tb.origin COLLATE \"C\") > (s.{v}, s.{o} COLLATE \"C\")",
+                key_matches.join(" AND "),
+                new_info.key_json_sql("s")
             ),
         }
     }
@@ -492,6 +528,12 @@ async fn copy_batch(
         Ok(rest) => rest,
         Err(e) => return Ok(Err(refusal(e)?)),
     };
+    sqlx::query(&sql.undo_beaten)
+        .bind(&table.schema)
+        .bind(&table.name)
+        .execute(&mut *tx)
+        .await
+        .map_err(Error::db(new, format!("checking the copied rows of {table} against new tombstones")))?;
     let mut refused = 0;
     if !rest.is_empty() {
         let position = Position { master: from.to_string(), lsn: 0, txid: 0, commit_ms: crate::metrics::now_ms() };

@@ -84,6 +84,9 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
     let topics: Vec<String> =
         crate::kafka::all_topics(topology).into_iter().filter(|(m, _, _)| m == gone).map(|(_, _, t)| t).collect();
     let ends = topic_ends(topology, &topics).await?;
+    // Every other master is checked before any is changed: a refusal, or a
+    // master that does not answer, leaves everything as it was.
+    let mut others = Vec::new();
     for other in topology.masters.iter().filter(|m| m.name != gone) {
         let mut conn = crate::db::connect(other).await?;
         let applied: HashMap<(String, i32), i64> = sqlx::query_as::<_, (String, i32, i64)>(
@@ -109,18 +112,22 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
                 ),
             });
         }
-        let forgotten = sqlx::query("DELETE FROM mmsync.applied_offsets WHERE topic = ANY($1)")
-            .bind(&topics)
-            .execute(&mut conn)
-            .await
-            .map_err(Error::db(&other.name, "forgetting the offsets of the removed master's topics"))?
-            .rows_affected();
-        // Deleted as the applier, so that the delete is neither stamped nor sent.
-        let mut tx = sqlx::Connection::begin(&mut conn).await.map_err(Error::db(&other.name, "beginning"))?;
+        others.push((other, conn));
+    }
+    for (other, conn) in &mut others {
+        // In one transaction, as the applier, so that the heartbeat's delete
+        // is neither stamped nor sent.
+        let mut tx = sqlx::Connection::begin(conn).await.map_err(Error::db(&other.name, "beginning"))?;
         sqlx::query(crate::sink::APPLIER_SESSION)
             .execute(&mut *tx)
             .await
             .map_err(Error::db(&other.name, "marking the applier session"))?;
+        let forgotten = sqlx::query("DELETE FROM mmsync.applied_offsets WHERE topic = ANY($1)")
+            .bind(&topics)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::db(&other.name, "forgetting the offsets of the removed master's topics"))?
+            .rows_affected();
         sqlx::query("DELETE FROM mmsync.heartbeats WHERE master = $1")
             .bind(gone)
             .execute(&mut *tx)

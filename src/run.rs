@@ -32,6 +32,26 @@ pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output =
             }
         }
     }
+    // A join that was stopped must finish first: the sinks of its master
+    // would start from offsets it has not stored yet.
+    for (master, held) in &mut locks {
+        if let Some(conn) = held {
+            let from: Option<String> = sqlx::query_scalar("SELECT from_master FROM mmsync.join_progress")
+                .fetch_optional(&mut *conn)
+                .await
+                .unwrap_or(None);
+            if let Some(from) = from {
+                return Err(Error::Setup {
+                    master: master.name.clone(),
+                    problem: format!("a join of this master from {from} was stopped before it finished"),
+                    fix: format!(
+                        "run `mmsync join --master {} --from {from}` again; it goes on where it stopped",
+                        master.name
+                    ),
+                });
+            }
+        }
+    }
     let topology = Arc::new(topology);
     let (stop, stopped) = watch::channel(false);
     let progress = Arc::new(crate::metrics::Progress::default());

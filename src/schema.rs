@@ -671,52 +671,77 @@ async fn interleave_sequences(conns: &mut [(&Master, PgConnection)], table: &Tab
         if in_place {
             continue;
         }
-        // Lock every sequence, then find the highest id anywhere.
-        let mut high = 0i64;
-        for ((master, conn), seq) in conns.iter_mut().zip(&seqs) {
-            let name = master.name.as_str();
-            exec(conn, name, "beginning", "BEGIN; SET LOCAL lock_timeout = '30s'").await?;
-            if let Some(seq) = seq {
-                let (increment, next) = sequence_state(conn, name, seq).await?;
-                exec(
-                    conn,
-                    name,
-                    &format!("locking sequence {seq}"),
-                    &format!("ALTER SEQUENCE {seq} INCREMENT BY {increment}"),
-                )
-                .await?;
-                // Read again under the lock: nextval may have moved it since.
-                let (_, next_locked) = sequence_state(conn, name, seq).await?;
-                high = high.max(next.max(next_locked) - 1);
-            }
-            let max_key: Option<i64> =
-                sqlx::query_scalar(&format!("SELECT max({})::int8 FROM {}", quote_ident(key), table.quoted()))
-                    .fetch_one(&mut *conn)
-                    .await
-                    .map_err(Error::db(name, format!("reading max({key}) of {table}")))?;
-            high = high.max(max_key.unwrap_or(0));
-        }
-        for (index, ((master, conn), seq)) in conns.iter_mut().zip(&seqs).enumerate() {
-            let name = master.name.as_str();
-            if let Some(seq) = seq {
-                let residue = residue(index, n);
-                let restart = (high + 1) + (residue - (high + 1)).rem_euclid(n);
-                exec(
-                    conn,
-                    name,
-                    &format!("interleaving sequence {seq}"),
-                    &format!("ALTER SEQUENCE {seq} INCREMENT BY {n} RESTART WITH {restart}"),
-                )
-                .await?;
-                done.push(format!(
-                    "master {name:?}: sequence {seq} of {table}.{key}: increment {n}, next value {restart} \
-                     (ids = {residue} mod {n} on this master, above {high}, the highest id any master minted or holds)"
-                ));
+        match restart_together(conns, &seqs, table, key, n).await {
+            Ok(lines) => done.extend(lines),
+            Err(e) => {
+                // Nothing changes where nothing committed: no lock stays held.
+                for (_, conn) in conns.iter_mut() {
+                    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                }
+                return Err(e);
             }
         }
-        for (master, conn) in conns.iter_mut() {
-            exec(conn, &master.name, "committing the sequences", "COMMIT").await?;
+    }
+    Ok(done)
+}
+
+/// Locks every master's sequence of `table.key`, finds the highest id any
+/// master minted or holds, and restarts each above it at its own residue,
+/// in one transaction per master, committed together at the end (a commit
+/// that fails there leaves the masters before it changed: run init again).
+async fn restart_together(
+    conns: &mut [(&Master, PgConnection)],
+    seqs: &[Option<String>],
+    table: &TableName,
+    key: &str,
+    n: i64,
+) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    // Lock every sequence, then find the highest id anywhere.
+    let mut high = 0i64;
+    for ((master, conn), seq) in conns.iter_mut().zip(seqs) {
+        let name = master.name.as_str();
+        exec(conn, name, "beginning", "BEGIN; SET LOCAL lock_timeout = '30s'").await?;
+        if let Some(seq) = seq {
+            let (increment, next) = sequence_state(conn, name, seq).await?;
+            exec(
+                conn,
+                name,
+                &format!("locking sequence {seq}"),
+                &format!("ALTER SEQUENCE {seq} INCREMENT BY {increment}"),
+            )
+            .await?;
+            // Read again under the lock: nextval may have moved it since.
+            let (_, next_locked) = sequence_state(conn, name, seq).await?;
+            high = high.max(next.max(next_locked) - 1);
         }
+        let max_key: Option<i64> =
+            sqlx::query_scalar(&format!("SELECT max({})::int8 FROM {}", quote_ident(key), table.quoted()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(Error::db(name, format!("reading max({key}) of {table}")))?;
+        high = high.max(max_key.unwrap_or(0));
+    }
+    for (index, ((master, conn), seq)) in conns.iter_mut().zip(seqs).enumerate() {
+        let name = master.name.as_str();
+        if let Some(seq) = seq {
+            let residue = residue(index, n);
+            let restart = (high + 1) + (residue - (high + 1)).rem_euclid(n);
+            exec(
+                conn,
+                name,
+                &format!("interleaving sequence {seq}"),
+                &format!("ALTER SEQUENCE {seq} INCREMENT BY {n} RESTART WITH {restart}"),
+            )
+            .await?;
+            done.push(format!(
+                "master {name:?}: sequence {seq} of {table}.{key}: increment {n}, next value {restart} \
+                 (ids = {residue} mod {n} on this master, above {high}, the highest id any master minted or holds)"
+            ));
+        }
+    }
+    for (master, conn) in conns.iter_mut() {
+        exec(conn, &master.name, "committing the sequences", "COMMIT").await?;
     }
     Ok(done)
 }

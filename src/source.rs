@@ -246,7 +246,15 @@ impl Capture {
                 let mut changes = std::mem::take(&mut decoded.changes);
                 self.read_unchanged(&mut changes).await?;
                 let (changes, ahead) = refuse_ahead(changes, topology.sync.max_clock_skew);
-                let refused = produce(topology, producer, &name, changes).await?;
+                // Heartbeats last, once everything before them is in Kafka:
+                // a beat another master holds then vouches for every change
+                // this master committed before it (tombstone retention
+                // counts on that; produced together, a beat could land
+                // while an older change failed or was still on its way).
+                let (beats, data): (Vec<Change>, Vec<Change>) =
+                    changes.into_iter().partition(|c| c.table.schema == "mmsync" && c.table.name == "heartbeats");
+                let mut refused = produce(topology, producer, &name, data).await?;
+                refused.extend(produce(topology, producer, &name, beats).await?);
                 self.keep_dead_letters(topology, ahead.into_iter().chain(refused).collect()).await?;
                 if crash {
                     crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);

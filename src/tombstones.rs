@@ -117,12 +117,14 @@ pub fn watermark(now_ms: i64, links: &[Link], dead_letter_version_us: Option<i64
     };
     for link in links {
         lower(link.beat_ms.unwrap_or(i64::MIN), Holder::Heartbeat { master: link.origin.clone() });
-        for p in link.partitions.iter().filter(|p| p.applied < p.end) {
+        // Behind its end, or past it (the topic was recreated or lost
+        // records: the sink stops on that gap), a partition holds.
+        for p in link.partitions.iter().filter(|p| p.applied != p.end) {
             let held_by = Holder::Partition {
                 master: link.origin.clone(),
                 topic: p.topic.clone(),
                 partition: p.partition,
-                behind: p.end - p.applied,
+                behind: (p.end - p.applied).max(0),
             };
             lower(p.last_commit_ms.unwrap_or(i64::MIN), held_by);
         }
@@ -157,24 +159,28 @@ pub async fn assess(
             .fetch_all(&mut *conn)
             .await
             .map_err(db("reading applied offsets"))?;
-    // The envelope's version, found in the record's bytes as they are (they
-    // may not be valid UTF-8; row values are JSON strings, so only the
-    // envelope's own field is an unquoted number). A record without one
-    // cannot be applied by a retry either, and holds nothing.
-    let dead: Option<i64> = sqlx::query_scalar(
-        r#"SELECT min(substring(encode(record_value, 'escape') FROM '"version":(-?[0-9]{1,19})[,}]')::numeric)
-                  ::int8 FROM mmsync.dead_letters WHERE retried_at IS NULL"#,
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db("reading the versions of pending dead letters"))?;
-
     let origin_of: std::collections::HashMap<String, String> = crate::kafka::all_topics(topology)
         .into_iter()
         .filter(|(origin, _, _)| origin != master)
         .map(|(origin, _, topic)| (topic, origin))
         .collect();
     let topics: Vec<String> = origin_of.keys().cloned().collect();
+    // The envelope's version, found in the record's bytes as they are (they
+    // may not be valid UTF-8; row values are JSON strings, so only the
+    // envelope's own field is an unquoted number), of the dead letters a
+    // retry can apply: from the other masters' topics (not a source's own
+    // refusals, partition -1, nor topics of masters no longer in the
+    // topology). A record without one cannot be applied by a retry either.
+    let dead: Option<i64> = sqlx::query_scalar(
+        r#"SELECT least(min(substring(encode(record_value, 'escape') FROM '"version"\s*:\s*(-?[0-9]{1,30})\s*[,}]')::numeric),
+                        9223372036854775807)::int8
+           FROM mmsync.dead_letters WHERE retried_at IS NULL AND partition >= 0 AND topic = ANY($1)"#,
+    )
+    .bind(&topics)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db("reading the versions of pending dead letters"))?;
+
     let ends = tokio::task::spawn_blocking(move || crate::kafka::ends(consumer.as_ref(), &topics))
         .await
         .map_err(|e| Error::Internal(format!("reading topic ends panicked: {e}")))??;
@@ -309,6 +315,14 @@ mod tests {
         assert!(never_applied.prune_below_us(Duration::ZERO) < 0);
         // An empty partition holds nothing.
         assert_eq!(watermark(1000, &[link("busan", Some(900), vec![partition(0, None, 0)])], None).ms, 900);
+    }
+
+    #[test]
+    fn a_partition_applied_past_its_end_holds_retention_too() {
+        // The topic was recreated or lost records: the sink stops there.
+        let w = watermark(1000, &[link("busan", Some(900), vec![partition(12, Some(700), 10)])], None);
+        assert_eq!(w.ms, 700);
+        assert!(matches!(w.held_by, Holder::Partition { behind: 0, .. }));
     }
 
     #[test]
