@@ -69,9 +69,9 @@ enum Command {
     },
     /// Take a master out of the mesh: once everything it wrote has reached
     /// the others (refused otherwise, with what is missing), drop its slot and
-    /// publication, forget its offsets and heartbeat on the other masters (so
-    /// tombstone retention and `status` stop waiting for it), and keep or
-    /// delete its topics. Its database keeps its rows. Stop `mmsync run`
+    /// publication, forget its heartbeat on the other masters (tombstone
+    /// retention and `status` stop waiting for it), and keep or delete its
+    /// topics (and the offsets in them). Its database keeps its rows. Stop `mmsync run`
     /// first, run this while topology.toml still names the master, then
     /// delete its [[masters]] entry and run `mmsync init` (which re-interleaves
     /// the other masters' sequences).

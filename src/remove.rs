@@ -6,9 +6,12 @@
 //! not sent (read with mmsync's own decoder from a peek at the slot, which
 //! moves nothing), or while another master has not applied all of its
 //! topics. Then it drops the master's slot and publication (a slot nobody
-//! reads keeps WAL forever), forgets its topics' offsets and its heartbeat on
-//! the other masters (so that retention and `status` stop waiting for it),
-//! and deletes its topics if asked. Its database keeps its rows, columns and
+//! reads keeps WAL forever), forgets its heartbeat on the other masters
+//! (retention and `status` wait only for masters the topology names), and
+//! deletes its topics, and the offsets in them, if asked: kept, a master
+//! added again under that name goes on from them instead of replaying its
+//! history. Writes on the master between the check and the slot's drop are
+//! not sent: stop its applications first. Its database keeps its rows, columns and
 //! triggers, and goes on alone.
 //!
 //! The master is named in the topology while it is removed (its address and
@@ -122,12 +125,19 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
             .execute(&mut *tx)
             .await
             .map_err(Error::db(&other.name, "marking the applier session"))?;
-        let forgotten = sqlx::query("DELETE FROM mmsync.applied_offsets WHERE topic = ANY($1)")
-            .bind(&topics)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::db(&other.name, "forgetting the offsets of the removed master's topics"))?
-            .rows_affected();
+        // Offsets in kept topics are kept: a master added again under this
+        // name goes on from them instead of replaying its old history
+        // (nothing else reads offsets of a master the topology does not name).
+        let forgotten = if delete_topics {
+            sqlx::query("DELETE FROM mmsync.applied_offsets WHERE topic = ANY($1)")
+                .bind(&topics)
+                .execute(&mut *tx)
+                .await
+                .map_err(Error::db(&other.name, "forgetting the offsets of the removed master's topics"))?
+                .rows_affected()
+        } else {
+            0
+        };
         sqlx::query("DELETE FROM mmsync.heartbeats WHERE master = $1")
             .bind(gone)
             .execute(&mut *tx)
