@@ -16,6 +16,20 @@ async fn tombstone_of(s: &Synced, master: &str, id: i32) -> Option<i64> {
     .unwrap()
 }
 
+/// Waits until `master`'s clock is `margin_us` past `deleted` and three more
+/// retention rounds have run there; then the tombstone of `id` must still
+/// be there, at `deleted`.
+async fn kept_past(s: &Synced, master: &str, id: i32, deleted: i64, margin_us: i64, why: &str) {
+    wait_for("the horizon to pass", DEADLINE, || async {
+        let now: i64 = sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn(master).await).await.unwrap();
+        (now > deleted + margin_us).then_some(())
+    })
+    .await;
+    let runs = s.metric("mmsync_tombstone_retention_runs_total", &[("master", master)]).await;
+    s.wait_metric("mmsync_tombstone_retention_runs_total", &[("master", master)], runs + 3.0).await;
+    assert_eq!(tombstone_of(s, master, id).await, Some(deleted), "{why}");
+}
+
 async fn rows_exactly(s: &Synced, master: &str, rows: i64) {
     wait_for(&format!("{rows} rows in kv on {master}"), DEADLINE, || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM kv").fetch_one(&mut s.conn(master).await).await.ok()?;
@@ -59,15 +73,7 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
 
     // Retention runs on seoul well past the horizon, and keeps it: busan's
     // late update is still to come, and only the tombstone makes it lose.
-    wait_for("the horizon to pass", DEADLINE, || async {
-        let now: i64 =
-            sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn("seoul").await).await.unwrap();
-        (now > deleted + 1_000_000).then_some(())
-    })
-    .await;
-    let runs = s.metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")]).await;
-    s.wait_metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")], runs + 3.0).await;
-    assert_eq!(tombstone_of(&s, "seoul", 1).await, Some(deleted), "seoul dropped the tombstone busan's update needs");
+    kept_past(&s, "seoul", 1, deleted, 1_000_000, "seoul dropped the tombstone busan's update needs").await;
     let behind = s.metric("mmsync_tombstone_retention_behind_seconds", &[("master", "seoul")]).await;
     assert!(behind > 1.0, "the gauge shows retention held back: {behind}");
     let (code, out) = mmsync(&s.topology, &["status"]).await;
@@ -113,15 +119,7 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
     let deleted = tombstone_of(&s, "seoul", 3).await.expect("a tombstone");
     // Past the horizon and the heartbeats' own lag, by a margin: without
     // the dead letter, the tombstone would go by now.
-    wait_for("the horizon to pass", DEADLINE, || async {
-        let now: i64 =
-            sqlx::query_scalar("SELECT mmsync.now_us()").fetch_one(&mut s.conn("seoul").await).await.unwrap();
-        (now > deleted + 5_000_000).then_some(())
-    })
-    .await;
-    let runs = s.metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")]).await;
-    s.wait_metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")], runs + 3.0).await;
-    assert_eq!(tombstone_of(&s, "seoul", 3).await, Some(deleted), "the dead letter holds it");
+    kept_past(&s, "seoul", 3, deleted, 5_000_000, "the dead letter holds it").await;
     let behind = s.metric("mmsync_tombstone_retention_behind_seconds", &[("master", "seoul")]).await;
     assert!(behind > 3000.0, "held an hour back, at the dead letter's version: {behind}");
     let (_, out) = mmsync(&s.topology, &["status"]).await;
@@ -176,9 +174,7 @@ async fn a_tombstone_is_kept_while_a_link_is_stuck_behind_an_older_change_even_a
         (now > deleted + 5_000_000 && beat > deleted + 3_000_000).then_some(())
     })
     .await;
-    let runs = s.metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")]).await;
-    s.wait_metric("mmsync_tombstone_retention_runs_total", &[("master", "seoul")], runs + 3.0).await;
-    assert_eq!(tombstone_of(&s, "seoul", 1).await, Some(deleted), "the stuck link holds it");
+    kept_past(&s, "seoul", 1, deleted, 5_000_000, "the stuck link holds it").await;
     let (_, out) = mmsync(&s.topology, &["status"]).await;
     assert!(out.contains("records of busan not applied here yet"), "{out}");
 
