@@ -80,6 +80,9 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("the latest heartbeat of busan here"), "status names what holds seoul's tombstones: {out}");
     assert!(out.contains("seoul: tombstones are kept past [sync] tombstones_keep_seconds = 1"), "{out}");
+    let (code, out) = mmsync(&s.topology, &["check"]).await;
+    assert_eq!(code, 0, "a master away is no problem of the setup: {out}");
+    assert!(out.contains("warning: master \"seoul\": tombstones are kept past"), "check says so too: {out}");
 
     // busan is back: its update reaches seoul and loses to the tombstone,
     // and then the tombstone goes on both masters.

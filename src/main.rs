@@ -36,7 +36,9 @@ enum Command {
     /// Validate the topology and every master's prerequisites (reachable,
     /// wal_level = logical, free replication slots, tables with primary keys,
     /// carriable column types) and that the Kafka brokers answer. Reports every
-    /// problem with its fix; exits 1 if there is any.
+    /// problem with its fix; exits 1 if there is any. Also warns (without
+    /// failing) when a master's tombstones are held back past
+    /// [sync] tombstones_keep_seconds by a master that is away.
     Check,
     /// Install what sync needs on every master: mmsync's schema, an origin and
     /// a version column and triggers on every synced table, a publication, a
@@ -295,6 +297,15 @@ async fn check(topology: &Topology) -> ExitCode {
     }
     for p in &problems {
         println!("problem: {p}");
+    }
+    if problems.is_empty() {
+        // Not a problem of the setup, but worth knowing: a master away, or a
+        // link stuck, holds every other master's tombstones.
+        for t in mmsync::status::tombstones(topology).await {
+            if let Some(line) = mmsync::status::held_back(&t, topology.sync.tombstones_keep) {
+                println!("warning: master {:?}: {line}", t.master);
+            }
+        }
     }
     if problems.is_empty() {
         println!("check passed");

@@ -229,17 +229,22 @@ pub fn tombstones_table(all: &[Tombstones], keep: std::time::Duration) -> String
     for t in all {
         if let Some(p) = &t.problem {
             out.push_str(&format!("{}: {p}\n", t.master));
-        } else if t.behind_seconds.is_some_and(|s| s > keep.as_secs_f64()) {
-            out.push_str(&format!(
-                "{}: tombstones are kept past [sync] tombstones_keep_seconds = {}, held by {}; bring that master \
-                 or link back, or remove a master that will not come back (`mmsync remove`)\n",
-                t.master,
-                keep.as_secs(),
-                t.held_by.as_deref().unwrap_or("-")
-            ));
+        } else if let Some(line) = held_back(t, keep) {
+            out.push_str(&format!("{}: {line}\n", t.master));
         }
     }
     out
+}
+
+/// What to say of a master whose tombstones are held back past the horizon.
+pub fn held_back(t: &Tombstones, keep: std::time::Duration) -> Option<String> {
+    let behind = t.behind_seconds.filter(|s| *s > keep.as_secs_f64())?;
+    Some(format!(
+        "tombstones are kept past [sync] tombstones_keep_seconds = {} ({behind:.0} s back), held by {}; bring that \
+         master or link back, or remove a master that will not come back (`mmsync remove`)",
+        keep.as_secs(),
+        t.held_by.as_deref().unwrap_or("-")
+    ))
 }
 
 fn columns<const N: usize>(rows: &[[String; N]]) -> String {
