@@ -26,6 +26,7 @@ pub mod schema;
 pub mod sink;
 pub mod source;
 pub mod status;
+#[cfg(feature = "testbed")]
 pub mod testbed;
 pub mod tls;
 pub mod tombstones;
