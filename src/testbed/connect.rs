@@ -12,19 +12,17 @@
 //!
 //! The worker can be stopped as an operator would (SIGTERM: connectors stop,
 //! offsets are flushed, the slot is confirmed) and started again on the same
-//! folder, which is how a catch-up is measured. Like the broker's JVM it runs
-//! under a small `sh` wrapper that holds a pipe from this process and kills
-//! the JVM when the pipe closes: nothing outlives the benchmark.
+//! folder, which is how a catch-up is measured. Like every server of the bed
+//! it runs under a wrapper that kills it when this process ends
+//! ([`super::process`]): nothing outlives the benchmark.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
 
 use super::kafka::cache_dir;
+use super::process::{Launch, ServerProcess};
 use super::{free_port, io, log_tail, temp_dir, BedError, Result};
 
 /// The Debezium version `scripts/kafka/connect-pom.xml` pins (both connectors).
@@ -87,21 +85,13 @@ fn properties(pairs: &[(String, String)]) -> String {
     pairs.iter().map(|(k, v)| format!("{k}={}\n", v.replace('\\', "\\\\"))).collect()
 }
 
-/// The worker's JVM, under its wrapper.
-struct Worker {
-    wrapper: Child,
-    /// Held open: the wrapper kills the JVM when this closes.
-    lifeline: Option<ChildStdin>,
-    jvm: libc::pid_t,
-}
-
 /// A standalone Kafka Connect worker and its connectors, in a temporary folder.
 pub struct KafkaConnect {
     dir: TempDir,
     libs: PathBuf,
     rest_port: u16,
     connectors: Vec<String>,
-    worker: Option<Worker>,
+    worker: Option<ServerProcess>,
 }
 
 impl KafkaConnect {
@@ -147,27 +137,13 @@ impl KafkaConnect {
         assert!(self.worker.is_none(), "the worker is running");
         let java = super::java_bin();
         let heap = std::env::var("MMSYNC_CONNECT_HEAP").unwrap_or_else(|_| "2g".into());
-        // The wrapper: starts the JVM and says its pid; a watcher kills the
-        // JVM when the lifeline closes; the wrapper exits with the JVM.
-        let script = r#"exec 3<&0 </dev/null
-"$@" >>"$MMSYNC_CONNECT_LOG" 2>&1 &
-jvm=$!
-echo $jvm
-{ read -r _ <&3; kill -9 $jvm 2>/dev/null; } &
-watcher=$!
-wait $jvm
-status=$?
-kill $watcher 2>/dev/null
-exit $status"#;
         let dir = self.dir.path();
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(script)
-            .arg("mmsync-connect")
-            .arg(java)
-            .arg(format!("-Dlog4j2.configurationFile={}", dir.join("log4j2.properties").display()))
-            .arg("-cp")
-            .arg(format!("{}/*", self.libs.display()))
+        let launch = Launch::new("Kafka Connect", java, dir.join("stdout.log"))
+            .args([
+                format!("-Dlog4j2.configurationFile={}", dir.join("log4j2.properties").display()),
+                "-cp".into(),
+                format!("{}/*", self.libs.display()),
+            ])
             // Kafka's own launch options for a worker: connect-standalone.sh's
             // heap (256 MiB to 2 GiB; MMSYNC_CONNECT_HEAP sets the top), which a
             // 24 GiB machine gives without thinking, and kafka-run-class.sh's GC.
@@ -181,23 +157,9 @@ exit $status"#;
                 "-Djava.awt.headless=true".into(),
                 "org.apache.kafka.connect.cli.ConnectStandalone".into(),
             ])
-            .arg(dir.join("worker.properties"))
-            .args(self.connectors.iter().map(|c| dir.join(format!("{c}.properties"))))
-            .env("MMSYNC_CONNECT_LOG", dir.join("stdout.log"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut wrapper = cmd.spawn().map_err(io("starting Kafka Connect's wrapper (sh)"))?;
-        let mut line = String::new();
-        BufReader::new(wrapper.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .await
-            .map_err(io("reading the JVM's pid"))?;
-        let jvm = line
-            .trim()
-            .parse()
-            .map_err(|_| BedError::Setup(format!("the Connect wrapper said {line:?}, not a pid")))?;
-        self.worker = Some(Worker { lifeline: wrapper.stdin.take(), wrapper, jvm });
+            .args([dir.join("worker.properties")])
+            .args(self.connectors.iter().map(|c| dir.join(format!("{c}.properties"))));
+        self.worker = Some(ServerProcess::spawn(launch)?);
         self.wait_running().await
     }
 
@@ -223,7 +185,7 @@ exit $status"#;
             if running {
                 return Ok(());
             }
-            let exited = matches!(self.worker.as_mut().map(|w| w.wrapper.try_wait()), Some(Ok(Some(_))) | None);
+            let exited = self.worker.as_mut().is_none_or(|w| w.exited());
             if exited || start.elapsed() > START_DEADLINE {
                 return Err(BedError::NotStarted {
                     what: format!("Kafka Connect (REST on port {})", self.rest_port),
@@ -240,47 +202,30 @@ exit $status"#;
     /// flush their offsets) and waits for it to exit; kills it after a deadline.
     pub async fn stop(&mut self) -> Result<()> {
         let Some(mut worker) = self.worker.take() else { return Ok(()) };
-        // SAFETY: kill(2) with a valid signal. The JVM is the wrapper's child
-        // and is reaped only by the wrapper, which exits right after; while
-        // the wrapper has not exited, the pid is the JVM's.
-        if worker.wrapper.try_wait().map_err(io("polling Connect's wrapper"))?.is_none() {
-            unsafe { libc::kill(worker.jvm, libc::SIGTERM) };
-        }
-        match tokio::time::timeout(STOP_DEADLINE, worker.wrapper.wait()).await {
-            Ok(status) => {
-                status.map_err(io("waiting for Kafka Connect"))?;
-                Ok(())
-            }
-            Err(_) => {
-                drop(worker.lifeline.take());
-                let _ = worker.wrapper.wait().await;
-                Err(BedError::Setup(format!(
+        worker.signal(libc::SIGTERM);
+        let start = Instant::now();
+        while !worker.exited() {
+            if start.elapsed() > STOP_DEADLINE {
+                worker.kill();
+                return Err(BedError::Setup(format!(
                     "Kafka Connect did not stop within {}s of SIGTERM and was killed; its log ends with:\n{}",
                     STOP_DEADLINE.as_secs(),
                     self.log_tail()
-                )))
+                )));
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        Ok(())
     }
 
     /// The worker JVM's pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.worker.as_ref().map(|w| w.jvm as u32)
+        self.worker.as_ref().map(|w| w.pid())
     }
 
     /// The last lines of the worker's log, for failure messages.
     pub fn log_tail(&self) -> String {
         format!("{}\n{}", log_tail(&self.dir.path().join("connect.log")), log_tail(&self.dir.path().join("stdout.log")))
-    }
-}
-
-impl Drop for KafkaConnect {
-    fn drop(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            // The wrapper's watcher kills the JVM when the lifeline closes.
-            drop(worker.lifeline.take());
-            let _ = worker.wrapper.start_kill();
-        }
     }
 }
 

@@ -9,14 +9,12 @@
 //! test binary ([`KafkaCluster::shared`]), each with a topic prefix of its own:
 //! a JVM broker takes seconds to start on two cores.
 //!
-//! Each JVM runs under a small `sh` wrapper that holds a pipe from this
-//! process: when this process ends, however it ends, the pipe closes and the
-//! wrapper kills the JVM (and, for the shared cluster, removes its folder).
-//! Nothing outlives the test binary.
+//! Each JVM runs as every server of the bed does ([`super::process`]):
+//! under a wrapper holding a pipe from this process, which kills it when the
+//! test binary ends, however it ends (and, for the shared cluster, removes
+//! its folder). Nothing outlives the test binary.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +23,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use tempfile::TempDir;
 
+use super::process::{Launch, ServerProcess};
 use super::{free_port, io, log_tail, temp_dir, BedError, Result};
 
 /// How long a node may take to serve: a node killed under load recovers its
@@ -97,27 +96,7 @@ struct Node {
     controller_port: u16,
     sasl_port: u16,
     tls_port: u16,
-    process: Option<NodeProcess>,
-}
-
-/// The JVM of a node, under its wrapper.
-struct NodeProcess {
-    wrapper: Child,
-    /// Held open: the wrapper kills the JVM when this closes.
-    lifeline: Option<ChildStdin>,
-    jvm: libc::pid_t,
-}
-
-impl NodeProcess {
-    /// SIGKILLs the JVM and waits until the wrapper has reaped it.
-    fn kill(mut self) {
-        // SAFETY: kill(2) with a valid signal. The JVM is the wrapper's child
-        // and the wrapper has not reaped it (it waits only after the lifeline
-        // closes below), so the pid cannot have been reused.
-        unsafe { libc::kill(self.jvm, libc::SIGKILL) };
-        drop(self.lifeline.take());
-        let _ = self.wrapper.wait();
-    }
+    process: Option<ServerProcess>,
 }
 
 /// A cluster of KRaft nodes in a temporary folder.
@@ -308,44 +287,26 @@ impl KafkaCluster {
         assert!(node.process.is_none(), "node {} is running", node.id);
         let java = self.java(node.id);
         let heap = std::env::var("MMSYNC_KAFKA_HEAP").unwrap_or_else(|_| "1g".into());
-        // The wrapper: starts the JVM, says its pid, waits for the lifeline to
-        // close, then kills the JVM, reaps it, and removes what it must.
-        let script = r#"exec 3<&0 </dev/null
-"$@" >>"$MMSYNC_NODE_LOG" 2>&1 &
-echo $!
-read -r _ <&3
-kill -9 $! 2>/dev/null
-wait
-if [ -n "$MMSYNC_REMOVE" ]; then rm -rf "$MMSYNC_REMOVE"; fi"#;
-        let mut cmd = std::process::Command::new("sh");
-        cmd.arg("-c")
-            .arg(script)
-            .arg("mmsync-kafka-node")
-            .arg(java.get_program())
-            .args(java.get_args())
-            .args([
-                "-Xms256m".to_string(),
-                format!("-Xmx{heap}"),
-                "-XX:+UseG1GC".into(),
-                "-XX:MaxGCPauseMillis=20".into(),
-                "-XX:InitiatingHeapOccupancyPercent=35".into(),
-                "-Djava.awt.headless=true".into(),
-                "kafka.Kafka".into(),
-            ])
-            .arg(self.node_dir(node.id).join("server.properties"))
-            .env("MMSYNC_NODE_LOG", self.node_dir(node.id).join("stdout.log"))
-            .env("MMSYNC_REMOVE", if self.shared { self.dir.path().as_os_str() } else { "".as_ref() })
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut wrapper = cmd.spawn().map_err(io("starting the Kafka node's wrapper (sh)"))?;
-        let mut line = String::new();
-        BufReader::new(wrapper.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .map_err(io("reading the JVM's pid"))?;
-        let jvm =
-            line.trim().parse().map_err(|_| BedError::Setup(format!("the Kafka wrapper said {line:?}, not a pid")))?;
-        node.process = Some(NodeProcess { lifeline: wrapper.stdin.take(), wrapper, jvm });
+        let mut launch = Launch::new(
+            format!("Kafka node {}", node.id),
+            java.get_program(),
+            self.node_dir(node.id).join("stdout.log"),
+        )
+        .args(java.get_args())
+        .args([
+            "-Xms256m".to_string(),
+            format!("-Xmx{heap}"),
+            "-XX:+UseG1GC".into(),
+            "-XX:MaxGCPauseMillis=20".into(),
+            "-XX:InitiatingHeapOccupancyPercent=35".into(),
+            "-Djava.awt.headless=true".into(),
+            "kafka.Kafka".into(),
+        ])
+        .args([self.node_dir(node.id).join("server.properties")]);
+        if self.shared {
+            launch.remove_after = Some(self.dir.path().to_path_buf());
+        }
+        node.process = Some(ServerProcess::spawn(launch)?);
         Ok(())
     }
 
@@ -383,7 +344,7 @@ if [ -n "$MMSYNC_REMOVE" ]; then rm -rf "$MMSYNC_REMOVE"; fi"#;
             }
             let exited = {
                 let mut nodes = self.nodes.lock().unwrap();
-                matches!(nodes[index].process.as_mut().map(|p| p.wrapper.try_wait()), Some(Ok(Some(_))) | None)
+                nodes[index].process.as_mut().is_none_or(|p| p.exited())
             };
             if exited || start.elapsed() > START_DEADLINE {
                 let log = self.node_dir(id).join("server.log");

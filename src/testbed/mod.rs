@@ -21,6 +21,7 @@ use tokio::process::{Child, Command};
 
 pub mod connect;
 pub mod kafka;
+pub mod process;
 
 pub use kafka::{KafkaCluster, KafkaOptions};
 
@@ -302,7 +303,7 @@ pub struct PgCluster {
     port: u16,
     bin: PathBuf,
     owner: Option<(u32, u32)>,
-    child: Option<Child>,
+    child: Option<process::ServerProcess>,
 }
 
 impl PgCluster {
@@ -375,29 +376,26 @@ impl PgCluster {
     async fn launch(&mut self) -> Result<()> {
         let start = Instant::now();
         loop {
-            let log = std::fs::OpenOptions::new()
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(self.log_path())
                 .map_err(io("opening the postgres log"))?;
             std::fs::set_permissions(self.log_path(), std::fs::Permissions::from_mode(0o666)).ok();
-            let mut cmd = Command::new(self.bin.join("postgres"));
-            cmd.arg("-D")
-                .arg(self.dir.path().join("data"))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().map_err(io("log"))?)
-                .stderr(log)
-                .kill_on_drop(true);
-            if let Some((uid, gid)) = self.owner {
-                cmd.uid(uid).gid(gid);
-            }
-            let mut child = cmd.spawn().map_err(io("starting postgres"))?;
+            let mut launch = process::Launch::new(
+                format!("postgres on port {}", self.port),
+                self.bin.join("postgres"),
+                self.log_path(),
+            )
+            .args([std::ffi::OsString::from("-D"), self.dir.path().join("data").into_os_string()]);
+            launch.user = self.owner;
+            let mut server = process::ServerProcess::spawn(launch)?;
             loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // exited: maybe leftovers of a killed postmaster; try again
+                if server.exited() {
+                    break; // maybe leftovers of a killed postmaster; try again
                 }
                 if self.connect("postgres").await.is_ok() {
-                    self.child = Some(child);
+                    self.child = Some(server);
                     return Ok(());
                 }
                 if start.elapsed() > START_DEADLINE {
@@ -406,7 +404,7 @@ impl PgCluster {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if start.elapsed() > START_DEADLINE {
-                let _ = child.kill().await;
+                server.kill();
                 return Err(BedError::NotStarted {
                     what: format!("postgres on port {}", self.port),
                     secs: START_DEADLINE.as_secs(),
@@ -461,8 +459,8 @@ impl PgCluster {
 
     /// Kills the postmaster with SIGKILL, as a crash would.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
+        if let Some(server) = self.child.take() {
+            server.kill();
         }
     }
 
@@ -470,14 +468,6 @@ impl PgCluster {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill().await;
         self.launch().await
-    }
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.start_kill();
-        }
     }
 }
 

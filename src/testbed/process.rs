@@ -1,0 +1,152 @@
+//! One way to run every server of the bed (a PostgreSQL postmaster, a Kafka
+//! node, a Kafka Connect worker; MariaDB next): under a small `sh` wrapper
+//! that holds a pipe from this process, the lifeline.
+//!
+//! The wrapper starts the server with its output appended to a log, says
+//! the server's pid, and exits when the server does, with its status, so a
+//! server that dies by itself is seen. When the lifeline closes (this
+//! process dropped the server, or ended, however it ended: even a SIGKILL
+//! closes the pipe), the wrapper kills the server with SIGKILL; then it
+//! removes the folder it was given, if any. No server outlives the test
+//! binary that started it.
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+
+use super::{io, BedError, Result};
+
+const WRAPPER: &str = r#"exec 3<&0 </dev/null
+"$@" >>"$MMSYNC_SERVER_LOG" 2>&1 &
+server=$!
+echo $server
+{ read -r _ <&3; kill -9 $server 2>/dev/null; } &
+watcher=$!
+wait $server
+status=$?
+kill $watcher 2>/dev/null
+if [ -n "$MMSYNC_REMOVE" ]; then rm -rf "$MMSYNC_REMOVE"; fi
+exit $status"#;
+
+/// How to start a server.
+pub struct Launch {
+    /// For messages: "postgres on port 5433", "Kafka node 1".
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, OsString)>,
+    /// Standard output and error are appended here.
+    pub log: PathBuf,
+    /// Run as this user and group (PostgreSQL refuses to run as root).
+    pub user: Option<(u32, u32)>,
+    /// Removed once the server is dead after the lifeline closed.
+    pub remove_after: Option<PathBuf>,
+}
+
+impl Launch {
+    pub fn new(name: impl Into<String>, program: impl AsRef<Path>, log: impl AsRef<Path>) -> Launch {
+        Launch {
+            name: name.into(),
+            program: program.as_ref().to_path_buf(),
+            args: Vec::new(),
+            env: Vec::new(),
+            log: log.as_ref().to_path_buf(),
+            user: None,
+            remove_after: None,
+        }
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Launch {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl Into<OsString>) -> Launch {
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+}
+
+/// A running server under its wrapper.
+pub struct ServerProcess {
+    name: String,
+    wrapper: Child,
+    /// Held open: the wrapper kills the server when this closes.
+    lifeline: Option<ChildStdin>,
+    pid: libc::pid_t,
+}
+
+impl ServerProcess {
+    /// Starts the server; returns once the wrapper said its pid (the server
+    /// may not accept connections yet: each kind of server waits for that
+    /// its own way).
+    pub fn spawn(launch: Launch) -> Result<ServerProcess> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(WRAPPER)
+            .arg(format!("mmsync-bed-{}", launch.name.replace(' ', "-")))
+            .arg(&launch.program)
+            .args(&launch.args)
+            .env("MMSYNC_SERVER_LOG", &launch.log)
+            .env("MMSYNC_REMOVE", launch.remove_after.as_deref().unwrap_or(Path::new("")))
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = launch.user {
+            cmd.uid(uid).gid(gid);
+        }
+        let mut wrapper = cmd.spawn().map_err(io(format!("starting the wrapper (sh) of {}", launch.name)))?;
+        let mut line = String::new();
+        BufReader::new(wrapper.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .map_err(io(format!("reading the pid of {}", launch.name)))?;
+        let pid = line
+            .trim()
+            .parse()
+            .map_err(|_| BedError::Setup(format!("the wrapper of {} said {line:?}, not a pid", launch.name)))?;
+        let lifeline = wrapper.stdin.take();
+        Ok(ServerProcess { name: launch.name, wrapper, lifeline, pid })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// Whether the server has exited (its wrapper exits with it).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.wrapper.try_wait(), Ok(None))
+    }
+
+    /// Sends `signal` to the server, while it runs.
+    pub fn signal(&mut self, signal: libc::c_int) {
+        if !self.exited() {
+            // SAFETY: kill(2) with a valid signal. The server is the
+            // wrapper's child and only the wrapper reaps it, exiting right
+            // after: while the wrapper runs, the pid is the server's.
+            unsafe { libc::kill(self.pid, signal) };
+        }
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and waits until it
+    /// is gone.
+    pub fn kill(mut self) {
+        self.signal(libc::SIGKILL);
+        drop(self.lifeline.take());
+        let _ = self.wrapper.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // The wrapper kills the server when the lifeline closes, and cleans up.
+        drop(self.lifeline.take());
+    }
+}
