@@ -109,8 +109,7 @@ mod tests {
 fn db_class(e: &sqlx::Error) -> Class {
     match e {
         sqlx::Error::Database(db) => match db.code().as_deref() {
-            // 28: authentication; 3D000: no such database; 42: undefined object or no permission.
-            Some(code) if code.starts_with("28") || code == "3D000" || code.starts_with("42") => Class::Fatal,
+            Some(code) if crate::postgres::sqlstate::is_fatal_setup(code) => Class::Fatal,
             _ => Class::Retry,
         },
         sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => Class::Fatal,

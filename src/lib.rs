@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod lww;
 pub mod metrics;
 pub mod pgoutput;
+pub mod postgres;
 pub mod progress;
 pub mod remove;
 pub mod replication;

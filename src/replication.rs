@@ -69,11 +69,7 @@ impl ReplicationError {
     /// privileges or objects, a server mmsync does not understand.
     pub fn is_fatal(&self) -> bool {
         match self {
-            ReplicationError::Server { code, .. } => {
-                // 28: authentication; 3D000: no such database; 42: no privilege
-                // or no such object (the slot); 55000: wal_level not logical.
-                code.starts_with("28") || code == "3D000" || code.starts_with("42") || code == "55000"
-            }
+            ReplicationError::Server { code, .. } => crate::postgres::sqlstate::is_fatal_replication(code),
             ReplicationError::Auth(_) | ReplicationError::Tls(_) | ReplicationError::Protocol(_) => true,
             ReplicationError::Io(_) | ReplicationError::Ended => false,
         }

@@ -753,7 +753,10 @@ impl TableSql {
                 Ok(outcome) => return Ok(Ok(outcome)),
                 Err(refusal) => refusal,
             };
-            let index = refusal.constraint.as_deref().filter(|_| refusal.code.as_deref() == Some("23505"));
+            let index = refusal
+                .constraint
+                .as_deref()
+                .filter(|_| refusal.code.as_deref() == Some(crate::postgres::sqlstate::UNIQUE_VIOLATION));
             let Some((_, holders)) = self.unique_holders.iter().find(|(name, _)| Some(name.as_str()) == index) else {
                 return Ok(Err(refusal));
             };
@@ -1139,29 +1142,14 @@ pub(crate) async fn apply_changes(
     Ok((applied.len(), dead))
 }
 
-/// Errors that mean "the database refuses this data", not "try again later":
-/// SQLSTATE classes 22 (data exception), 23 (integrity constraint) and 42 (a
-/// column or type that does not exist, schema drift), but not the refusals
-/// that pass ([`is_passing_refusal`]); and 21000, an upsert that met one row
-/// twice: two keys whose texts differ but that the target finds equal (`1`
-/// and `01`, numeric `1.0` and `1.00`, citext `ABC` and `abc`) in one
-/// statement. Each record alone then settles them by last-writer-wins.
+/// Whether the target refuses this data (see [`crate::postgres::sqlstate`]).
 pub(crate) fn is_data_error(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Database(db) => {
-            db.code().is_some_and(|s| s.starts_with("22") || s.starts_with("23") || s.starts_with("42") || s == "21000")
-                && !is_passing_refusal(e)
-        }
-        _ => false,
-    }
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| crate::postgres::sqlstate::refuses_the_data(&c)))
 }
 
-/// Refusals about the table, not the record, that an operator's fix or a
-/// moment ends: a privilege revoked (42501), the table dropped or renamed
-/// while being recreated (42P01). The sink waits and retries; the records
-/// wait in Kafka instead of becoming dead letters.
+/// Whether the target refuses the table for a moment (see [`crate::postgres::sqlstate`]).
 fn is_passing_refusal(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42501" | "42P01")))
+    matches!(e, sqlx::Error::Database(db) if db.code().is_some_and(|c| crate::postgres::sqlstate::is_passing_refusal(&c)))
 }
 
 /// What `mmsync dead-letters retry` did on one master.
