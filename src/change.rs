@@ -54,9 +54,25 @@ impl Op {
 pub struct Position {
     /// Master whose log the change was read from.
     pub master: String,
-    pub lsn: Lsn,
-    pub txid: u32,
+    pub at: LogPosition,
     pub commit_ms: i64,
+}
+
+/// Where in its master's log a change was read: each kind of master counts
+/// its own way (a MariaDB master will add its GTID here).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LogPosition {
+    /// PostgreSQL: the commit's LSN and the transaction's id.
+    Postgres { lsn: Lsn, txid: u32 },
+    /// Not read from a log: a row `join` copied.
+    Copied,
+}
+
+impl Position {
+    /// A change that was read from no log (a row `join` copied), now.
+    pub fn copied_from(master: &str) -> Position {
+        Position { master: master.to_string(), at: LogPosition::Copied, commit_ms: crate::metrics::now_ms() }
+    }
 }
 
 /// A committed row change.
@@ -168,8 +184,14 @@ impl Change {
                 master: self.position.master.clone(),
                 schema: self.table.schema.clone(),
                 table: self.table.name.clone(),
-                lsn: format_lsn(self.position.lsn),
-                txid: self.position.txid,
+                lsn: match self.position.at {
+                    LogPosition::Postgres { lsn, .. } => format_lsn(lsn),
+                    LogPosition::Copied => format_lsn(0),
+                },
+                txid: match self.position.at {
+                    LogPosition::Postgres { txid, .. } => txid,
+                    LogPosition::Copied => 0,
+                },
                 ts_ms: self.position.commit_ms,
             },
             origin: self.origin.clone(),
@@ -220,7 +242,11 @@ impl Change {
             superseded: env.superseded,
             origin: env.origin,
             version: env.version,
-            position: Position { master: env.source.master, lsn, txid: env.source.txid, commit_ms: env.source.ts_ms },
+            position: Position {
+                master: env.source.master,
+                at: LogPosition::Postgres { lsn, txid: env.source.txid },
+                commit_ms: env.source.ts_ms,
+            },
         })
     }
 }
@@ -274,7 +300,11 @@ mod tests {
             superseded: op == Op::Update,
             origin: "seoul".into(),
             version: 1_700_000_000_000_001,
-            position: Position { master: "seoul".into(), lsn: 0x016B_3748, txid: 42, commit_ms: 1_700_000_000_000 },
+            position: Position {
+                master: "seoul".into(),
+                at: LogPosition::Postgres { lsn: 0x016B_3748, txid: 42 },
+                commit_ms: 1_700_000_000_000,
+            },
         }
     }
 

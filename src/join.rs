@@ -287,7 +287,7 @@ async fn copy_table(
     .await
     .map_err(Error::db(from, format!("sizing {table}")))?;
     let step = ((batch_rows as f64 / (rows as f64 / blocks.max(1) as f64).max(1.0)).ceil() as i64).max(1);
-    let position = Position { master: from.to_string(), lsn: 0, txid: 0, commit_ms: crate::metrics::now_ms() };
+    let position = Position::copied_from(from);
     let change = |op: Op, key: Key, row: Option<Row>, origin: String, version: i64| Change {
         table: table.clone(),
         op,
@@ -536,7 +536,7 @@ async fn copy_batch(
         .map_err(Error::db(new, format!("checking the copied rows of {table} against new tombstones")))?;
     let mut refused = 0;
     if !rest.is_empty() {
-        let position = Position { master: from.to_string(), lsn: 0, txid: 0, commit_ms: crate::metrics::now_ms() };
+        let position = Position::copied_from(from);
         let changes: Vec<Change> = rest
             .into_iter()
             .map(|r| {

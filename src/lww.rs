@@ -208,7 +208,7 @@ mod tests {
             superseded: false,
             origin: origin.into(),
             version,
-            position: Position { master: origin.into(), lsn: 0, txid: 0, commit_ms: 0 },
+            position: Position { master: origin.into(), at: crate::change::LogPosition::Copied, commit_ms: 0 },
         }
     }
 

@@ -12,7 +12,7 @@ use rdkafka::producer::FutureProducer;
 use sqlx::{PgConnection, Row as _};
 use tokio::sync::watch;
 
-use crate::change::{Change, Key, Op, Position, Row};
+use crate::change::{Change, Key, LogPosition, Op, Position, Row};
 use crate::error::{Class, Error, Result};
 use crate::metrics as m;
 use crate::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
@@ -727,8 +727,7 @@ impl Decoder {
             version,
             position: Position {
                 master: self.master.clone(),
-                lsn: self.lsn,
-                txid: self.txid,
+                at: LogPosition::Postgres { lsn: self.lsn, txid: self.txid },
                 commit_ms: self.commit_ms,
             },
         });
