@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pgoutput::{format_lsn, parse_lsn, Lsn};
+use crate::postgres::pgoutput::{format_lsn, parse_lsn, Lsn};
 use crate::topology::TableName;
 
 /// Kafka header naming the master where the change was written.

@@ -17,7 +17,7 @@
 //!   when the server answers that it has no TLS, and then send the password
 //!   if the server asks for it in clear: an attacker on the path only has to
 //!   answer "no TLS" and ask. The replication connection refuses that at
-//!   authentication ([`crate::replication`]); sqlx answers authentication
+//!   authentication ([`crate::postgres::replication`]); sqlx answers authentication
 //!   requests itself, so for its connections mmsync insists on TLS
 //!   (`require`) to any host that is not loopback when the url has no
 //!   `sslmode`, or `prefer` or `allow`. A server with TLS is reached as

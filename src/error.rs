@@ -32,7 +32,7 @@ pub enum Error {
         master: String,
         context: String,
         #[source]
-        source: crate::replication::ReplicationError,
+        source: crate::postgres::replication::ReplicationError,
     },
     /// Something about the Kafka cluster that the operator has to fix (the message says what).
     #[error("{0}")]
@@ -63,7 +63,7 @@ impl Error {
     pub fn replication(
         master: &str,
         context: impl Into<String>,
-    ) -> impl FnOnce(crate::replication::ReplicationError) -> Error {
+    ) -> impl FnOnce(crate::postgres::replication::ReplicationError) -> Error {
         let (master, context) = (master.to_string(), context.into());
         move |source| Error::Replication { master, context, source }
     }

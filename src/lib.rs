@@ -3,7 +3,7 @@
 //!
 //! The path of one change: an application writes a row on master A; the
 //! trigger installed by [`schema::init`] stamps its origin and version;
-//! [`source`] streams it from A's slot (pgoutput, over [`replication`]) as a [`change::Change`],
+//! [`source`] streams it from A's slot (pgoutput, over [`postgres::replication`]) as a [`change::Change`],
 //! [`kafka`] produces it, and the [`sink`] of every other master applies it by
 //! last-writer-wins ([`lww`]), storing the Kafka offset in the same transaction.
 
@@ -17,11 +17,9 @@ pub mod join;
 pub mod kafka;
 pub mod lww;
 pub mod metrics;
-pub mod pgoutput;
 pub mod postgres;
 pub mod progress;
 pub mod remove;
-pub mod replication;
 pub mod run;
 pub mod schema;
 pub mod sink;

@@ -224,7 +224,7 @@ async fn unsent_changes(topology: &Topology, master: &crate::topology::Master) -
     .fetch(&mut conn);
     let mut unsent = 0u64;
     while let Some(data) = rows.try_next().await.map_err(Error::db(&master.name, format!("peeking at slot {slot}")))? {
-        let message = crate::pgoutput::parse(&data).map_err(|e| Error::Stream {
+        let message = crate::postgres::pgoutput::parse(&data).map_err(|e| Error::Stream {
             master: master.name.clone(),
             lsn: "its slot's pending WAL".into(),
             reason: e.to_string(),

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use crate::change::{Change, Key, LogPosition, Op, Position, Row};
 use crate::error::{Class, Error, Result};
 use crate::metrics as m;
-use crate::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
-use crate::replication::{WalMessage, WalStream};
+use crate::postgres::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
+use crate::postgres::replication::{WalMessage, WalStream};
 use crate::schema::{describe, slot_name, TableInfo, PUBLICATION};
 use crate::sink::{DeadLetter, RecordId};
 use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
@@ -151,7 +151,7 @@ impl Capture {
         let options = crate::db::options(master)?.application_name(&format!("mmsync:{}:source", master.name));
         let starting = format!("starting replication from slot {slot}");
         let stream = tokio::time::timeout(
-            crate::replication::START_TIMEOUT,
+            crate::postgres::replication::START_TIMEOUT,
             WalStream::start(&options, &slot, PUBLICATION, confirmed),
         )
         .await
@@ -285,7 +285,7 @@ impl Capture {
     /// Takes one message from the stream into the decoder.
     fn take(
         &mut self,
-        message: std::result::Result<WalMessage, crate::replication::ReplicationError>,
+        message: std::result::Result<WalMessage, crate::postgres::replication::ReplicationError>,
         decoded: &mut Decoded,
         state: &mut StreamState,
     ) -> Result<()> {

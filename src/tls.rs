@@ -1,5 +1,5 @@
 //! TLS to masters, for both kinds of connection mmsync opens: the replication
-//! connection ([`crate::replication`]), and the sqlx connections
+//! connection ([`crate::postgres::replication`]), and the sqlx connections
 //! ([`crate::db`]) with `sslmode=verify-ca` or `verify-full`.
 //!
 //! A master's URL is a libpq URL, so its TLS settings mean what they mean to

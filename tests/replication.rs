@@ -1,10 +1,10 @@
-//! The replication connection of a source (src/replication.rs) on real
+//! The replication connection of a source (src/postgres/replication.rs) on real
 //! servers: it honours `sslmode` like mmsync's other connections, and it
 //! authenticates with SCRAM-SHA-256, md5 and cleartext passwords.
 
 use std::time::Duration;
 
-use mmsync::replication::{ReplicationError, WalMessage, WalStream};
+use mmsync::postgres::replication::{ReplicationError, WalMessage, WalStream};
 use mmsync::testbed::{make_ca, wait_for, PgCluster, PgOptions};
 use mmsync::topology::{DbUrl, Master};
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mmsync::replication::{ReplicationError, WalStream};
+use mmsync::postgres::replication::{ReplicationError, WalStream};
 use mmsync::testbed::{make_ca, non_loopback_ipv4, wait_for, BedError, PgCluster, PgOptions};
 use mmsync::topology::{DbUrl, Master, Topology};
 use rustls::client::danger::ServerCertVerifier as _;

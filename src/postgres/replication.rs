@@ -21,7 +21,7 @@ use sqlx::ConnectOptions as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, WriteHalf};
 use tokio::sync::mpsc;
 
-use crate::pgoutput::{format_lsn, Lsn};
+use crate::postgres::pgoutput::{format_lsn, Lsn};
 use crate::tls::Io;
 
 /// Messages the reader may hold before it stops reading the socket.

@@ -1,5 +1,5 @@
 //! pgoutput (protocol version 1) messages, as a walsender streams them in
-//! XLogData (see [`crate::replication`]).
+//! XLogData (see [`crate::postgres::replication`]).
 //!
 //! Format reference: PostgreSQL 15 docs, "Logical Replication Message Formats".
 //! All integers are big-endian. Streaming and two-phase messages (protocol
