@@ -23,7 +23,7 @@ async fn main() {
     bed.sql_everywhere(SCHEMA).await.unwrap();
     let path = bed.write_topology(&["public.bench"], "");
     let topology = Topology::load(&path).unwrap();
-    mmsync::schema::init(&topology).await.expect("init");
+    mmsync::postgres::schema::init(&topology).await.expect("init");
 
     // N changes on master a: 60% inserts, 30% updates, 10% deletes, in transactions of 1,000.
     let mut conn = bed.master("a").connect(BED_DATABASE).await.unwrap();
@@ -61,7 +61,7 @@ async fn main() {
         sqlx::query_scalar("SELECT pg_current_wal_insert_lsn()::text").fetch_one(&mut conn).await.unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    let source = tokio::spawn(mmsync::source::run(std::sync::Arc::new(topology.clone()), master, stopped));
+    let source = tokio::spawn(mmsync::postgres::capture::run(std::sync::Arc::new(topology.clone()), master, stopped));
     wait_for("the source to confirm the workload", Duration::from_secs(1800), || async {
         let mut c = bed.master("a").connect(BED_DATABASE).await.ok()?;
         let done: bool = sqlx::query_scalar(

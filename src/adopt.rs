@@ -30,7 +30,7 @@ use std::time::Instant;
 use sqlx::{Connection, PgConnection};
 
 use crate::error::{Error, Result};
-use crate::schema::describe;
+use crate::postgres::schema::describe;
 use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// How each master's existing rows get their versions.
@@ -79,7 +79,7 @@ pub async fn adopt(
     }
     let mut report = Vec::new();
     for master in &topology.masters {
-        let mut conn = crate::db::connect(master).await?;
+        let mut conn = crate::postgres::db::connect(master).await?;
         for table in &topology.tables {
             let done = adopt_table(&mut conn, master, table, rule, batch_rows, &mut progress).await?;
             report.push(done);

@@ -2,7 +2,7 @@
 //! its Kafka form (key, envelope, headers).
 //!
 //! Values travel as PostgreSQL's own text form of each column (what pgoutput
-//! sends, with the canonical session settings of [`crate::db`]), so every type
+//! sends, with the canonical session settings of [`crate::postgres::db`]), so every type
 //! round-trips exactly: numeric digits, float NaN and infinities, microseconds,
 //! arrays, enums and JSON alike. The sink casts them back with the column's type.
 
@@ -86,7 +86,7 @@ pub struct Change {
     pub row: Option<Row>,
     /// Columns an update did not touch whose (TOASTed) value pgoutput did
     /// not send. The source reads their values back from its master before
-    /// producing ([`crate::source`]), so a record carries them only when it
+    /// producing ([`crate::postgres::capture`]), so a record carries them only when it
     /// could not: see `superseded`. A target that has the row leaves them as
     /// they are.
     pub unchanged: Vec<String>,

@@ -44,8 +44,8 @@ pub async fn acquire(master: &Master) -> Result<PgConnection> {
 /// Takes the lock for `what` (`run`, `adopt`): the holder shows in
 /// `pg_stat_activity` as application `mmsync:<master>:<what>`.
 pub async fn acquire_as(master: &Master, what: &str) -> Result<PgConnection> {
-    let opts = crate::db::options(master)?.application_name(&format!("mmsync:{}:{what}", master.name));
-    let mut conn = crate::db::connect_with(master, opts).await?;
+    let opts = crate::postgres::db::options(master)?.application_name(&format!("mmsync:{}:{what}", master.name));
+    let mut conn = crate::postgres::db::connect_with(master, opts).await?;
     let db = |what: &str| Error::db(&master.name, what.to_string());
     let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(LOCK_KEY)

@@ -37,7 +37,7 @@ use sqlx::{Connection, PgConnection, Row as _};
 
 use crate::change::{Change, Key, Op, Position, Row};
 use crate::error::{Error, Result};
-use crate::schema::{describe, TableInfo};
+use crate::postgres::schema::{describe, TableInfo};
 use crate::topology::{quote_ident, quote_literal, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// What joining copied of one table.
@@ -81,8 +81,8 @@ pub async fn join(
         locks.push(crate::fence::acquire_as(master, "join").await?);
     }
 
-    let mut read = crate::db::connect(source).await?;
-    let mut write = crate::db::connect(target).await?;
+    let mut read = crate::postgres::db::connect(source).await?;
+    let mut write = crate::postgres::db::connect(target).await?;
     let db = |master: &str, what: String| Error::db(master, what);
     // A batch lost to a crash of the new master is copied again (its mark is
     // in its transaction), so its commits need not wait for the disk.

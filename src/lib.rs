@@ -2,14 +2,14 @@
 //! through Kafka.
 //!
 //! The path of one change: an application writes a row on master A; the
-//! trigger installed by [`schema::init`] stamps its origin and version;
-//! [`source`] streams it from A's slot (pgoutput, over [`postgres::replication`]) as a [`change::Change`],
+//! trigger installed by [`postgres::schema::init`] stamps its origin and
+//! version; [`postgres::capture`] streams it from A's slot (pgoutput, over
+//! [`postgres::replication`]) as a [`change::Change`],
 //! [`kafka`] produces it, and the [`sink`] of every other master applies it by
 //! last-writer-wins ([`lww`]), storing the Kafka offset in the same transaction.
 
 pub mod adopt;
 pub mod change;
-pub mod db;
 pub mod error;
 pub mod failpoint;
 pub mod fence;
@@ -21,13 +21,10 @@ pub mod postgres;
 pub mod progress;
 pub mod remove;
 pub mod run;
-pub mod schema;
 pub mod sink;
-pub mod source;
 pub mod status;
 #[cfg(feature = "testbed")]
 pub mod testbed;
-pub mod tls;
 pub mod tombstones;
 pub mod topology;
 pub mod verify;

@@ -291,7 +291,7 @@ fn main() -> ExitCode {
 
 async fn check(topology: &Topology) -> ExitCode {
     let mut ok = Vec::new();
-    let problems = mmsync::schema::check(topology, &mut ok).await;
+    let problems = mmsync::postgres::schema::check(topology, &mut ok).await;
     for line in ok {
         println!("{line}");
     }
@@ -317,7 +317,7 @@ async fn check(topology: &Topology) -> ExitCode {
 }
 
 async fn init(topology: &Topology) -> ExitCode {
-    match mmsync::schema::init(topology).await {
+    match mmsync::postgres::schema::init(topology).await {
         Ok(done) if done.is_empty() => {
             println!("init: everything was already in place");
             ExitCode::SUCCESS
@@ -369,7 +369,7 @@ async fn dead_letters(topology: &Topology, action: DeadLetterAction, only: Optio
 
 /// Prints a master's pending dead letters; `Ok(true)` when there are none.
 async fn list_dead_letters(master: &mmsync::topology::Master) -> mmsync::error::Result<bool> {
-    let mut conn = mmsync::db::connect(master).await?;
+    let mut conn = mmsync::postgres::db::connect(master).await?;
     let rows: Vec<(i64, String, String, i32, i64, String)> = sqlx::query_as(
         "SELECT id, to_char(logged_at, 'YYYY-MM-DD HH24:MI:SS'), topic, partition, kafka_offset, reason
          FROM mmsync.dead_letters WHERE retried_at IS NULL ORDER BY id",

@@ -27,7 +27,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::BaseConsumer;
 
 use crate::error::{Error, Result};
-use crate::schema::{slot_name, PUBLICATION};
+use crate::postgres::schema::{slot_name, PUBLICATION};
 use crate::topology::Topology;
 
 /// What `remove` did.
@@ -91,7 +91,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
     // master that does not answer, leaves everything as it was.
     let mut others = Vec::new();
     for other in topology.masters.iter().filter(|m| m.name != gone) {
-        let mut conn = crate::db::connect(other).await?;
+        let mut conn = crate::postgres::db::connect(other).await?;
         let applied: HashMap<(String, i32), i64> = sqlx::query_as::<_, (String, i32, i64)>(
             "SELECT topic, partition, next_offset FROM mmsync.applied_offsets WHERE topic = ANY($1)",
         )
@@ -151,7 +151,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
     }
 
     if reachable {
-        let mut conn = crate::db::connect(master).await?;
+        let mut conn = crate::postgres::db::connect(master).await?;
         let slot = slot_name(gone);
         let dropped: Option<bool> = sqlx::query_scalar(
             "SELECT pg_drop_replication_slot(slot_name) IS NULL FROM pg_replication_slots WHERE slot_name = $1",
@@ -204,7 +204,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
 /// sent: the slot's pending WAL, peeked (nothing moves) and decoded as the
 /// source decodes it, heartbeats left out.
 async fn unsent_changes(topology: &Topology, master: &crate::topology::Master) -> Result<u64> {
-    let mut conn = crate::db::connect(master).await?;
+    let mut conn = crate::postgres::db::connect(master).await?;
     let slot = slot_name(&master.name);
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)")
         .bind(&slot)
@@ -214,8 +214,8 @@ async fn unsent_changes(topology: &Topology, master: &crate::topology::Master) -
     if !exists {
         return Ok(0);
     }
-    let mut decoder = crate::source::Decoder::new(&master.name, topology);
-    let mut round = crate::source::Decoded::default();
+    let mut decoder = crate::postgres::capture::Decoder::new(&master.name, topology);
+    let mut round = crate::postgres::capture::Decoded::default();
     let mut rows = sqlx::query_scalar::<_, Vec<u8>>(
         "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, 'proto_version', '1', 'publication_names', $2)",
     )

@@ -64,7 +64,7 @@ pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output =
     }
     for master in &topology.masters {
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
-        tasks.spawn(async move { (format!("source {}", m.name), crate::source::run(t, m, rx).await) });
+        tasks.spawn(async move { (format!("source {}", m.name), crate::postgres::capture::run(t, m, rx).await) });
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
         tasks.spawn(async move { (format!("tombstones {}", m.name), crate::tombstones::run(t, m, rx).await) });
         for table in topology.synced_tables() {

@@ -18,7 +18,7 @@ use crate::change::{encode_key, Change, Key, Op, HEADER_ORIGIN};
 use crate::error::{Class, Error, Result};
 use crate::lww::{stamp, Stamp};
 use crate::metrics as m;
-use crate::schema::{describe, TableInfo};
+use crate::postgres::schema::{describe, TableInfo};
 use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// Runs the sink of one table on `target` until `shutdown` turns true,
@@ -212,7 +212,7 @@ impl Apply {
         worker: Worker,
         progress: Arc<m::Progress>,
     ) -> Result<Apply> {
-        let mut conn = crate::db::connect(target).await?;
+        let mut conn = crate::postgres::db::connect(target).await?;
         let info = describe(&mut conn, &target.name, table).await?.ok_or_else(|| Error::Missing {
             master: target.name.clone(),
             problem: format!("table {table} does not exist; its changes wait in Kafka"),
@@ -1168,7 +1168,7 @@ pub struct RetryReport {
 /// apply are marked `retried_at`; the others keep their row with the new reason.
 pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<RetryReport> {
     let name = target.name.as_str();
-    let mut conn = crate::db::connect(target).await?;
+    let mut conn = crate::postgres::db::connect(target).await?;
     /// id, topic, partition, offset, key, value.
     type Letter = (i64, String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
     let rows: Vec<Letter> = sqlx::query_as(

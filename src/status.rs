@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use rdkafka::consumer::BaseConsumer;
 use serde::Serialize;
 
-use crate::schema::slot_name;
+use crate::postgres::schema::slot_name;
 use crate::topology::Topology;
 
 /// One link's state; `None` where a master or Kafka did not answer.
@@ -44,7 +44,7 @@ pub async fn status(topology: &Topology) -> Vec<Link> {
     let mut targets: HashMap<String, Result<TargetState, String>> = HashMap::new();
     for m in &topology.masters {
         let read = async {
-            let mut conn = crate::db::connect(m).await.map_err(|e| e.to_string())?;
+            let mut conn = crate::postgres::db::connect(m).await.map_err(|e| e.to_string())?;
             let slot: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
                 "SELECT confirmed_flush_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8
                  FROM pg_replication_slots WHERE slot_name = $1",
@@ -184,7 +184,7 @@ pub async fn tombstones(topology: &Topology) -> Vec<Tombstones> {
     let mut out = Vec::new();
     for m in &topology.masters {
         let read = async {
-            let mut conn = crate::db::connect(m).await?;
+            let mut conn = crate::postgres::db::connect(m).await?;
             let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.tombstones")
                 .fetch_one(&mut conn)
                 .await

@@ -252,7 +252,7 @@ pub async fn run(topology: Arc<Topology>, master: Master, mut stopped: watch::Re
         }
         let round = async {
             if conn.is_none() {
-                conn = Some(crate::db::connect(&master).await?);
+                conn = Some(crate::postgres::db::connect(&master).await?);
             }
             let c = conn.as_mut().expect("connected above");
             let w = assess(c, &topology, &master.name, consumer.clone()).await?;

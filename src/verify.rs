@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use sqlx::{PgConnection, Row as _};
 
 use crate::error::{Error, Result};
-use crate::schema::describe;
+use crate::postgres::schema::describe;
 use crate::topology::{TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// Buckets per table.
@@ -58,7 +58,7 @@ pub async fn verify(topology: &Topology, only: Option<&TableName>, max_keys: usi
     }
     let mut conns = Vec::new();
     for m in &topology.masters {
-        let mut conn = crate::db::connect(m).await?;
+        let mut conn = crate::postgres::db::connect(m).await?;
         sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut conn)
             .await

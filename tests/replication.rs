@@ -24,7 +24,7 @@ async fn publish_a_row(cluster: &PgCluster) {
 /// Starts streaming slot `s` with `url` and reads until the row's Begin arrives.
 async fn stream(url: String) -> Result<WalStream, ReplicationError> {
     let master = Master { name: "m".into(), url: DbUrl::new(url) };
-    let options = mmsync::db::options(&master).unwrap().application_name("replication-test");
+    let options = mmsync::postgres::db::options(&master).unwrap().application_name("replication-test");
     let mut stream = WalStream::start(&options, "s", "p", 0).await?;
     let first = tokio::time::timeout(Duration::from_secs(30), async {
         loop {

@@ -28,14 +28,15 @@ async fn sslmode_in_the_url_is_honoured() -> Result<(), BedError> {
     let cluster = PgCluster::start(PgOptions { ssl: true, ..PgOptions::default() }).await?;
     let master = |mode: &str| master("tls", format!("{}?sslmode={mode}", cluster.url("postgres")));
 
-    let mut conn = mmsync::db::connect(&master("require")).await.expect("TLS with sslmode=require");
+    let mut conn = mmsync::postgres::db::connect(&master("require")).await.expect("TLS with sslmode=require");
     assert!(is_encrypted(&mut conn).await, "the connection is not encrypted");
 
-    let mut conn = mmsync::db::connect(&master("disable")).await.expect("plain with sslmode=disable");
+    let mut conn = mmsync::postgres::db::connect(&master("disable")).await.expect("plain with sslmode=disable");
     assert!(!is_encrypted(&mut conn).await);
 
-    let err =
-        mmsync::db::connect(&master("verify-full")).await.expect_err("a certificate of an unknown CA is not trusted");
+    let err = mmsync::postgres::db::connect(&master("verify-full"))
+        .await
+        .expect_err("a certificate of an unknown CA is not trusted");
     assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
     Ok(())
 }
@@ -74,7 +75,7 @@ async fn with_sslrootcert_a_certificate_from_a_public_ca_is_refused() {
     // connection check certificates with this verifier.
     let root = format!("file: {}", own_ca.display());
     for mode in [PgSslMode::VerifyCa, PgSslMode::VerifyFull] {
-        let verifier = mmsync::tls::verifier(mode, Some(&root)).unwrap();
+        let verifier = mmsync::postgres::tls::verifier(mode, Some(&root)).unwrap();
         let err = verifier
             .verify_server_cert(&leaf, std::slice::from_ref(&intermediate), &name, &[], at)
             .expect_err("only sslrootcert is trusted");
@@ -96,33 +97,35 @@ async fn verify_ca_and_verify_full_trust_sslrootcert_alone_on_sqlx_connections()
 
     // The CA that signed the server's certificate: verify-ca trusts it, and
     // ignores the name (the certificate is for "mmsync-test", not 127.0.0.1).
-    let mut conn = mmsync::db::connect(&with_root("verify-ca", &cluster.tls_root_certificate()))
+    let mut conn = mmsync::postgres::db::connect(&with_root("verify-ca", &cluster.tls_root_certificate()))
         .await
         .expect("verify-ca with the server's CA as sslrootcert");
     assert!(is_encrypted(&mut conn).await);
-    let err = mmsync::db::connect(&with_root("verify-full", &cluster.tls_root_certificate()))
+    let err = mmsync::postgres::db::connect(&with_root("verify-full", &cluster.tls_root_certificate()))
         .await
         .expect_err("verify-full checks the name");
     assert!(err.to_string().contains("name"), "{err}");
 
     // Another CA: refused, whatever else the machine or sqlx would trust.
     for mode in ["verify-ca", "verify-full"] {
-        let err = mmsync::db::connect(&with_root(mode, &other_ca)).await.expect_err("a CA that did not sign it");
+        let err =
+            mmsync::postgres::db::connect(&with_root(mode, &other_ca)).await.expect_err("a CA that did not sign it");
         assert!(err.to_string().contains("UnknownIssuer"), "{mode}: {err}");
     }
 
     // No sslrootcert: libpq's default file, and an error naming it when it is missing.
     let default_root = std::env::home_dir().unwrap_or_default().join(".postgresql/root.crt");
     if !default_root.exists() {
-        let err = mmsync::db::connect(&master("tls", format!("{}?sslmode=verify-ca", cluster.url("postgres"))))
-            .await
-            .expect_err("nothing to verify with");
+        let err =
+            mmsync::postgres::db::connect(&master("tls", format!("{}?sslmode=verify-ca", cluster.url("postgres"))))
+                .await
+                .expect_err("nothing to verify with");
         assert!(err.to_string().contains(&default_root.display().to_string()), "{err}");
         assert!(err.to_string().contains("sslrootcert=system"), "{err}");
     }
 
     // sslrootcert=system is the public CAs' store: libpq allows it with verify-full only.
-    let err = mmsync::db::options(&master(
+    let err = mmsync::postgres::db::options(&master(
         "tls",
         format!("{}?sslmode=verify-ca&sslrootcert=system", cluster.url("postgres")),
     ))
@@ -164,28 +167,28 @@ async fn passwords_never_cross_a_network_in_clear_unless_the_url_says_sslmode_di
     };
     let far = |user: &str, query: &str| master("far", url(&ip.to_string(), user, query));
     wait_for("pg_hba.conf to be in force", Duration::from_secs(30), || async {
-        mmsync::db::connect(&far("md5_user", "?sslmode=disable")).await.ok()
+        mmsync::postgres::db::connect(&far("md5_user", "?sslmode=disable")).await.ok()
     })
     .await;
 
     // sqlx connections: the server has no TLS, and without sslmode=disable
     // mmsync does not go on in plain to a host that is not loopback.
     for query in ["", "?sslmode=prefer", "?sslmode=allow"] {
-        let err = mmsync::db::connect(&far("md5_user", query)).await.expect_err("no password in clear");
+        let err = mmsync::postgres::db::connect(&far("md5_user", query)).await.expect_err("no password in clear");
         let text = err.to_string();
         assert!(text.contains("master \"far\"") && text.contains("TLS"), "{query}: {text}");
         assert!(text.contains("sslmode=require") && text.contains("sslmode=disable"), "{query}: {text}");
     }
-    let mut conn = mmsync::db::connect(&far("md5_user", "?sslmode=disable")).await.expect("the url says so");
+    let mut conn = mmsync::postgres::db::connect(&far("md5_user", "?sslmode=disable")).await.expect("the url says so");
     assert!(!is_encrypted(&mut conn).await);
     let local = master("near", url("127.0.0.1", "md5_user", ""));
-    mmsync::db::connect(&local).await.expect("loopback does not leave the machine");
+    mmsync::postgres::db::connect(&local).await.expect("loopback does not leave the machine");
 
     // The replication connection authenticates itself, and refuses to send
     // the password in clear or as md5 over plain TCP; SCRAM never sends it.
     // (Past authentication, it stops at the slot this cluster does not have.)
     let start = |master: Master| async move {
-        let options = mmsync::db::options(&master).unwrap();
+        let options = mmsync::postgres::db::options(&master).unwrap();
         WalStream::start(&options, "no_slot", "no_publication", 0).await.err().expect("there is no slot")
     };
     for user in ["md5_user", "plain_user"] {
@@ -209,7 +212,7 @@ async fn passwords_never_cross_a_network_in_clear_unless_the_url_says_sslmode_di
     );
     let topology = Topology::parse(&text, std::path::Path::new("topology.toml"), |_| None).unwrap();
     let mut ok = Vec::new();
-    let problems = mmsync::schema::check(&topology, &mut ok).await;
+    let problems = mmsync::postgres::schema::check(&topology, &mut ok).await;
     let far_problem = problems.iter().find(|p| p.starts_with("master \"far\"")).expect("a problem with far");
     assert!(far_problem.contains("sslmode=require") && far_problem.contains("sslmode=disable"), "{far_problem}");
     assert!(!problems.iter().any(|p| p.starts_with("master \"near\": cannot connect")), "{problems:?}");

@@ -8,7 +8,7 @@
 //! moves that point only every few seconds: the cost of each read grows with
 //! the write rate. A walsender decodes each record once. sqlx has no walsender
 //! mode, so this module speaks the protocol itself, with the URL, session
-//! settings, TLS ([`crate::tls`]) and authentication of mmsync's other
+//! settings, TLS ([`crate::postgres::tls`]) and authentication of mmsync's other
 //! connections. Since it answers the server's authentication requests
 //! itself, it can refuse what sqlx cannot: sending a password in clear or as
 //! md5 over plain TCP to a host that is not loopback (see `authenticate`).
@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, WriteHalf};
 use tokio::sync::mpsc;
 
 use crate::postgres::pgoutput::{format_lsn, Lsn};
-use crate::tls::Io;
+use crate::postgres::tls::Io;
 
 /// Messages the reader may hold before it stops reading the socket.
 const BUFFERED_MESSAGES: usize = 10_000;
@@ -76,11 +76,11 @@ impl ReplicationError {
     }
 }
 
-impl From<crate::tls::TlsError> for ReplicationError {
-    fn from(e: crate::tls::TlsError) -> Self {
+impl From<crate::postgres::tls::TlsError> for ReplicationError {
+    fn from(e: crate::postgres::tls::TlsError) -> Self {
         match e {
-            crate::tls::TlsError::Io(e) => ReplicationError::Io(e),
-            crate::tls::TlsError::Refused(reason) => ReplicationError::Tls(reason),
+            crate::postgres::tls::TlsError::Io(e) => ReplicationError::Io(e),
+            crate::postgres::tls::TlsError::Refused(reason) => ReplicationError::Tls(reason),
         }
     }
 }
@@ -224,14 +224,14 @@ async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
             (Box::new(tokio::net::UnixStream::connect(path).await?), None)
         }
         None => {
-            let (io, encrypted) = crate::tls::connect(options).await?;
+            let (io, encrypted) = crate::postgres::tls::connect(options).await?;
             let host = options.get_host();
             let chose_plain = matches!(options.get_ssl_mode(), PgSslMode::Disable);
-            (io, (!encrypted && !chose_plain && !crate::tls::is_loopback(host)).then_some(host))
+            (io, (!encrypted && !chose_plain && !crate::postgres::tls::is_loopback(host)).then_some(host))
         }
     };
 
-    // The same session settings as mmsync's sqlx connections (see crate::db),
+    // The same session settings as mmsync's sqlx connections (see crate::postgres::db),
     // so that pgoutput writes every value in the same text form.
     let mut params: Vec<(&str, String)> = vec![
         ("user", user.clone()),
@@ -243,7 +243,7 @@ async fn connect(options: &PgConnectOptions) -> Result<Box<dyn Io>> {
         ("client_encoding", "UTF8".into()),
         ("extra_float_digits", "2".into()),
     ];
-    params.extend(crate::db::CANONICAL_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())));
+    params.extend(crate::postgres::db::CANONICAL_SETTINGS.iter().map(|(k, v)| (*k, v.to_string())));
     io.write_all(&startup(&params)).await?;
     io.flush().await?;
     authenticate(&mut io, &user, password.as_deref(), exposed).await?;
@@ -403,7 +403,7 @@ fn server_error(body: &[u8]) -> ReplicationError {
 }
 
 /// How long connecting and starting replication may take.
-pub const START_TIMEOUT: Duration = crate::db::CONNECT_TIMEOUT;
+pub const START_TIMEOUT: Duration = crate::postgres::db::CONNECT_TIMEOUT;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,6 @@
 //! TLS to masters, for both kinds of connection mmsync opens: the replication
 //! connection ([`crate::postgres::replication`]), and the sqlx connections
-//! ([`crate::db`]) with `sslmode=verify-ca` or `verify-full`.
+//! ([`crate::postgres::db`]) with `sslmode=verify-ca` or `verify-full`.
 //!
 //! A master's URL is a libpq URL, so its TLS settings mean what they mean to
 //! libpq. `require` (and `prefer`, `allow`) encrypts and checks nothing;
@@ -10,7 +10,7 @@
 //! - with `sslrootcert=system`, the machine's CA store (OpenSSL's files, as
 //!   libpq reads them), with `verify-full` only: the store holds every public
 //!   CA, and below verify-full any certificate one of them issued, for any
-//!   name, would pass ([`crate::db::options`] refuses the URL);
+//!   name, would pass ([`crate::postgres::db::options`] refuses the URL);
 //! - without `sslrootcert`, `~/.postgresql/root.crt`; when that file is
 //!   missing, verify-ca and verify-full are refused with an error naming it.
 //!
@@ -26,7 +26,7 @@
 //! through to the real server and answers the second. So mmsync opens the
 //! TLS connection itself, checks the certificate with [`verifier`], and sqlx
 //! speaks the PostgreSQL protocol through that connection (see
-//! [`crate::db`]): the connection sqlx authenticates on is the very one whose
+//! [`crate::postgres::db`]): the connection sqlx authenticates on is the very one whose
 //! certificate was checked.
 
 use std::path::PathBuf;

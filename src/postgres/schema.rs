@@ -262,7 +262,7 @@ async fn check_master(
     master: &Master,
     records: &mut Vec<crate::kafka::check::RecordSize>,
 ) -> Result<(String, Vec<String>)> {
-    let mut conn = crate::db::connect(master).await?;
+    let mut conn = crate::postgres::db::connect(master).await?;
     let name = &master.name;
     let mut problems = Vec::new();
     let setting = |rows: &[(String, String)], key: &str| {
@@ -366,7 +366,7 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
     // Every table must be syncable everywhere before anything is changed anywhere.
     let mut conns = Vec::new();
     for master in &topology.masters {
-        let mut conn = crate::db::connect(master).await?;
+        let mut conn = crate::postgres::db::connect(master).await?;
         for table in &topology.tables {
             let info = describe(&mut conn, &master.name, table).await?.ok_or_else(|| Error::Setup {
                 master: master.name.clone(),

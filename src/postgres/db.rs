@@ -5,7 +5,7 @@
 //! Two rules about TLS, for every connection opened through [`connect_with`]:
 //!
 //! - **verify-ca and verify-full go through mmsync's own TLS.** sqlx's would
-//!   trust every public CA beside `sslrootcert` (see [`crate::tls`] for why,
+//!   trust every public CA beside `sslrootcert` (see [`crate::postgres::tls`] for why,
 //!   and why a check beforehand would not do). mmsync opens the connection,
 //!   checks the certificate, and hands the stream to sqlx through a Unix
 //!   socket in a fresh folder only this user may enter, removed as soon as
@@ -32,7 +32,7 @@ use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use sqlx::{ConnectOptions, PgConnection};
 
 use crate::error::{Error, Result};
-use crate::tls::{is_loopback, sslmode_name, Io, TlsError};
+use crate::postgres::tls::{is_loopback, sslmode_name, Io, TlsError};
 use crate::topology::Master;
 
 /// Settings sqlx does not already pin (it sets DateStyle ISO, TimeZone UTC,
@@ -187,7 +187,7 @@ pub async fn connect_with(master: &Master, opts: PgConnectOptions) -> Result<PgC
 /// A verify-ca or verify-full connection: mmsync's TLS, sqlx's protocol
 /// (see the module doc).
 async fn through_own_tls(opts: PgConnectOptions) -> sqlx::Result<PgConnection> {
-    let (server, _) = crate::tls::connect(&opts).await.map_err(|e| match e {
+    let (server, _) = crate::postgres::tls::connect(&opts).await.map_err(|e| match e {
         TlsError::Io(e) => sqlx::Error::Io(e),
         TlsError::Refused(why) => sqlx::Error::Tls(why.into()),
     })?;

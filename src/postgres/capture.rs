@@ -17,7 +17,7 @@ use crate::error::{Class, Error, Result};
 use crate::metrics as m;
 use crate::postgres::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
 use crate::postgres::replication::{WalMessage, WalStream};
-use crate::schema::{describe, slot_name, TableInfo, PUBLICATION};
+use crate::postgres::schema::{describe, slot_name, TableInfo, PUBLICATION};
 use crate::sink::{DeadLetter, RecordId};
 use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
@@ -134,7 +134,7 @@ struct StreamState {
 
 impl Capture {
     pub async fn connect(topology: &Topology, master: &Master) -> Result<Capture> {
-        let mut conn = crate::db::connect(master).await?;
+        let mut conn = crate::postgres::db::connect(master).await?;
         let slot = slot_name(&master.name);
         let confirmed: Option<String> =
             sqlx::query_scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1")
@@ -148,7 +148,7 @@ impl Capture {
             problem: format!("replication slot {slot} does not exist"),
             fix: "run `mmsync init`".into(),
         })?;
-        let options = crate::db::options(master)?.application_name(&format!("mmsync:{}:source", master.name));
+        let options = crate::postgres::db::options(master)?.application_name(&format!("mmsync:{}:source", master.name));
         let starting = format!("starting replication from slot {slot}");
         let stream = tokio::time::timeout(
             crate::postgres::replication::START_TIMEOUT,
