@@ -155,7 +155,7 @@ async fn adopt_table(
         let mut block = 0i64;
         while block < blocks {
             let mut tx = conn.begin().await.map_err(db("beginning a transaction".into()))?;
-            sqlx::query(crate::sink::APPLIER_SESSION)
+            sqlx::query(crate::postgres::apply::APPLIER_SESSION)
                 .execute(&mut *tx)
                 .await
                 .map_err(db("marking the adopting session".into()))?;

@@ -160,7 +160,7 @@ pub async fn join(
     // longer holds (tombstone retention).
     exec(&mut tx, new, "setting synchronous_commit", "SET LOCAL synchronous_commit = on").await?;
     exec(&mut tx, new, "clearing old offsets", "DELETE FROM mmsync.applied_offsets").await?;
-    crate::sink::store_offsets(&mut tx, new, &positions, &Default::default()).await?;
+    crate::postgres::apply::store_offsets(&mut tx, new, &positions, &Default::default()).await?;
     sqlx::raw_sql("DELETE FROM mmsync.join_progress; DELETE FROM mmsync.join_tables")
         .execute(&mut *tx)
         .await
@@ -485,12 +485,12 @@ async fn copy_batch(
 ) -> Result<std::result::Result<(u64, u64), String>> {
     let table = &info.name;
     let mut tx = write.begin().await.map_err(Error::db(new, "beginning a transaction"))?;
-    sqlx::query(crate::sink::APPLIER_SESSION)
+    sqlx::query(crate::postgres::apply::APPLIER_SESSION)
         .execute(&mut *tx)
         .await
         .map_err(Error::db(new, "marking the applier session"))?;
     let refusal = |e: sqlx::Error| -> Result<String> {
-        if crate::sink::is_data_error(&e) {
+        if crate::postgres::apply::is_data_error(&e) {
             Ok(e.to_string())
         } else {
             Err(Error::db(new, format!("copying {table}"))(e))
@@ -556,8 +556,15 @@ async fn copy_batch(
                 }
             })
             .collect();
-        let (_, dead) =
-            crate::sink::apply_changes(&mut tx, new, info.clone(), topology.sync.max_clock_skew, from, changes).await?;
+        let (_, dead) = crate::postgres::apply::apply_changes(
+            &mut tx,
+            new,
+            info.clone(),
+            topology.sync.max_clock_skew,
+            from,
+            changes,
+        )
+        .await?;
         refused = dead.len() as u64;
         for d in dead {
             d.keep(&mut tx, new).await?;
@@ -591,8 +598,15 @@ async fn apply(
     let mut tx = write.begin().await.map_err(Error::db(new, "beginning a transaction"))?;
     let mut refused = 0;
     if !changes.is_empty() {
-        let (_, dead) =
-            crate::sink::apply_changes(&mut tx, new, info.clone(), topology.sync.max_clock_skew, from, changes).await?;
+        let (_, dead) = crate::postgres::apply::apply_changes(
+            &mut tx,
+            new,
+            info.clone(),
+            topology.sync.max_clock_skew,
+            from,
+            changes,
+        )
+        .await?;
         refused = dead.len() as u64;
         for d in dead {
             d.keep(&mut tx, new).await?;

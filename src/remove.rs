@@ -121,7 +121,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
         // In one transaction, as the applier, so that the heartbeat's delete
         // is neither stamped nor sent.
         let mut tx = sqlx::Connection::begin(conn).await.map_err(Error::db(&other.name, "beginning"))?;
-        sqlx::query(crate::sink::APPLIER_SESSION)
+        sqlx::query(crate::postgres::apply::APPLIER_SESSION)
             .execute(&mut *tx)
             .await
             .map_err(Error::db(&other.name, "marking the applier session"))?;

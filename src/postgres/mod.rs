@@ -8,11 +8,11 @@
 //!   into changes, produced to Kafka;
 //! - [`schema`]: what `check` and `init` look at and install (tables,
 //!   triggers, publication, slot, sequences);
+//! - [`apply`]: the statements that apply a batch of changes to one table
+//!   by last-writer-wins, for the sink ([`crate::sink`]: Kafka's side);
 //! - [`sqlstate`]: what its error codes mean.
-//!
-//! The apply SQL still lives in [`crate::sink`], beside the Kafka consumer
-//! it serves; it moves here next.
 
+pub mod apply;
 pub mod capture;
 pub mod db;
 pub mod pgoutput;

@@ -583,7 +583,7 @@ fn dollar_quote(body: &str) -> String {
 /// The trigger: a local write stamps origin = this master and a version that
 /// beats both the clock and what it replaces; a local delete records a
 /// tombstone. Writes of mmsync's applier never get here: it writes with
-/// `session_replication_role = replica` ([`crate::sink::APPLIER_SESSION`]),
+/// `session_replication_role = replica` ([`crate::postgres::apply::APPLIER_SESSION`]),
 /// in which ordinary triggers do not fire, so what it sets is kept.
 ///
 /// An insert (or a key change) must also beat its key's tombstone, but a
