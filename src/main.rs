@@ -55,7 +55,7 @@ enum Command {
     /// topology and run `mmsync init` first; applications may keep writing
     /// everywhere, but `mmsync run` must not run meanwhile. Then `mmsync run`.
     /// Rows stream with COPY; progress shows as a bar on a terminal and as log
-    /// lines otherwise. A join that was stopped goes on where it came when run
+    /// lines otherwise. A join that was stopped goes on where it stopped when run
     /// again with the same --from.
     Join {
         /// The master that joins.
@@ -166,7 +166,7 @@ async fn join(topology: &Topology, master: &str, from: &str, batch: u64) -> Exit
             let mut refused = 0;
             for c in report {
                 let went_on = if c.resumed_from > 0 {
-                    format!(", going on from row {} where a join that was stopped had come", c.resumed_from)
+                    format!(", going on from row {} where a stopped join had got to", c.resumed_from)
                 } else {
                     String::new()
                 };
