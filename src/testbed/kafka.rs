@@ -303,9 +303,7 @@ impl KafkaCluster {
             "kafka.Kafka".into(),
         ])
         .args([self.node_dir(node.id).join("server.properties")]);
-        if self.shared {
-            launch.remove_after = Some(self.dir.path().to_path_buf());
-        }
+        launch.remove_after = Some(self.dir.path().to_path_buf());
         node.process = Some(ServerProcess::spawn(launch)?);
         Ok(())
     }

@@ -389,6 +389,7 @@ impl PgCluster {
             )
             .args([std::ffi::OsString::from("-D"), self.dir.path().join("data").into_os_string()]);
             launch.user = self.owner;
+            launch.remove_after = Some(self.dir.path().to_path_buf());
             let mut server = process::ServerProcess::spawn(launch)?;
             loop {
                 if server.exited() {

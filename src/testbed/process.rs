@@ -7,8 +7,9 @@
 //! server that dies by itself is seen. When the lifeline closes (this
 //! process dropped the server, or ended, however it ended: even a SIGKILL
 //! closes the pipe), the wrapper kills the server with SIGKILL; then it
-//! removes the folder it was given, if any. No server outlives the test
-//! binary that started it.
+//! removes the folder it was given, if any (a server killed on purpose, to
+//! be restarted on its data, keeps it). No server, and no server's folder,
+//! outlives the test binary that started it.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
@@ -18,16 +19,21 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use super::{io, BedError, Result};
 
+/// `$1` is the flag file the watcher leaves when the lifeline closed: only
+/// then is the folder removed (a server killed to be restarted keeps it).
 const WRAPPER: &str = r#"exec 3<&0 </dev/null
+flag=$1; shift
 "$@" >>"$MMSYNC_SERVER_LOG" 2>&1 &
 server=$!
 echo $server
-{ read -r _ <&3; kill -9 $server 2>/dev/null; } &
+{ read -r _ <&3; : >"$flag"; kill -9 $server 2>/dev/null; } &
 watcher=$!
 wait $server
 status=$?
 kill $watcher 2>/dev/null
-if [ -n "$MMSYNC_REMOVE" ]; then rm -rf "$MMSYNC_REMOVE"; fi
+wait $watcher 2>/dev/null
+if [ -e "$flag" ] && [ -n "$MMSYNC_REMOVE" ]; then rm -rf "$MMSYNC_REMOVE"; fi
+rm -f "$flag"
 exit $status"#;
 
 /// How to start a server.
@@ -41,7 +47,9 @@ pub struct Launch {
     pub log: PathBuf,
     /// Run as this user and group (PostgreSQL refuses to run as root).
     pub user: Option<(u32, u32)>,
-    /// Removed once the server is dead after the lifeline closed.
+    /// Removed when the lifeline closes (the test process dropped the server
+    /// or ended), once the server is dead; not when it is killed to be
+    /// restarted, nor when it dies by itself.
     pub remove_after: Option<PathBuf>,
 }
 
@@ -87,6 +95,7 @@ impl ServerProcess {
         cmd.arg("-c")
             .arg(WRAPPER)
             .arg(format!("mmsync-bed-{}", launch.name.replace(' ', "-")))
+            .arg(std::env::temp_dir().join(format!("mmsync-lifeline-{}-{}", std::process::id(), unique())))
             .arg(&launch.program)
             .args(&launch.args)
             .env("MMSYNC_SERVER_LOG", &launch.log)
@@ -136,11 +145,12 @@ impl ServerProcess {
     }
 
     /// Kills the server with SIGKILL, as a crash would, and waits until it
-    /// is gone.
+    /// is gone. Its folder stays (it is restarted on it): the lifeline
+    /// closes only once the wrapper has seen the server die.
     pub fn kill(mut self) {
         self.signal(libc::SIGKILL);
-        drop(self.lifeline.take());
         let _ = self.wrapper.wait();
+        drop(self.lifeline.take());
     }
 }
 
@@ -149,4 +159,10 @@ impl Drop for ServerProcess {
         // The wrapper kills the server when the lifeline closes, and cleans up.
         drop(self.lifeline.take());
     }
+}
+
+/// A number no other server of this process got.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
