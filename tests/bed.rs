@@ -113,3 +113,23 @@ async fn a_kafka_node_killed_with_sigkill_restarts_on_its_log_directories() {
         .sum();
     assert_eq!(kept, 10);
 }
+
+#[tokio::test]
+async fn a_mariadb_server_killed_with_sigkill_restarts_on_its_data_with_a_row_binlog() {
+    use mmsync::testbed::mariadb::MariaDb;
+    let mut db = MariaDb::start(7).await.expect("mariadb starts");
+    let settings = db
+        .sql("SELECT @@log_bin, @@binlog_format, @@binlog_row_image, @@binlog_row_metadata, @@server_id, @@gtid_domain_id")
+        .await
+        .unwrap();
+    assert_eq!(settings.trim(), "1\tROW\tFULL\tFULL\t7\t7", "what a MariaDB master of mmsync needs");
+    db.sql("CREATE DATABASE app; CREATE TABLE app.t (id int PRIMARY KEY, v text) ENGINE=InnoDB; INSERT INTO app.t VALUES (1, 'one')")
+        .await
+        .unwrap();
+    db.kill().await;
+    assert!(std::net::TcpStream::connect(("127.0.0.1", db.port())).is_err(), "the server is gone");
+    db.restart().await.expect("mariadb restarts on its data");
+    assert_eq!(db.sql("SELECT v FROM app.t WHERE id = 1").await.unwrap().trim(), "one", "crash recovery kept the row");
+    let gtid = db.sql("SELECT @@gtid_binlog_pos").await.unwrap();
+    assert!(gtid.trim().starts_with("7-7-"), "the insert is in the binlog under GTID domain 7: {gtid}");
+}

@@ -21,6 +21,7 @@ use tokio::process::{Child, Command};
 
 pub mod connect;
 pub mod kafka;
+pub mod mariadb;
 pub mod process;
 
 pub use kafka::{KafkaCluster, KafkaOptions};
@@ -225,6 +226,12 @@ fn log_tail(path: &Path) -> String {
 
 /// The uid and gid of the `postgres` system user when we run as root.
 fn postgres_user() -> Result<Option<(u32, u32)>> {
+    system_user("postgres", "PostgreSQL", "postgresql")
+}
+
+/// When running as root, the uid and gid of the system user `name` that a
+/// server refusing root runs as (`what`, installed by Debian's `package`).
+fn system_user(name: &str, what: &str, package: &str) -> Result<Option<(u32, u32)>> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
@@ -233,15 +240,14 @@ fn postgres_user() -> Result<Option<(u32, u32)>> {
     passwd
         .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&"postgres") && f.len() > 3)
+        .find(|f| f.first() == Some(&name) && f.len() > 3)
         .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
         .map(Some)
         .ok_or_else(|| {
-            BedError::Setup(
-                "running as root, but there is no 'postgres' system user to run PostgreSQL as; \
-                 install the postgresql package (scripts/setup does)"
-                    .into(),
-            )
+            BedError::Setup(format!(
+                "running as root, but there is no '{name}' system user to run {what} as; \
+                 install the {package} package (scripts/setup does)"
+            ))
         })
 }
 

@@ -1,0 +1,166 @@
+//! MariaDB for the test bed: a server made with `mariadb-install-db` in a
+//! temporary folder (Debian's `mariadb-server`, 10.11), on a free loopback
+//! port, run as every server of the bed is ([`super::process`]): killable
+//! with SIGKILL and restartable on its data and port, gone with the test.
+//!
+//! It runs with what a MariaDB master of mmsync needs (the issue's `check`
+//! list): the binary log in ROW format with FULL row images and metadata, a
+//! server id and GTID domain of its own. The bed's client is the `mariadb`
+//! command over the server's socket, as `root` (socket authentication), so
+//! the bed needs no MySQL driver.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::process::Command;
+
+use super::process::{Launch, ServerProcess};
+use super::{chown_tree, free_port, io, log_tail, system_user, temp_dir, BedError, Result};
+
+/// How long a server may take to accept connections (crash recovery included).
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A MariaDB server in a temporary folder.
+pub struct MariaDb {
+    dir: TempDir,
+    port: u16,
+    server_id: u32,
+    owner: Option<(u32, u32)>,
+    server: Option<ServerProcess>,
+}
+
+/// The name of the OS user running this process.
+fn os_user() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "root".into())
+}
+
+/// Where Debian puts a program: `/usr/sbin` for the server, the `PATH` otherwise.
+fn program(name: &str) -> Result<PathBuf> {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin"] {
+        let path = Path::new(dir).join(name);
+        if path.exists() {
+            return Ok(path);
+        }
+    }
+    Err(BedError::Setup(format!("{name} not found; run scripts/setup (it installs Debian's mariadb-server)")))
+}
+
+impl MariaDb {
+    /// Makes and starts a server; `server_id` is also its GTID domain.
+    pub async fn start(server_id: u32) -> Result<MariaDb> {
+        let owner = system_user("mysql", "MariaDB", "mariadb-server")?;
+        let dir = temp_dir("mmsync-mariadb-")?;
+        chown_tree(dir.path(), owner)?;
+        let mut install = Command::new(program("mariadb-install-db")?);
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
+            // root authenticates by the socket's peer: the OS user running the bed.
+            .arg(format!("--auth-root-socket-user={}", if owner.is_some() { "root".into() } else { os_user() }))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some((uid, gid)) = owner {
+            install.uid(uid).gid(gid);
+        }
+        let out = install.output().await.map_err(io("running mariadb-install-db"))?;
+        if !out.status.success() {
+            return Err(BedError::Setup(format!(
+                "mariadb-install-db failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let mut db = MariaDb { dir, port: free_port(), server_id, owner, server: None };
+        db.launch().await?;
+        Ok(db)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("mariadb.sock")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mariadb.log")
+    }
+
+    /// Starts the server on its data and waits until it answers.
+    async fn launch(&mut self) -> Result<()> {
+        let d = self.dir.path();
+        std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).map_err(io("mariadb log"))?;
+        chown_tree(&self.log_path(), self.owner)?;
+        let mut launch = Launch::new(format!("mariadb on port {}", self.port), program("mariadbd")?, self.log_path())
+            .args([
+                "--no-defaults".to_string(),
+                format!("--datadir={}", d.join("data").display()),
+                format!("--port={}", self.port),
+                "--bind-address=127.0.0.1".into(),
+                format!("--socket={}", self.socket().display()),
+                format!("--pid-file={}", d.join("mariadb.pid").display()),
+                format!("--log-bin={}", d.join("data/binlog").display()),
+                "--binlog-format=ROW".into(),
+                "--binlog-row-image=FULL".into(),
+                "--binlog-row-metadata=FULL".into(),
+                format!("--server-id={}", self.server_id),
+                format!("--gtid-domain-id={}", self.server_id),
+                "--skip-name-resolve".into(),
+                "--innodb-buffer-pool-size=64M".into(),
+                // Process kills are what the tests do, not OS crashes.
+                "--innodb-flush-log-at-trx-commit=2".into(),
+                "--sync-binlog=0".into(),
+            ]);
+        launch.user = self.owner;
+        launch.remove_after = Some(d.to_path_buf());
+        let start = Instant::now();
+        let mut server = ServerProcess::spawn(launch)?;
+        loop {
+            if self.sql("SELECT 1").await.is_ok() {
+                self.server = Some(server);
+                return Ok(());
+            }
+            if server.exited() || start.elapsed() > START_DEADLINE {
+                server.kill();
+                return Err(BedError::NotStarted {
+                    what: format!("mariadb on port {}", self.port),
+                    secs: START_DEADLINE.as_secs(),
+                    log: self.log_path().display().to_string(),
+                    tail: log_tail(&self.log_path()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs SQL as root over the server's socket; returns what it printed
+    /// (tab-separated rows, no header).
+    pub async fn sql(&self, sql: &str) -> Result<String> {
+        let out = Command::new(program("mariadb")?)
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args(["-u", "root", "--batch", "--skip-column-names", "-e", sql])
+            .output()
+            .await
+            .map_err(io("running mariadb"))?;
+        if !out.status.success() {
+            return Err(BedError::Setup(format!("mariadb: {sql}: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.kill();
+        }
+    }
+
+    /// Starts the server again on the same data and port.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.launch().await
+    }
+}
