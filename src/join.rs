@@ -288,17 +288,6 @@ async fn copy_table(
     .map_err(Error::db(from, format!("sizing {table}")))?;
     let step = ((batch_rows as f64 / (rows as f64 / blocks.max(1) as f64).max(1.0)).ceil() as i64).max(1);
     let position = Position::copied_from(from);
-    let change = |op: Op, key: Key, row: Option<Row>, origin: String, version: i64| Change {
-        table: table.clone(),
-        op,
-        key,
-        row,
-        unchanged: Vec::new(),
-        superseded: false,
-        origin,
-        version,
-        position: position.clone(),
-    };
     let total = (rows as u64).max(done.rows);
     progress(table, done.rows, total);
     // COPY when both masters' columns are alike; otherwise every row goes
@@ -337,19 +326,7 @@ async fn copy_table(
                     .fetch_all(&mut *read)
                     .await
                     .map_err(Error::db(from, format!("reading {table}")))?;
-                let changes: Vec<Change> = batch
-                    .into_iter()
-                    .map(|r| {
-                        let row: Row =
-                            serde_json::from_value(r.get::<serde_json::Value, _>(0)).expect("a JSON object of text");
-                        let key: Key = info
-                            .key
-                            .iter()
-                            .map(|k| (k.clone(), row.get(k).cloned().flatten().unwrap_or_default()))
-                            .collect();
-                        change(Op::Insert, key, Some(row), r.get(2), r.get(1))
-                    })
-                    .collect();
+                let changes: Vec<Change> = batch.iter().map(|r| copied_row(info, &position, r)).collect();
                 let n = changes.len() as u64;
                 let mark = Mark { table, next_block: range.1, rows: done.rows + n, done: false };
                 (n, apply(write, topology, new, from, &new_info, changes, mark).await?)
@@ -380,9 +357,16 @@ async fn copy_table(
         after = page.last().map_or(serde_json::Value::Null, |(key, _, _)| key.clone());
         let changes: Vec<Change> = page
             .into_iter()
-            .map(|(key, version, origin)| {
-                let key: Key = serde_json::from_value(key).unwrap_or_default();
-                change(Op::Delete, key, None, origin, version)
+            .map(|(key, version, origin)| Change {
+                table: table.clone(),
+                op: Op::Delete,
+                key: serde_json::from_value(key).unwrap_or_default(),
+                row: None,
+                unchanged: Vec::new(),
+                superseded: false,
+                origin,
+                version,
+                position: position.clone(),
             })
             .collect();
         done.tombstones += changes.len() as u64;
@@ -534,46 +518,52 @@ async fn copy_batch(
         .execute(&mut *tx)
         .await
         .map_err(Error::db(new, format!("checking the copied rows of {table} against new tombstones")))?;
-    let mut refused = 0;
-    if !rest.is_empty() {
-        let position = Position::copied_from(from);
-        let changes: Vec<Change> = rest
-            .into_iter()
-            .map(|r| {
-                let row: Row = serde_json::from_value(r.get::<serde_json::Value, _>(0)).expect("a JSON object of text");
-                let key: Key =
-                    info.key.iter().map(|k| (k.clone(), row.get(k).cloned().flatten().unwrap_or_default())).collect();
-                Change {
-                    table: table.clone(),
-                    op: Op::Insert,
-                    key,
-                    row: Some(row),
-                    unchanged: Vec::new(),
-                    superseded: false,
-                    origin: r.get(2),
-                    version: r.get(1),
-                    position: position.clone(),
-                }
-            })
-            .collect();
-        let (_, dead) = crate::postgres::apply::apply_changes(
-            &mut tx,
-            new,
-            info.clone(),
-            topology.sync.max_clock_skew,
-            from,
-            changes,
-        )
-        .await?;
-        refused = dead.len() as u64;
-        for d in dead {
-            d.keep(&mut tx, new).await?;
-        }
-    }
+    let position = Position::copied_from(from);
+    let changes: Vec<Change> = rest.iter().map(|r| copied_row(info, &position, r)).collect();
+    let refused = apply_and_keep(&mut tx, topology, new, from, info, changes).await?;
     let mark = Mark { table, next_block: end, rows: rows_before + staged, done: false };
     store_mark(&mut tx, new, &mark).await?;
     tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
     Ok(Ok((staged, refused)))
+}
+
+/// A copied row as a change: `(row as a JSON object of text, version, origin)`.
+fn copied_row(info: &TableInfo, position: &Position, r: &sqlx::postgres::PgRow) -> Change {
+    let row: Row = serde_json::from_value(r.get::<serde_json::Value, _>(0)).expect("a JSON object of text");
+    let key: Key = info.key.iter().map(|k| (k.clone(), row.get(k).cloned().flatten().unwrap_or_default())).collect();
+    Change {
+        table: info.name.clone(),
+        op: Op::Insert,
+        key,
+        row: Some(row),
+        unchanged: Vec::new(),
+        superseded: false,
+        origin: r.get(2),
+        version: r.get(1),
+        position: position.clone(),
+    }
+}
+
+/// Applies copied changes by the sink's rules in the open transaction and
+/// keeps what the new master refuses as dead letters; returns how many.
+async fn apply_and_keep(
+    tx: &mut PgConnection,
+    topology: &Topology,
+    new: &str,
+    from: &str,
+    info: &TableInfo,
+    changes: Vec<Change>,
+) -> Result<u64> {
+    if changes.is_empty() {
+        return Ok(0);
+    }
+    let (_, dead) =
+        crate::postgres::apply::apply_changes(tx, new, info.clone(), topology.sync.max_clock_skew, from, changes)
+            .await?;
+    for d in &dead {
+        d.keep(tx, new).await?;
+    }
+    Ok(dead.len() as u64)
 }
 
 /// How far a table's copy came, stored with the batch that brought it there.
@@ -596,22 +586,7 @@ async fn apply(
     mark: Mark<'_>,
 ) -> Result<u64> {
     let mut tx = write.begin().await.map_err(Error::db(new, "beginning a transaction"))?;
-    let mut refused = 0;
-    if !changes.is_empty() {
-        let (_, dead) = crate::postgres::apply::apply_changes(
-            &mut tx,
-            new,
-            info.clone(),
-            topology.sync.max_clock_skew,
-            from,
-            changes,
-        )
-        .await?;
-        refused = dead.len() as u64;
-        for d in dead {
-            d.keep(&mut tx, new).await?;
-        }
-    }
+    let refused = apply_and_keep(&mut tx, topology, new, from, info, changes).await?;
     store_mark(&mut tx, new, &mark).await?;
     tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
     Ok(refused)

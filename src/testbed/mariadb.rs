@@ -10,13 +10,13 @@
 //! the bed needs no MySQL driver.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::process::Command;
 
-use super::process::{Launch, ServerProcess};
-use super::{chown_tree, free_port, io, log_tail, system_user, temp_dir, BedError, Result};
+use super::process::{start_until_ready, Launch, ServerProcess};
+use super::{chown_tree, free_port, io, system_user, temp_dir, BedError, Result};
 
 /// How long a server may take to accept connections (crash recovery included).
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -89,46 +89,35 @@ impl MariaDb {
         let d = self.dir.path();
         std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).map_err(io("mariadb log"))?;
         chown_tree(&self.log_path(), self.owner)?;
-        let mut launch = Launch::new(format!("mariadb on port {}", self.port), program("mariadbd")?, self.log_path())
-            .args([
-                "--no-defaults".to_string(),
-                format!("--datadir={}", d.join("data").display()),
-                format!("--port={}", self.port),
-                "--bind-address=127.0.0.1".into(),
-                format!("--socket={}", self.socket().display()),
-                format!("--pid-file={}", d.join("mariadb.pid").display()),
-                format!("--log-bin={}", d.join("data/binlog").display()),
-                "--binlog-format=ROW".into(),
-                "--binlog-row-image=FULL".into(),
-                "--binlog-row-metadata=FULL".into(),
-                format!("--server-id={}", self.server_id),
-                format!("--gtid-domain-id={}", self.server_id),
-                "--skip-name-resolve".into(),
-                "--innodb-buffer-pool-size=64M".into(),
-                // Process kills are what the tests do, not OS crashes.
-                "--innodb-flush-log-at-trx-commit=2".into(),
-                "--sync-binlog=0".into(),
-            ]);
-        launch.user = self.owner;
-        launch.remove_after = Some(d.to_path_buf());
-        let start = Instant::now();
-        let mut server = ServerProcess::spawn(launch)?;
-        loop {
-            if self.sql("SELECT 1").await.is_ok() {
-                self.server = Some(server);
-                return Ok(());
-            }
-            if server.exited() || start.elapsed() > START_DEADLINE {
-                server.kill();
-                return Err(BedError::NotStarted {
-                    what: format!("mariadb on port {}", self.port),
-                    secs: START_DEADLINE.as_secs(),
-                    log: self.log_path().display().to_string(),
-                    tail: log_tail(&self.log_path()),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let launch = || {
+            let mut launch =
+                Launch::new(format!("mariadb on port {}", self.port), program("mariadbd")?, self.log_path()).args([
+                    "--no-defaults".to_string(),
+                    format!("--datadir={}", d.join("data").display()),
+                    format!("--port={}", self.port),
+                    "--bind-address=127.0.0.1".into(),
+                    format!("--socket={}", self.socket().display()),
+                    format!("--pid-file={}", d.join("mariadb.pid").display()),
+                    format!("--log-bin={}", d.join("data/binlog").display()),
+                    "--binlog-format=ROW".into(),
+                    "--binlog-row-image=FULL".into(),
+                    "--binlog-row-metadata=FULL".into(),
+                    format!("--server-id={}", self.server_id),
+                    format!("--gtid-domain-id={}", self.server_id),
+                    "--skip-name-resolve".into(),
+                    "--innodb-buffer-pool-size=64M".into(),
+                    // Process kills are what the tests do, not OS crashes.
+                    "--innodb-flush-log-at-trx-commit=2".into(),
+                    "--sync-binlog=0".into(),
+                ]);
+            launch.user = self.owner;
+            launch.remove_after = Some(d.to_path_buf());
+            Ok(launch)
+        };
+        let ready = || async { self.sql("SELECT 1").await.is_ok() };
+        let server = start_until_ready(launch, ready, START_DEADLINE, &self.log_path()).await?;
+        self.server = Some(server);
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {

@@ -380,14 +380,13 @@ impl PgCluster {
     /// SIGKILL the old postmaster's children may hold the shared memory for a
     /// moment: the start is tried again until the deadline.
     async fn launch(&mut self) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.log_path())
-                .map_err(io("opening the postgres log"))?;
-            std::fs::set_permissions(self.log_path(), std::fs::Permissions::from_mode(0o666)).ok();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io("opening the postgres log"))?;
+        std::fs::set_permissions(self.log_path(), std::fs::Permissions::from_mode(0o666)).ok();
+        let launch = || {
             let mut launch = process::Launch::new(
                 format!("postgres on port {}", self.port),
                 self.bin.join("postgres"),
@@ -396,31 +395,12 @@ impl PgCluster {
             .args([std::ffi::OsString::from("-D"), self.dir.path().join("data").into_os_string()]);
             launch.user = self.owner;
             launch.remove_after = Some(self.dir.path().to_path_buf());
-            let mut server = process::ServerProcess::spawn(launch)?;
-            loop {
-                if server.exited() {
-                    break; // maybe leftovers of a killed postmaster; try again
-                }
-                if self.connect("postgres").await.is_ok() {
-                    self.child = Some(server);
-                    return Ok(());
-                }
-                if start.elapsed() > START_DEADLINE {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            if start.elapsed() > START_DEADLINE {
-                server.kill();
-                return Err(BedError::NotStarted {
-                    what: format!("postgres on port {}", self.port),
-                    secs: START_DEADLINE.as_secs(),
-                    log: self.log_path().display().to_string(),
-                    tail: log_tail(&self.log_path()),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            Ok(launch)
+        };
+        let ready = || async { self.connect("postgres").await.is_ok() };
+        let server = process::start_until_ready(launch, ready, START_DEADLINE, &self.log_path()).await?;
+        self.child = Some(server);
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {

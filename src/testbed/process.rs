@@ -17,7 +17,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 
-use super::{io, BedError, Result};
+use std::time::{Duration, Instant};
+
+use super::{io, log_tail, BedError, Result};
 
 /// `$1` is the flag file the watcher leaves when the lifeline closed: only
 /// then is the folder removed (a server killed to be restarted keeps it).
@@ -165,4 +167,45 @@ impl Drop for ServerProcess {
 fn unique() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Starts a server and waits until `ready` says it answers. A server that
+/// exits first is started again (the leftovers of one killed a moment ago
+/// may hold its port or shared memory for a while), until `deadline`; then
+/// the error quotes the end of `log`.
+pub async fn start_until_ready<F, Fut>(
+    launch: impl Fn() -> Result<Launch>,
+    ready: F,
+    deadline: Duration,
+    log: &Path,
+) -> Result<ServerProcess>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        let launch = launch()?;
+        let name = launch.name.clone();
+        let mut server = ServerProcess::spawn(launch)?;
+        while !server.exited() {
+            if ready().await {
+                return Ok(server);
+            }
+            if start.elapsed() > deadline {
+                server.kill();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if start.elapsed() > deadline {
+            return Err(BedError::NotStarted {
+                what: name,
+                secs: deadline.as_secs(),
+                log: log.display().to_string(),
+                tail: log_tail(log),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
