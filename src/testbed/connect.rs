@@ -147,16 +147,8 @@ impl KafkaConnect {
             // Kafka's own launch options for a worker: connect-standalone.sh's
             // heap (256 MiB to 2 GiB; MMSYNC_CONNECT_HEAP sets the top), which a
             // 24 GiB machine gives without thinking, and kafka-run-class.sh's GC.
-            .args([
-                "-Xms256m".to_string(),
-                format!("-Xmx{heap}"),
-                "-XX:+UseG1GC".into(),
-                "-XX:MaxGCPauseMillis=20".into(),
-                "-XX:InitiatingHeapOccupancyPercent=35".into(),
-                "-XX:+ExplicitGCInvokesConcurrent".into(),
-                "-Djava.awt.headless=true".into(),
-                "org.apache.kafka.connect.cli.ConnectStandalone".into(),
-            ])
+            .args(super::kafka::jvm_options(&heap))
+            .args(["org.apache.kafka.connect.cli.ConnectStandalone"])
             .args([dir.join("worker.properties")])
             .args(self.connectors.iter().map(|c| dir.join(format!("{c}.properties"))));
         self.worker = Some(ServerProcess::spawn(launch)?);

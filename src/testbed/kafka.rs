@@ -293,15 +293,8 @@ impl KafkaCluster {
             self.node_dir(node.id).join("stdout.log"),
         )
         .args(java.get_args())
-        .args([
-            "-Xms256m".to_string(),
-            format!("-Xmx{heap}"),
-            "-XX:+UseG1GC".into(),
-            "-XX:MaxGCPauseMillis=20".into(),
-            "-XX:InitiatingHeapOccupancyPercent=35".into(),
-            "-Djava.awt.headless=true".into(),
-            "kafka.Kafka".into(),
-        ])
+        .args(jvm_options(&heap))
+        .args(["kafka.Kafka"])
         .args([self.node_dir(node.id).join("server.properties")]);
         launch.remove_after = Some(self.dir.path().to_path_buf());
         node.process = Some(ServerProcess::spawn(launch)?);
@@ -477,6 +470,20 @@ impl Drop for KafkaCluster {
             }
         }
     }
+}
+
+/// The JVM options Kafka's own scripts (`kafka-run-class.sh`) start its
+/// servers with, with a heap from 256 MiB up to `heap`.
+pub(super) fn jvm_options(heap: &str) -> Vec<String> {
+    vec![
+        "-Xms256m".to_string(),
+        format!("-Xmx{heap}"),
+        "-XX:+UseG1GC".into(),
+        "-XX:MaxGCPauseMillis=20".into(),
+        "-XX:InitiatingHeapOccupancyPercent=35".into(),
+        "-XX:+ExplicitGCInvokesConcurrent".into(),
+        "-Djava.awt.headless=true".into(),
+    ]
 }
 
 /// A KRaft cluster id: 16 random bytes in URL-safe base64 without padding,
