@@ -705,7 +705,15 @@ impl Validator<'_> {
             if let Some(url) = url {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                     let at = m.url.as_ref().or(m.url_env.as_ref()).expect("one of them is set");
-                    self.problem(at, format!("{key}.url"), format!("{} is not a postgres:// URL", mask_password(&url)));
+                    let message = if url.starts_with("mariadb://") || url.starts_with("mysql://") {
+                        format!(
+                            "{} is a MariaDB master: not supported yet (PostgreSQL masters only, postgres://)",
+                            mask_password(&url)
+                        )
+                    } else {
+                        format!("{} is not a postgres:// URL", mask_password(&url))
+                    };
+                    self.problem(at, format!("{key}.url"), message);
                 }
                 masters.push(Master { name: name.clone(), url: DbUrl(url) });
             }
@@ -900,6 +908,20 @@ tables = ["public.users", "messages", 'public."Order Items"']
         assert!(msg.contains("topology.toml:25: masters[1].name: \"Busan!\" must be"), "{msg}");
         assert!(msg.contains("topology.toml:30: sync.batch_max_changes: must be between 1"), "{msg}");
         assert_eq!(msg.lines().count(), 6, "{msg}");
+    }
+
+    #[test]
+    fn a_mariadb_master_is_refused_by_name_with_its_password_masked() {
+        let text =
+            GOOD.replace("postgres://postgres:secret@127.0.0.1:5433/chat", "mariadb://sync:secret@127.0.0.1:3306/chat");
+        let msg = problems(&text);
+        assert!(
+            msg.contains(
+                "masters[0].url: mariadb://sync:***@127.0.0.1:3306/chat is a MariaDB master: not supported yet"
+            ),
+            "{msg}"
+        );
+        assert!(!msg.contains("secret"), "{msg}");
     }
 
     #[test]
