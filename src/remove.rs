@@ -10,9 +10,11 @@
 //! (retention and `status` wait only for masters the topology names), and
 //! deletes its topics, and the offsets in them, if asked: kept, a master
 //! added again under that name goes on from them instead of replaying its
-//! history. Writes on the master between the check and the slot's drop are
-//! not sent: stop its applications first. Its database keeps its rows, columns and
-//! triggers, and goes on alone.
+//! history. The master's synced tables are locked against writes from the
+//! check to the slot's drop, so that no write lands in between and is lost
+//! with the slot (its applications should have stopped; a write that comes
+//! anyway waits, then stays local to it). Its database keeps its rows,
+//! columns and triggers, and goes on alone.
 //!
 //! The master is named in the topology while it is removed (its address and
 //! topics come from there); afterwards its `[[masters]]` entry is deleted and
@@ -25,6 +27,8 @@ use futures_util::TryStreamExt as _;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::BaseConsumer;
+
+use sqlx::PgConnection;
 
 use crate::error::{Error, Result};
 use crate::postgres::schema::{slot_name, PUBLICATION};
@@ -70,9 +74,28 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
         }
     }
 
-    // Its own changes mmsync has not sent yet.
+    // Its own changes mmsync has not sent yet. Its synced tables stay
+    // locked against writes from this check to the slot's drop, so that no
+    // write lands in between and is lost with the slot.
+    let mut held: Option<PgConnection> = None;
     if reachable {
-        let unsent = unsent_changes(topology, master).await?;
+        let mut conn = crate::postgres::db::connect(master).await?;
+        let db = |what: &str| Error::db(gone, what.to_string());
+        sqlx::raw_sql("BEGIN; SET LOCAL lock_timeout = '30s'").execute(&mut conn).await.map_err(db("beginning"))?;
+        for table in &topology.tables {
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(table.quoted())
+                .fetch_one(&mut conn)
+                .await
+                .map_err(db("looking up a synced table"))?;
+            if exists {
+                sqlx::raw_sql(&format!("LOCK TABLE {} IN SHARE MODE", table.quoted()))
+                    .execute(&mut conn)
+                    .await
+                    .map_err(db(&format!("locking {table} against writes (its applications must stop)")))?;
+            }
+        }
+        let unsent = unsent_changes(&mut conn, topology, master).await?;
         if unsent > 0 && !force {
             return Err(Error::Setup {
                 master: gone.to_string(),
@@ -82,6 +105,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
                     .into(),
             });
         }
+        held = Some(conn);
     }
     // Its records the others have not applied yet.
     let topics: Vec<String> =
@@ -150,8 +174,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
         ));
     }
 
-    if reachable {
-        let mut conn = crate::postgres::db::connect(master).await?;
+    if let Some(mut conn) = held {
         let slot = slot_name(gone);
         let dropped: Option<bool> = sqlx::query_scalar(
             "SELECT pg_drop_replication_slot(slot_name) IS NULL FROM pg_replication_slots WHERE slot_name = $1",
@@ -163,7 +186,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
         if dropped.is_some() {
             removed.lines.push(format!("master {gone:?}: dropped replication slot {slot}"));
         }
-        sqlx::raw_sql(&format!("DROP PUBLICATION IF EXISTS {PUBLICATION}"))
+        sqlx::raw_sql(&format!("DROP PUBLICATION IF EXISTS {PUBLICATION}; COMMIT"))
             .execute(&mut conn)
             .await
             .map_err(Error::db(gone, "dropping the publication"))?;
@@ -203,12 +226,11 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
 /// How many changes of `master`'s own its slot holds that mmsync has not
 /// sent: the slot's pending WAL, peeked (nothing moves) and decoded as the
 /// source decodes it, heartbeats left out.
-async fn unsent_changes(topology: &Topology, master: &crate::topology::Master) -> Result<u64> {
-    let mut conn = crate::postgres::db::connect(master).await?;
+async fn unsent_changes(conn: &mut PgConnection, topology: &Topology, master: &crate::topology::Master) -> Result<u64> {
     let slot = slot_name(&master.name);
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)")
         .bind(&slot)
-        .fetch_one(&mut conn)
+        .fetch_one(&mut *conn)
         .await
         .map_err(Error::db(&master.name, "looking up its slot"))?;
     if !exists {
@@ -221,7 +243,7 @@ async fn unsent_changes(topology: &Topology, master: &crate::topology::Master) -
     )
     .bind(&slot)
     .bind(PUBLICATION)
-    .fetch(&mut conn);
+    .fetch(&mut *conn);
     let mut unsent = 0u64;
     while let Some(data) = rows.try_next().await.map_err(Error::db(&master.name, format!("peeking at slot {slot}")))? {
         let message = crate::postgres::pgoutput::parse(&data).map_err(|e| Error::Stream {
