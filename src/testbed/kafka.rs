@@ -24,7 +24,7 @@ use rdkafka::ClientConfig;
 use tempfile::TempDir;
 
 use super::process::{Launch, ServerProcess};
-use super::{free_port, io, log_tail, temp_dir, BedError, Result};
+use super::{free_port, io, log_errors, log_tail, temp_dir, BedError, Result};
 
 /// How long a node may take to serve: a node killed under load recovers its
 /// logs and catches up on the cluster's metadata before it is unfenced, which
@@ -344,7 +344,7 @@ impl KafkaCluster {
                     what: format!("Kafka node {id} on port {port}"),
                     secs: START_DEADLINE.as_secs(),
                     log: log.display().to_string(),
-                    tail: format!("{}\n{}", log_tail(&log), log_tail(&stdout)),
+                    tail: format!("{}{}\n{}", log_errors(&log), log_tail(&log), log_tail(&stdout)),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -224,6 +224,18 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// The first lines of a log that say ERROR or FATAL (a server that shut
+/// itself down says why long before its last lines), for failure messages.
+fn log_errors(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR") || l.contains("FATAL")).take(10).collect();
+    if errors.is_empty() {
+        String::new()
+    } else {
+        format!("first errors:\n{}\nlast lines:\n", errors.join("\n"))
+    }
+}
+
 /// The uid and gid of the `postgres` system user when we run as root.
 fn postgres_user() -> Result<Option<(u32, u32)>> {
     system_user("postgres", "PostgreSQL", "postgresql")

@@ -19,7 +19,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use std::time::{Duration, Instant};
 
-use super::{io, log_tail, BedError, Result};
+use super::{io, log_errors, log_tail, BedError, Result};
 
 /// `$1` is the flag file the watcher leaves when the lifeline closed: only
 /// then is the folder removed (a server killed to be restarted keeps it).
@@ -203,7 +203,7 @@ where
                 what: name,
                 secs: deadline.as_secs(),
                 log: log.display().to_string(),
-                tail: log_tail(log),
+                tail: format!("{}{}", log_errors(log), log_tail(log)),
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
