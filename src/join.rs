@@ -37,7 +37,7 @@ use sqlx::{Connection, PgConnection, Row as _};
 
 use crate::change::{Change, Key, Op, Position, Row};
 use crate::error::{Error, Result};
-use crate::postgres::schema::{describe, TableInfo};
+use crate::postgres::schema::{describe, exec, TableInfo};
 use crate::topology::{quote_ident, quote_literal, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// What joining copied of one table.
@@ -135,6 +135,7 @@ pub async fn join(
         }
     };
 
+    let link = Link { topology, from, new };
     let mut report = Vec::new();
     for table in &topology.tables {
         let missing = |m: &str| Error::Setup {
@@ -144,9 +145,7 @@ pub async fn join(
         };
         let from_info = describe(&mut read, from, table).await?.ok_or_else(|| missing(from))?;
         let new_info = describe(&mut write, new, table).await?.ok_or_else(|| missing(new))?;
-        let copied =
-            copy_table(&mut read, &mut write, topology, from, new, &from_info, new_info, batch_rows, &mut progress)
-                .await?;
+        let copied = copy_table(&mut read, &mut write, link, &from_info, new_info, batch_rows, &mut progress).await?;
         report.push(copied);
     }
     sqlx::query("ROLLBACK").execute(&mut read).await.map_err(db(from, "ending the snapshot".into()))?;
@@ -220,13 +219,19 @@ async fn first_positions(
     Ok(positions)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every step of one join shares: the topology, and which master
+/// copies from which.
+#[derive(Clone, Copy)]
+struct Link<'a> {
+    topology: &'a Topology,
+    from: &'a str,
+    new: &'a str,
+}
+
 async fn copy_table(
     read: &mut PgConnection,
     write: &mut PgConnection,
-    topology: &Topology,
-    from: &str,
-    new: &str,
+    link @ Link { from, new, .. }: Link<'_>,
     info: &TableInfo,
     new_info: TableInfo,
     batch_rows: u64,
@@ -311,7 +316,7 @@ async fn copy_table(
         // new master refuses the batch as a whole, a row at a time by the
         // sink's rules (which keep what it refuses as dead letters).
         let fast = match &copy {
-            Some(copy) => copy_batch(read, write, topology, from, new, &new_info, copy, range, done.rows).await?,
+            Some(copy) => copy_batch(read, write, link, &new_info, copy, range, done.rows).await?,
             None => Err("the columns differ".to_string()),
         };
         let (copied, refused) = match fast {
@@ -329,7 +334,7 @@ async fn copy_table(
                 let changes: Vec<Change> = batch.iter().map(|r| copied_row(info, &position, r)).collect();
                 let n = changes.len() as u64;
                 let mark = Mark { table, next_block: range.1, rows: done.rows + n, done: false };
-                (n, apply(write, topology, new, from, &new_info, changes, mark).await?)
+                (n, apply(write, link, &new_info, changes, mark).await?)
             }
         };
         block = range.1;
@@ -371,7 +376,7 @@ async fn copy_table(
             .collect();
         done.tombstones += changes.len() as u64;
         let mark = Mark { table, next_block: block, rows: done.rows, done: last };
-        done.refused += apply(write, topology, new, from, &new_info, changes, mark).await?;
+        done.refused += apply(write, link, &new_info, changes, mark).await?;
         if last {
             break;
         }
@@ -455,13 +460,10 @@ impl CopySql {
 /// another key holds) go by the sink's rules. Returns (rows, refused), or
 /// why the new master refused the batch as a whole (then nothing of it
 /// stays, and the caller goes a row at a time).
-#[allow(clippy::too_many_arguments)]
 async fn copy_batch(
     read: &mut PgConnection,
     write: &mut PgConnection,
-    topology: &Topology,
-    from: &str,
-    new: &str,
+    link @ Link { from, new, .. }: Link<'_>,
     info: &TableInfo,
     sql: &CopySql,
     (first, end): (i64, i64),
@@ -520,7 +522,7 @@ async fn copy_batch(
         .map_err(Error::db(new, format!("checking the copied rows of {table} against new tombstones")))?;
     let position = Position::copied_from(from);
     let changes: Vec<Change> = rest.iter().map(|r| copied_row(info, &position, r)).collect();
-    let refused = apply_and_keep(&mut tx, topology, new, from, info, changes).await?;
+    let refused = apply_and_keep(&mut tx, link, info, changes).await?;
     let mark = Mark { table, next_block: end, rows: rows_before + staged, done: false };
     store_mark(&mut tx, new, &mark).await?;
     tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
@@ -548,9 +550,7 @@ fn copied_row(info: &TableInfo, position: &Position, r: &sqlx::postgres::PgRow) 
 /// keeps what the new master refuses as dead letters; returns how many.
 async fn apply_and_keep(
     tx: &mut PgConnection,
-    topology: &Topology,
-    new: &str,
-    from: &str,
+    Link { topology, from, new }: Link<'_>,
     info: &TableInfo,
     changes: Vec<Change>,
 ) -> Result<u64> {
@@ -578,15 +578,13 @@ struct Mark<'a> {
 /// returns how many it refused.
 async fn apply(
     write: &mut PgConnection,
-    topology: &Topology,
-    new: &str,
-    from: &str,
+    link @ Link { new, .. }: Link<'_>,
     info: &TableInfo,
     changes: Vec<Change>,
     mark: Mark<'_>,
 ) -> Result<u64> {
     let mut tx = write.begin().await.map_err(Error::db(new, "beginning a transaction"))?;
-    let refused = apply_and_keep(&mut tx, topology, new, from, info, changes).await?;
+    let refused = apply_and_keep(&mut tx, link, info, changes).await?;
     store_mark(&mut tx, new, &mark).await?;
     tx.commit().await.map_err(Error::db(new, "committing a batch of the copy"))?;
     Ok(refused)
@@ -605,10 +603,5 @@ async fn store_mark(conn: &mut PgConnection, new: &str, mark: &Mark<'_>) -> Resu
     .execute(conn)
     .await
     .map_err(Error::db(new, format!("recording how far the copy of {} came", mark.table)))?;
-    Ok(())
-}
-
-async fn exec(conn: &mut PgConnection, master: &str, what: &str, sql: &str) -> Result<()> {
-    sqlx::raw_sql(sql).execute(conn).await.map_err(Error::db(master, what.to_string()))?;
     Ok(())
 }

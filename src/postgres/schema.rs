@@ -393,7 +393,8 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
     Ok(done)
 }
 
-async fn exec(conn: &mut PgConnection, master: &str, what: &str, sql: &str) -> Result<()> {
+/// Runs SQL on `master`, naming `what` it does in the error.
+pub(crate) async fn exec(conn: &mut PgConnection, master: &str, what: &str, sql: &str) -> Result<()> {
     sqlx::raw_sql(sql).execute(&mut *conn).await.map_err(Error::db(master, what.to_string()))?;
     Ok(())
 }
