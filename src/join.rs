@@ -32,7 +32,6 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use futures_util::TryStreamExt as _;
-use rdkafka::consumer::BaseConsumer;
 use sqlx::{Connection, PgConnection, Row as _};
 
 use crate::change::{Change, Key, Op, Position, Row};
@@ -180,11 +179,10 @@ async fn first_positions(
     new: &str,
     from: &str,
 ) -> Result<HashMap<(String, i32), i64>> {
-    let consumer: BaseConsumer = crate::kafka::consumer(&topology.kafka, &format!("mmsync-join-{new}"))?;
     let mut positions: HashMap<(String, i32), i64> = HashMap::new();
     let topics: Vec<String> =
         crate::kafka::all_topics(topology).into_iter().filter(|(m, _, _)| m == from).map(|(_, _, t)| t).collect();
-    let ends = crate::kafka::ends(&consumer, &topics)?;
+    let ends = crate::kafka::topic_ends(&topology.kafka, topics.clone()).await?;
     if let Some(topic) = topics.iter().find(|t| !ends.iter().any(|(e, _, _)| e == *t)) {
         return Err(Error::Missing {
             master: from.to_string(),

@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use futures_util::TryStreamExt as _;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::BaseConsumer;
 
 use sqlx::PgConnection;
 
@@ -110,7 +109,7 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
     // Its records the others have not applied yet.
     let topics: Vec<String> =
         crate::kafka::all_topics(topology).into_iter().filter(|(m, _, _)| m == gone).map(|(_, _, t)| t).collect();
-    let ends = topic_ends(topology, &topics).await?;
+    let ends = crate::kafka::topic_ends(&topology.kafka, topics.clone()).await?;
     // Every other master is checked before any is changed: a refusal, or a
     // master that does not answer, leaves everything as it was.
     let mut others = Vec::new();
@@ -259,16 +258,4 @@ async fn unsent_changes(conn: &mut PgConnection, topology: &Topology, master: &c
         unsent += round.changes.drain(..).filter(|c| c.table.schema != "mmsync").count() as u64;
     }
     Ok(unsent)
-}
-
-/// The end offset of every partition of `topics`.
-async fn topic_ends(topology: &Topology, topics: &[String]) -> Result<Vec<(String, i32, i64)>> {
-    let (kafka, topics) = (topology.kafka.clone(), topics.to_vec());
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer =
-            crate::kafka::client_config(&kafka).create().map_err(Error::kafka("creating a client"))?;
-        crate::kafka::ends(&consumer, &topics)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("reading topic ends panicked: {e}")))?
 }

@@ -84,18 +84,14 @@ pub async fn status(topology: &Topology) -> Vec<Link> {
     }
 
     // End offsets of every partition of every topic.
-    let kafka = topology.kafka.clone();
     let topics: Vec<(String, String)> =
         crate::kafka::all_topics(topology).into_iter().map(|(m, _, t)| (m, t)).collect();
-    let ends = tokio::task::spawn_blocking(move || -> Result<Vec<(String, String, i32, i64)>, String> {
-        let consumer: BaseConsumer = crate::kafka::client_config(&kafka).create().map_err(|e| e.to_string())?;
-        let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
-        let ends = crate::kafka::ends(&consumer, &names).map_err(|e| e.to_string())?;
-        let master_of: HashMap<&String, &String> = topics.iter().map(|(m, t)| (t, m)).collect();
-        Ok(ends.into_iter().map(|(t, p, high)| (master_of[&t].clone(), t, p, high)).collect())
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
+    let names: Vec<String> = topics.iter().map(|(_, t)| t.clone()).collect();
+    let master_of: HashMap<&String, &String> = topics.iter().map(|(m, t)| (t, m)).collect();
+    let ends: Result<Vec<(String, String, i32, i64)>, String> = crate::kafka::topic_ends(&topology.kafka, names)
+        .await
+        .map(|ends| ends.into_iter().map(|(t, p, high)| (master_of[&t].clone(), t, p, high)).collect())
+        .map_err(|e| e.to_string());
 
     let mut topics_of: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
     for (m, _, t) in crate::kafka::all_topics(topology) {

@@ -184,6 +184,17 @@ pub fn ends(consumer: &impl Consumer, topics: &[String]) -> Result<Vec<(String, 
     Ok(ends)
 }
 
+/// [`ends`] with a client of its own, off the async threads.
+pub async fn topic_ends(kafka: &Kafka, topics: Vec<String>) -> Result<Vec<(String, i32, i64)>> {
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client_config(&kafka).create().map_err(Error::kafka("creating a client"))?;
+        ends(&consumer, &topics)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("reading topic ends panicked: {e}")))?
+}
+
 /// Produces one round of changes and waits until Kafka has acknowledged every
 /// one. Any failed delivery fails the round: the caller then must not advance
 /// its slot, and will produce the round again (duplicates, never a gap).
