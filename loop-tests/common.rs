@@ -465,3 +465,9 @@ pub async fn kv_state(s: &Synced, master: &str) -> Vec<String> {
         .await
         .unwrap()
 }
+
+/// Why each record a master could not apply was kept as a dead letter.
+pub async fn dead_letter_reasons(s: &Synced, master: &str) -> Vec<String> {
+    let mut conn = s.conn(master).await;
+    sqlx::query_scalar("SELECT reason FROM mmsync.dead_letters").fetch_all(&mut conn).await.unwrap()
+}

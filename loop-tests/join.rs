@@ -89,9 +89,7 @@ async fn a_master_joins_a_running_mesh_from_another_with_no_gap_while_applicatio
     }
     let (code, out) = mmsync(&s.topology, &["verify"]).await;
     assert_eq!(code, 0, "{out}");
-    let mut jeju = s.conn("jeju").await;
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.dead_letters").fetch_one(&mut jeju).await.unwrap();
-    assert_eq!(dead, 0);
+    assert_eq!(crate::common::dead_letter_reasons(&s, "jeju").await, Vec::<String>::new());
     s.stop().await;
 }
 
@@ -380,11 +378,7 @@ async fn a_master_restored_from_an_old_backup_is_rebuilt_keeping_only_what_is_ne
     }
     let (code, out) = mmsync(&s.topology, &["verify"]).await;
     assert_eq!(code, 0, "{out}");
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.dead_letters")
-        .fetch_one(&mut s.conn("busan").await)
-        .await
-        .unwrap();
-    assert_eq!(dead, 0);
+    assert_eq!(crate::common::dead_letter_reasons(&s, "busan").await, Vec::<String>::new());
     s.stop().await;
 }
 
@@ -406,8 +400,7 @@ async fn rows_the_joining_master_refuses_are_kept_as_dead_letters_and_the_rest_i
     let mut busan = s.conn("busan").await;
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM kv").fetch_one(&mut busan).await.unwrap();
     assert_eq!(n, 499, "every other row is copied, the refused range row by row");
-    let reasons: Vec<String> =
-        sqlx::query_scalar("SELECT reason FROM mmsync.dead_letters").fetch_all(&mut busan).await.unwrap();
+    let reasons = crate::common::dead_letter_reasons(&s, "busan").await;
     assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(reasons[0].contains("not_250"), "{reasons:?}");
 }

@@ -29,11 +29,6 @@ async fn docs(s: &Synced, master: &str) -> Vec<String> {
         .unwrap()
 }
 
-async fn dead_letters(s: &Synced, master: &str) -> Vec<String> {
-    let mut conn = s.conn(master).await;
-    sqlx::query_scalar("SELECT reason FROM mmsync.dead_letters").fetch_all(&mut conn).await.unwrap()
-}
-
 #[tokio::test]
 async fn a_partial_update_that_wins_a_race_reaches_every_master_whole() {
     let masters = ["seoul", "busan", "jeju"];
@@ -76,7 +71,7 @@ async fn a_partial_update_that_wins_a_race_reaches_every_master_whole() {
     s.start();
     let converged = s.converged("docs").await;
     for m in masters {
-        assert_eq!(dead_letters(&s, m).await, Vec::<String>::new(), "dead letters on {m}");
+        assert_eq!(crate::common::dead_letter_reasons(&s, m).await, Vec::<String>::new(), "dead letters on {m}");
     }
     let ids: Vec<&str> = expected.iter().map(|r| r.split('|').next().unwrap()).collect();
     // Busan's rows, except key 5, which seoul's newer delete removed.
