@@ -44,7 +44,6 @@ pub struct Launch {
     pub name: String,
     pub program: PathBuf,
     pub args: Vec<OsString>,
-    pub env: Vec<(String, OsString)>,
     /// Standard output and error are appended here.
     pub log: PathBuf,
     /// Run as this user and group (PostgreSQL refuses to run as root).
@@ -61,7 +60,6 @@ impl Launch {
             name: name.into(),
             program: program.as_ref().to_path_buf(),
             args: Vec::new(),
-            env: Vec::new(),
             log: log.as_ref().to_path_buf(),
             user: None,
             remove_after: None,
@@ -73,15 +71,10 @@ impl Launch {
         self
     }
 
-    pub fn env(mut self, key: &str, value: impl Into<OsString>) -> Launch {
-        self.env.push((key.to_string(), value.into()));
-        self
-    }
 }
 
 /// A running server under its wrapper.
 pub struct ServerProcess {
-    name: String,
     wrapper: Child,
     /// Held open: the wrapper kills the server when this closes.
     lifeline: Option<ChildStdin>,
@@ -102,7 +95,6 @@ impl ServerProcess {
             .args(&launch.args)
             .env("MMSYNC_SERVER_LOG", &launch.log)
             .env("MMSYNC_REMOVE", launch.remove_after.as_deref().unwrap_or(Path::new("")))
-            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
@@ -119,11 +111,7 @@ impl ServerProcess {
             .parse()
             .map_err(|_| BedError::Setup(format!("the wrapper of {} said {line:?}, not a pid", launch.name)))?;
         let lifeline = wrapper.stdin.take();
-        Ok(ServerProcess { name: launch.name, wrapper, lifeline, pid })
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
+        Ok(ServerProcess { wrapper, lifeline, pid })
     }
 
     /// The server's pid.
