@@ -181,6 +181,9 @@ pub async fn assess(
     .await
     .map_err(db("reading the versions of pending dead letters"))?;
 
+    // The ends only now, after the heartbeats: every change a beat read
+    // above vouches for is in Kafka by then, so a partition applied to
+    // these ends holds none of them (read before, they could miss some).
     let ends = tokio::task::spawn_blocking(move || crate::kafka::ends(consumer.as_ref(), &topics))
         .await
         .map_err(|e| Error::Internal(format!("reading topic ends panicked: {e}")))??;
