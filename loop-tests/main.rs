@@ -11,6 +11,7 @@ mod constraints;
 mod hardening;
 mod join;
 mod kafka;
+mod mariadb;
 mod observability;
 mod races;
 mod tombstones;

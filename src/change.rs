@@ -64,6 +64,8 @@ pub struct Position {
 pub enum LogPosition {
     /// PostgreSQL: the commit's LSN and the transaction's id.
     Postgres { lsn: Lsn, txid: u32 },
+    /// MariaDB: the transaction's GTID.
+    Mariadb { domain: u32, server: u32, seq: u64 },
     /// Not read from a log: a row `join` copied.
     Copied,
 }
@@ -143,6 +145,10 @@ struct EnvelopeSource {
     table: String,
     lsn: String,
     txid: u32,
+    /// A MariaDB master's transaction, `domain-server-sequence` (`lsn` is
+    /// then 0/0 and `txid` 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gtid: Option<String>,
     ts_ms: i64,
 }
 
@@ -186,11 +192,15 @@ impl Change {
                 table: self.table.name.clone(),
                 lsn: match self.position.at {
                     LogPosition::Postgres { lsn, .. } => format_lsn(lsn),
-                    LogPosition::Copied => format_lsn(0),
+                    LogPosition::Mariadb { .. } | LogPosition::Copied => format_lsn(0),
                 },
                 txid: match self.position.at {
                     LogPosition::Postgres { txid, .. } => txid,
-                    LogPosition::Copied => 0,
+                    LogPosition::Mariadb { .. } | LogPosition::Copied => 0,
+                },
+                gtid: match self.position.at {
+                    LogPosition::Mariadb { domain, server, seq } => Some(format!("{domain}-{server}-{seq}")),
+                    _ => None,
                 },
                 ts_ms: self.position.commit_ms,
             },
@@ -233,6 +243,19 @@ impl Change {
         }
         let lsn = parse_lsn(&env.source.lsn)
             .ok_or_else(|| DecodeError::Inconsistent(format!("source.lsn {:?} is not an LSN", env.source.lsn)))?;
+        let at = match &env.source.gtid {
+            None => LogPosition::Postgres { lsn, txid: env.source.txid },
+            Some(gtid) => {
+                let bad = || DecodeError::Inconsistent(format!("source.gtid {gtid:?} is not a GTID"));
+                let parts: Vec<&str> = gtid.split('-').collect();
+                let [d, s, n] = parts.as_slice() else { return Err(bad()) };
+                LogPosition::Mariadb {
+                    domain: d.parse().map_err(|_| bad())?,
+                    server: s.parse().map_err(|_| bad())?,
+                    seq: n.parse().map_err(|_| bad())?,
+                }
+            }
+        };
         Ok(Change {
             table: TableName { schema: env.source.schema, name: env.source.table },
             op,
@@ -242,11 +265,7 @@ impl Change {
             superseded: env.superseded,
             origin: env.origin,
             version: env.version,
-            position: Position {
-                master: env.source.master,
-                at: LogPosition::Postgres { lsn, txid: env.source.txid },
-                commit_ms: env.source.ts_ms,
-            },
+            position: Position { master: env.source.master, at, commit_ms: env.source.ts_ms },
         })
     }
 }

@@ -20,6 +20,14 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// A MariaDB master's connection, statement or binlog stream.
+    #[error("master {master:?}: {context}: {source}")]
+    Mariadb {
+        master: String,
+        context: String,
+        #[source]
+        source: mysql_async::Error,
+    },
     #[error("kafka: {context}: {source}")]
     Kafka {
         context: String,
@@ -60,6 +68,11 @@ impl Error {
         move |source| Error::Db { master, context, source }
     }
 
+    pub fn mariadb(master: &str, context: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> Error {
+        let (master, context) = (master.to_string(), context.into());
+        move |source| Error::Mariadb { master, context, source }
+    }
+
     pub fn replication(
         master: &str,
         context: impl Into<String>,
@@ -77,6 +90,7 @@ impl Error {
     pub fn class(&self) -> Class {
         match self {
             Error::Db { source, .. } => db_class(source),
+            Error::Mariadb { source, .. } => crate::mariadb::errors::class(source),
             Error::Kafka { source, .. } => match source.rdkafka_error_code() {
                 Some(code) if is_fatal_kafka(code) => Class::Fatal,
                 _ => Class::Retry,

@@ -35,10 +35,60 @@ pub const TOMBSTONE_HIGH_LOCK_KEY: i64 = 0x6d6d_7379_6e63;
 /// How often a held lock's connection is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
-/// Takes the lock on `master`: the connection that holds it, or why not.
+/// The connection that holds a master's run lock.
+pub enum Held {
+    Postgres(PgConnection),
+    /// MariaDB's lock is `GET_LOCK('mmsync.run')`, held by the session.
+    Mariadb(mysql_async::Conn),
+}
+
+impl Held {
+    async fn ping(&mut self) -> std::result::Result<(), String> {
+        match self {
+            Held::Postgres(conn) => conn.ping().await.map_err(|e| e.to_string()),
+            Held::Mariadb(conn) => {
+                use mysql_async::prelude::Queryable;
+                conn.query_drop("DO 1").await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// Takes the run lock on `master`: the connection that holds it, or why not.
 /// Another run holding it is fatal; a master that does not answer is not.
-pub async fn acquire(master: &Master) -> Result<PgConnection> {
-    acquire_as(master, "run").await
+pub async fn acquire(master: &Master) -> Result<Held> {
+    match master.database() {
+        crate::topology::Database::Postgres => Ok(Held::Postgres(acquire_as(master, "run").await?)),
+        crate::topology::Database::Mariadb => acquire_mariadb(master).await.map(Held::Mariadb),
+    }
+}
+
+/// MariaDB's run lock: a named lock of the session, which the server
+/// releases when the session ends.
+async fn acquire_mariadb(master: &Master) -> Result<mysql_async::Conn> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = crate::mariadb::db::connect(master).await?;
+    let db = |what: &str| Error::mariadb(&master.name, what.to_string());
+    let taken: Option<Option<i64>> =
+        conn.query_first("SELECT GET_LOCK('mmsync.run', 0)").await.map_err(db("taking mmsync's run lock"))?;
+    if taken.flatten() == Some(1) {
+        return Ok(conn);
+    }
+    let holder: Option<(i64, String, String, i64)> = conn
+        .query_first(
+            "SELECT id, user, host, time FROM information_schema.processlist WHERE id = IS_USED_LOCK('mmsync.run')",
+        )
+        .await
+        .map_err(db("finding the holder of mmsync's run lock"))?;
+    let who = match holder {
+        Some((id, user, host, secs)) => format!("connection {id}, user {user} from {host}, for {secs} s"),
+        None => "a session that has just ended".into(),
+    };
+    Err(Error::Setup {
+        master: master.name.clone(),
+        problem: format!("another mmsync run holds this master ({who})"),
+        fix: "stop it first: run one `mmsync run` per topology".into(),
+    })
 }
 
 /// Takes the lock for `what` (`run`, `adopt`): the holder shows in
@@ -83,7 +133,7 @@ pub async fn acquire_as(master: &Master, what: &str) -> Result<PgConnection> {
 /// Keeps the lock on `master` until `shutdown`: checks the connection that
 /// holds it, and takes the lock again after the master came back. Returns an
 /// error only when another run took it meanwhile.
-pub async fn keep(master: Master, mut held: Option<PgConnection>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+pub async fn keep(master: Master, mut held: Option<Held>, mut shutdown: watch::Receiver<bool>) -> Result<()> {
     let mut backoff = Backoff::new();
     loop {
         let wait = match held.as_mut() {

@@ -227,7 +227,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn".into()),
+                .unwrap_or_else(|_| "info,rdkafka=warn,sqlx=warn,mysql_async=warn".into()),
         )
         .with_writer(std::io::stderr)
         // Colours on a terminal only: not in log files or the journal.
@@ -240,6 +240,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // MariaDB masters take part in check, init and run so far.
+    let command = match &cli.command {
+        Command::Check | Command::Init | Command::Run => None,
+        Command::Adopt { .. } => Some("adopt"),
+        Command::Join { .. } => Some("join"),
+        Command::Remove { .. } => Some("remove"),
+        Command::DeadLetters { .. } => Some("dead-letters"),
+        Command::Verify { .. } => Some("verify"),
+        Command::Status { .. } => Some("status"),
+    };
+    if let Some(command) = command {
+        if let Some(Err(e)) = topology.masters.iter().map(|m| m.postgres_only(command)).find(|r| r.is_err()) {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
     let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
     runtime.block_on(async move {
         match cli.command {

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::error::{Error, Result};
-use crate::topology::Topology;
+use crate::topology::{Database, Topology};
 
 /// Runs every source and sink until `shutdown` resolves or one of them fails
 /// fatally. On shutdown, running batches finish and positions are stored.
@@ -35,7 +35,7 @@ pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output =
     // A join that was stopped must finish first: the sinks of its master
     // would start from offsets it has not stored yet.
     for (master, held) in &mut locks {
-        if let Some(conn) = held {
+        if let Some(crate::fence::Held::Postgres(conn)) = held {
             let from: Option<String> = sqlx::query_scalar("SELECT from_master FROM mmsync.join_progress")
                 .fetch_optional(&mut *conn)
                 .await
@@ -64,9 +64,21 @@ pub async fn run(topology: Topology, shutdown: impl std::future::Future<Output =
     }
     for master in &topology.masters {
         let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
-        tasks.spawn(async move { (format!("source {}", m.name), crate::postgres::capture::run(t, m, rx).await) });
-        let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
-        tasks.spawn(async move { (format!("tombstones {}", m.name), crate::tombstones::run(t, m, rx).await) });
+        match master.database() {
+            Database::Postgres => {
+                tasks.spawn(
+                    async move { (format!("source {}", m.name), crate::postgres::capture::run(t, m, rx).await) },
+                );
+                // Tombstone retention reads PostgreSQL's tables so far: a
+                // MariaDB master keeps its tombstones.
+                let (t, m, rx) = (topology.clone(), master.clone(), stopped.clone());
+                tasks.spawn(async move { (format!("tombstones {}", m.name), crate::tombstones::run(t, m, rx).await) });
+            }
+            Database::Mariadb => {
+                tasks
+                    .spawn(async move { (format!("source {}", m.name), crate::mariadb::capture::run(t, m, rx).await) });
+            }
+        }
         for table in topology.synced_tables() {
             let count = topology.sync.apply_workers;
             for index in 0..count {

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::change::{Change, Op, HEADER_ORIGIN};
 use crate::error::{Class, Error, Result};
 use crate::metrics as m;
-use crate::postgres::apply::{store_offsets, TableSql, APPLIER_SESSION};
+use crate::postgres::apply::{TableSql, APPLIER_SESSION};
 use crate::postgres::schema::describe;
 use crate::topology::{quote_literal, Master, TableName, Topology};
 
@@ -192,12 +192,79 @@ impl Incoming {
     }
 }
 
+/// The database side of a connected sink: its connection, marked as the
+/// applier, and the statements of its table.
+enum TargetDb {
+    Postgres { conn: PgConnection, sql: TableSql },
+    Mariadb(crate::mariadb::apply::Target),
+}
+
+impl TargetDb {
+    /// Connects to `target` and reads the table and the offsets stored there.
+    async fn connect(
+        topology: &Topology,
+        target: &Master,
+        table: &TableName,
+    ) -> Result<(TargetDb, HashMap<(String, i32), i64>)> {
+        if target.database() == crate::topology::Database::Mariadb {
+            let (db, stored) = crate::mariadb::apply::Target::connect(topology, target, table).await?;
+            return Ok((TargetDb::Mariadb(db), stored));
+        }
+        let mut conn = crate::postgres::db::connect(target).await?;
+        let info = describe(&mut conn, &target.name, table).await?.ok_or_else(|| Error::Missing {
+            master: target.name.clone(),
+            problem: format!("table {table} does not exist; its changes wait in Kafka"),
+            fix: "create it (same columns as on the other masters), then run `mmsync init`".into(),
+        })?;
+        let sql = TableSql::new(info, topology.sync.max_clock_skew);
+        let stored: Vec<(String, i32, i64)> =
+            sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
+                .fetch_all(&mut conn)
+                .await
+                .map_err(Error::db(&target.name, "reading applied offsets (has `mmsync init` run?)"))?;
+        let stored = stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        Ok((TargetDb::Postgres { conn, sql }, stored))
+    }
+
+    fn table(&self) -> &TableName {
+        match self {
+            TargetDb::Postgres { sql, .. } => &sql.info.name,
+            TargetDb::Mariadb(db) => &db.sql.info.name,
+        }
+    }
+
+    /// Applies one batch and stores its offsets, in one transaction;
+    /// returns the changes that took effect.
+    async fn commit_batch(&mut self, batch: Batch<'_>) -> Result<Vec<Change>> {
+        match self {
+            TargetDb::Postgres { conn, sql } => crate::postgres::apply::commit_batch(conn, sql, batch).await,
+            TargetDb::Mariadb(db) => db.commit_batch(batch).await,
+        }
+    }
+}
+
+/// What one batch's transaction writes on the target, whatever its kind.
+pub(crate) struct Batch<'a> {
+    pub target: &'a str,
+    /// Changes to apply by last-writer-wins.
+    pub recs: Vec<Rec>,
+    /// Records already known to be dead letters.
+    pub dead: Vec<DeadLetter>,
+    /// (topic, partition) -> the next offset to apply.
+    pub offsets: &'a BTreeMap<(String, i32), i64>,
+    /// (topic, partition) -> the commit time of the last change taken from it.
+    pub commits: &'a BTreeMap<(String, i32), i64>,
+    /// Topic -> the master whose changes it carries.
+    pub sources: &'a HashMap<String, String>,
+    /// [`crate::topology::SyncSettings::dead_letters_max_per_topic`].
+    pub max_dead_letters: i64,
+}
+
 /// A connected sink.
 struct Apply {
     target: String,
-    conn: PgConnection,
+    db: TargetDb,
     consumer: StreamConsumer,
-    sql: TableSql,
     /// Topic -> the master whose changes it carries.
     sources: HashMap<String, String>,
     progress: Arc<m::Progress>,
@@ -215,20 +282,7 @@ impl Apply {
         worker: Worker,
         progress: Arc<m::Progress>,
     ) -> Result<Apply> {
-        let mut conn = crate::postgres::db::connect(target).await?;
-        let info = describe(&mut conn, &target.name, table).await?.ok_or_else(|| Error::Missing {
-            master: target.name.clone(),
-            problem: format!("table {table} does not exist; its changes wait in Kafka"),
-            fix: "create it (same columns as on the other masters), then run `mmsync init`".into(),
-        })?;
-        let sql = TableSql::new(info, topology.sync.max_clock_skew);
-        let stored: Vec<(String, i32, i64)> =
-            sqlx::query_as("SELECT topic, partition, next_offset FROM mmsync.applied_offsets")
-                .fetch_all(&mut conn)
-                .await
-                .map_err(Error::db(&target.name, "reading applied offsets (has `mmsync init` run?)"))?;
-        let stored: HashMap<(String, i32), i64> = stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
-
+        let (db, stored) = TargetDb::connect(topology, target, table).await?;
         let consumer: StreamConsumer = crate::kafka::consumer(
             &topology.kafka,
             &format!("{}-{}-{table}-{}", topology.kafka.topic_prefix, target.name, worker.index),
@@ -264,9 +318,8 @@ impl Apply {
         consumer.assign(&tpl).map_err(Error::kafka("assigning partitions"))?;
         Ok(Apply {
             target: target.name.clone(),
-            conn,
+            db,
             consumer,
-            sql,
             sources,
             progress,
             progressed: false,
@@ -349,7 +402,6 @@ impl Apply {
     async fn apply_batch(&mut self, batch: Vec<Incoming>) -> Result<()> {
         let started = Instant::now();
         let target = self.target.clone();
-        let db = |what: &str| Error::db(&target, what.to_string());
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         // The commit time of the last change taken from each partition (tombstone retention).
         let mut commits: BTreeMap<(String, i32), i64> = BTreeMap::new();
@@ -388,11 +440,9 @@ impl Apply {
                 dead.push(DeadLetter::of(rec, reason));
                 continue;
             }
-            if rec.change.table != self.sql.info.name {
-                let reason = format!(
-                    "the record names table {}, but its topic carries {}",
-                    rec.change.table, self.sql.info.name
-                );
+            if rec.change.table != *self.db.table() {
+                let reason =
+                    format!("the record names table {}, but its topic carries {}", rec.change.table, self.db.table());
                 dead.push(DeadLetter::of(rec, reason));
                 continue;
             }
@@ -407,29 +457,16 @@ impl Apply {
             *n = (*n).max(r.change.position.commit_ms);
         }
 
-        if recs.iter().any(|r| self.sql.shape_problem(&r.change).is_some()) {
-            // The table may have changed since this sink connected (a column
-            // added to fix drift, say): look at it again before refusing.
-            if let Some(info) = describe(&mut self.conn, &target, &self.sql.info.name).await? {
-                self.sql = TableSql::new(info, self.sql.max_clock_skew);
-            }
-        }
-        let mut tx = sqlx::Connection::begin(&mut self.conn).await.map_err(db("beginning a transaction"))?;
-        sqlx::query(APPLIER_SESSION).execute(&mut *tx).await.map_err(db("marking the applier session"))?;
-        let mut applied: Vec<Change> = Vec::new();
-        if !recs.is_empty() {
-            let (ok, refused) = self.sql.apply_isolated(&mut tx, &target, recs).await?;
-            applied.extend(ok);
-            dead.extend(refused);
-        }
-        if !dead.is_empty() {
-            check_dead_letter_bound(&mut tx, &target, &self.sources, self.max_dead_letters, &dead).await?;
-        }
-        for d in dead {
-            d.keep(&mut tx, &target).await?;
-        }
-        store_offsets(&mut tx, &target, &offsets, &commits).await?;
-        tx.commit().await.map_err(db("committing a batch"))?;
+        let batch = Batch {
+            target: &target,
+            recs,
+            dead,
+            offsets: &offsets,
+            commits: &commits,
+            sources: &self.sources,
+            max_dead_letters: self.max_dead_letters,
+        };
+        let applied = self.db.commit_batch(batch).await?;
 
         let now_ms = m::now_ms();
         for (source, commit_ms) in newest {
@@ -444,7 +481,7 @@ impl Apply {
         histogram!(m::APPLY_BATCH_SIZE, m::TARGET => target.clone()).record(applied.len() as f64);
         // One counter update per (source, op) and one histogram handle per
         // source a batch, not a registry lookup per change.
-        let table = self.sql.info.name.to_string();
+        let table = self.db.table().to_string();
         let mut counts: HashMap<(&str, Op), u64> = HashMap::new();
         let mut lags: HashMap<&str, Vec<f64>> = HashMap::new();
         for c in &applied {
@@ -524,7 +561,7 @@ fn gaps_error(target: &str, sources: &HashMap<String, String>, gaps: &[Gap]) -> 
 /// stops with an error and retries, and its records wait in Kafka. A forged
 /// or broken stream cannot fill the target's disk, and nobody loses a record
 /// to a limit.
-async fn check_dead_letter_bound(
+pub(crate) async fn check_dead_letter_bound(
     tx: &mut PgConnection,
     target: &str,
     sources: &HashMap<String, String>,
@@ -543,21 +580,88 @@ async fn check_dead_letter_bound(
                 .await
                 .map_err(Error::db(target, "counting dead letters"))?;
         if pending + n > max {
-            let source = sources.get(topic).map_or("?", String::as_str);
-            return Err(Error::Missing {
-                    master: target.to_string(),
-                    problem: format!(
-                        "{pending} dead letters of topic {topic} (changes of master {source:?}) are pending here, and \
-                         {n} more would pass [sync] dead_letters_max_per_topic = {max}; this link stops before adding them"
-                    ),
-                    fix: "look at them with `mmsync dead-letters list`: fix their cause and run `mmsync dead-letters \
-                          retry`, or delete the ones you do not want (DELETE FROM mmsync.dead_letters WHERE ...), or \
-                          raise the limit; the records wait in Kafka and this link retries"
-                        .into(),
-                });
+            return Err(dead_letter_bound_error(target, sources, topic, pending, n, max));
         }
     }
     Ok(())
+}
+
+/// The records of a batch that may be planned (their indices), with the
+/// others added to `dead` with the reason: columns that do not fit the
+/// target's table, or a version beyond its clock plus the allowed skew.
+pub(crate) fn validate(
+    recs: &[Rec],
+    shape_problem: impl Fn(&Change) -> Option<String>,
+    max_clock_skew: std::time::Duration,
+    dead: &mut Vec<(usize, String)>,
+) -> Vec<usize> {
+    let now_us = crate::change::now_us();
+    let mut valid = Vec::with_capacity(recs.len());
+    for (i, rec) in recs.iter().enumerate() {
+        let change = &rec.change;
+        if let Some(problem) = shape_problem(change) {
+            dead.push((i, problem));
+        } else if let Some(problem) = crate::change::version_problem(change.version, now_us, max_clock_skew) {
+            dead.push((
+                i,
+                format!(
+                    "{problem}: a forged record, or its master's clock runs ahead; fix that clock (NTP), then \
+                     `mmsync dead-letters retry`"
+                ),
+            ));
+        } else {
+            valid.push(i);
+        }
+    }
+    valid
+}
+
+/// Why an upsert's columns do not fit a table whose data columns, sorted,
+/// are `columns` (schema drift), if they don't.
+pub(crate) fn shape_problem(change: &Change, columns: &[String], table: &TableName) -> Option<String> {
+    let row = change.row.as_ref()?;
+    // Rows are maps sorted by column name, like `columns`: the common case
+    // compares without allocating.
+    let fits = if change.unchanged.is_empty() {
+        row.keys().eq(columns.iter())
+    } else {
+        let mut sent: Vec<&String> = row.keys().chain(&change.unchanged).collect();
+        sent.sort_unstable();
+        sent.into_iter().eq(columns.iter())
+    };
+    if fits {
+        return None;
+    }
+    let sent: Vec<&String> = row.keys().chain(&change.unchanged).collect();
+    let missing: Vec<&&String> = sent.iter().filter(|c| !columns.contains(c)).collect();
+    let extra: Vec<&String> = columns.iter().filter(|c| !sent.contains(c)).collect();
+    Some(format!(
+        "the columns of {table} differ between masters: the record has {missing:?} that this master lacks, this master has {extra:?} that the record lacks; make the table the same on every master, then re-apply the dead letters"
+    ))
+}
+
+/// The error that stops a link before it adds dead letters past
+/// `dead_letters_max_per_topic`, whatever the kind of target.
+pub(crate) fn dead_letter_bound_error(
+    target: &str,
+    sources: &HashMap<String, String>,
+    topic: &str,
+    pending: i64,
+    adding: i64,
+    max: i64,
+) -> Error {
+    let source = sources.get(topic).map_or("?", String::as_str);
+    Error::Missing {
+        master: target.to_string(),
+        problem: format!(
+            "{pending} dead letters of topic {topic} (changes of master {source:?}) are pending here, and \
+             {adding} more would pass [sync] dead_letters_max_per_topic = {max}; this link stops before adding them"
+        ),
+        fix: "look at them with `mmsync dead-letters list`: fix their cause and run `mmsync dead-letters \
+              retry`, or delete the ones you do not want (DELETE FROM mmsync.dead_letters WHERE ...), or \
+              raise the limit; the records wait in Kafka and this link retries"
+            .into(),
+    }
 }
 
 /// Commit-to-apply time from a record's `ts_ms`, never negative; saturating,

@@ -170,6 +170,43 @@ pub struct Master {
     pub url: DbUrl,
 }
 
+/// The kind of database a master is, from its URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    Postgres,
+    Mariadb,
+}
+
+impl Database {
+    pub fn of_url(url: &str) -> Option<Database> {
+        let scheme = url.split("://").next().unwrap_or_default().to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" if url.contains("://") => Some(Database::Postgres),
+            "mariadb" | "mysql" if url.contains("://") => Some(Database::Mariadb),
+            _ => None,
+        }
+    }
+}
+
+impl Master {
+    /// PostgreSQL or MariaDB (validation refused every other URL).
+    pub fn database(&self) -> Database {
+        Database::of_url(self.url.expose()).unwrap_or(Database::Postgres)
+    }
+
+    /// Refuses a command that works on PostgreSQL masters only.
+    pub fn postgres_only(&self, command: &str) -> crate::error::Result<()> {
+        match self.database() {
+            Database::Postgres => Ok(()),
+            Database::Mariadb => Err(crate::error::Error::Setup {
+                master: self.name.clone(),
+                problem: format!("`mmsync {command}` works on PostgreSQL masters only so far, and this is a MariaDB master"),
+                fix: "leave this master out of the command; see the README's MariaDB section for what MariaDB masters do today".into(),
+            }),
+        }
+    }
+}
+
 /// Batching and polling settings, all with defaults.
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
@@ -703,17 +740,16 @@ impl Validator<'_> {
                 }
             };
             if let Some(url) = url {
-                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                if Database::of_url(&url).is_none() {
                     let at = m.url.as_ref().or(m.url_env.as_ref()).expect("one of them is set");
-                    let message = if url.starts_with("mariadb://") || url.starts_with("mysql://") {
+                    self.problem(
+                        at,
+                        format!("{key}.url"),
                         format!(
-                            "{} is a MariaDB master: not supported yet (PostgreSQL masters only, postgres://)",
+                            "{} is neither a PostgreSQL URL (postgres://) nor a MariaDB one (mariadb:// or mysql://)",
                             mask_password(&url)
-                        )
-                    } else {
-                        format!("{} is not a postgres:// URL", mask_password(&url))
-                    };
-                    self.problem(at, format!("{key}.url"), message);
+                        ),
+                    );
                 }
                 masters.push(Master { name: name.clone(), url: DbUrl(url) });
             }
@@ -911,13 +947,13 @@ tables = ["public.users", "messages", 'public."Order Items"']
     }
 
     #[test]
-    fn a_mariadb_master_is_refused_by_name_with_its_password_masked() {
+    fn a_url_of_another_database_is_refused_by_name_with_its_password_masked() {
         let text =
-            GOOD.replace("postgres://postgres:secret@127.0.0.1:5433/chat", "mariadb://sync:secret@127.0.0.1:3306/chat");
+            GOOD.replace("postgres://postgres:secret@127.0.0.1:5433/chat", "oracle://sync:secret@127.0.0.1:1521/chat");
         let msg = problems(&text);
         assert!(
             msg.contains(
-                "masters[0].url: mariadb://sync:***@127.0.0.1:3306/chat is a MariaDB master: not supported yet"
+                "masters[0].url: oracle://sync:***@127.0.0.1:1521/chat is neither a PostgreSQL URL (postgres://) nor a MariaDB one"
             ),
             "{msg}"
         );

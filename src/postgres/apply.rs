@@ -337,25 +337,7 @@ impl TableSql {
     async fn apply(&self, conn: &mut PgConnection, target: &str, recs: &[Rec]) -> Result<Outcome> {
         let db = |what: &str| Error::db(target, format!("{what} of {}", self.info.name));
         let mut outcome = Outcome::default();
-        let now_us = crate::change::now_us();
-        // Indices (into `recs`) of the records that may be planned.
-        let mut valid: Vec<usize> = Vec::with_capacity(recs.len());
-        for (i, rec) in recs.iter().enumerate() {
-            let change = &rec.change;
-            if let Some(problem) = self.shape_problem(change) {
-                outcome.dead.push((i, problem));
-            } else if let Some(problem) = crate::change::version_problem(change.version, now_us, self.max_clock_skew) {
-                outcome.dead.push((
-                    i,
-                    format!(
-                        "{problem}: a forged record, or its master's clock runs ahead; fix that clock (NTP), then \
-                         `mmsync dead-letters retry`"
-                    ),
-                ));
-            } else {
-                valid.push(i);
-            }
-        }
+        let valid = crate::sink::validate(recs, |c| self.shape_problem(c), self.max_clock_skew, &mut outcome.dead);
         if valid.is_empty() {
             return Ok(outcome);
         }
@@ -450,26 +432,7 @@ impl TableSql {
 
     /// Why an upsert's columns do not fit this table (schema drift), if they don't.
     pub(crate) fn shape_problem(&self, change: &Change) -> Option<String> {
-        let row = change.row.as_ref()?;
-        // Rows are maps sorted by column name, like `self.columns`: the
-        // common case compares without allocating.
-        let fits = if change.unchanged.is_empty() {
-            row.keys().eq(self.columns.iter())
-        } else {
-            let mut sent: Vec<&String> = row.keys().chain(&change.unchanged).collect();
-            sent.sort_unstable();
-            sent.into_iter().eq(self.columns.iter())
-        };
-        if fits {
-            return None;
-        }
-        let sent: Vec<&String> = row.keys().chain(&change.unchanged).collect();
-        let missing: Vec<&&String> = sent.iter().filter(|c| !self.columns.contains(c)).collect();
-        let extra: Vec<&String> = self.columns.iter().filter(|c| !sent.contains(c)).collect();
-        Some(format!(
-            "the columns of {} differ between masters: the record has {missing:?} that this master lacks, this master has {extra:?} that the record lacks; make the table the same on every master, then re-apply the dead letters",
-            self.info.name
-        ))
+        crate::sink::shape_problem(change, &self.columns, &self.info.name)
     }
 
     /// The JSON element for the upsert statement: the row plus the stamp.
@@ -545,6 +508,41 @@ pub const APPLIER_SESSION: &str = "SET LOCAL session_replication_role = replica"
 fn key_text(v: serde_json::Value) -> String {
     let key: Key = serde_json::from_value(v).unwrap_or_default();
     encode_key(&key)
+}
+
+/// Applies one batch of the sink and stores its offsets, in one
+/// transaction; returns the changes that took effect.
+pub(crate) async fn commit_batch(
+    conn: &mut PgConnection,
+    sql: &mut TableSql,
+    batch: crate::sink::Batch<'_>,
+) -> Result<Vec<Change>> {
+    let crate::sink::Batch { target, recs, mut dead, offsets, commits, sources, max_dead_letters } = batch;
+    let db = |what: &str| Error::db(target, what.to_string());
+    if recs.iter().any(|r| sql.shape_problem(&r.change).is_some()) {
+        // The table may have changed since this sink connected (a column
+        // added to fix drift, say): look at it again before refusing.
+        if let Some(info) = crate::postgres::schema::describe(conn, target, &sql.info.name).await? {
+            *sql = TableSql::new(info, sql.max_clock_skew);
+        }
+    }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db("beginning a transaction"))?;
+    sqlx::query(APPLIER_SESSION).execute(&mut *tx).await.map_err(db("marking the applier session"))?;
+    let mut applied: Vec<Change> = Vec::new();
+    if !recs.is_empty() {
+        let (ok, refused) = sql.apply_isolated(&mut tx, target, recs).await?;
+        applied.extend(ok);
+        dead.extend(refused);
+    }
+    if !dead.is_empty() {
+        crate::sink::check_dead_letter_bound(&mut tx, target, sources, max_dead_letters, &dead).await?;
+    }
+    for d in dead {
+        d.keep(&mut tx, target).await?;
+    }
+    store_offsets(&mut tx, target, offsets, commits).await?;
+    tx.commit().await.map_err(db("committing a batch"))?;
+    Ok(applied)
 }
 
 /// Stores where the sinks of `target` go on, (topic, partition) -> next

@@ -197,7 +197,11 @@ pub async fn check(topology: &Topology, out: &mut Vec<String>) -> Vec<String> {
     let mut problems = Vec::new();
     let mut records = Vec::new();
     for master in &topology.masters {
-        match check_master(topology, master, &mut records).await {
+        let checked = match master.database() {
+            crate::topology::Database::Postgres => check_master(topology, master, &mut records).await,
+            crate::topology::Database::Mariadb => crate::mariadb::schema::check_master(topology, master).await,
+        };
+        match checked {
             Ok((summary, mut p)) => {
                 if p.is_empty() {
                     out.push(format!("master {:?}: ok ({summary})", master.name));
@@ -253,6 +257,7 @@ async fn largest_record(conn: &mut PgConnection, master: &str, table: &TableName
 fn root_cause(e: &Error) -> String {
     match e {
         Error::Db { source, .. } => source.to_string(),
+        Error::Mariadb { source, .. } => source.to_string(),
         other => other.to_string(),
     }
 }
@@ -365,7 +370,7 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
     let mut done = Vec::new();
     // Every table must be syncable everywhere before anything is changed anywhere.
     let mut conns = Vec::new();
-    for master in &topology.masters {
+    for master in topology.masters.iter().filter(|m| m.database() == crate::topology::Database::Postgres) {
         let mut conn = crate::postgres::db::connect(master).await?;
         for table in &topology.tables {
             let info = describe(&mut conn, &master.name, table).await?.ok_or_else(|| Error::Setup {
@@ -384,8 +389,11 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
             done.push(format!("master {:?}: {line}", master.name));
         }
     }
-    for table in &topology.synced_tables() {
-        done.extend(interleave_sequences(&mut conns, table).await?);
+    done.extend(crate::mariadb::schema::init(topology).await?);
+    if !conns.is_empty() {
+        for table in &topology.synced_tables() {
+            done.extend(interleave_sequences(&mut conns, table).await?);
+        }
     }
     for topic in crate::kafka::create_topics(topology).await? {
         done.push(format!("kafka: created topic {topic} ({} partitions)", topology.kafka.partitions));

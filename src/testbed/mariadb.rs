@@ -21,6 +21,13 @@ use super::{chown_tree, free_port, io, system_user, temp_dir, BedError, Result};
 /// How long a server may take to accept connections (crash recovery included).
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
+/// The user mmsync connects as on a bed server.
+pub const MMSYNC_USER: &str = "mmsync";
+/// A user with privileges on the application's database only.
+pub const APP_USER: &str = "app";
+/// Both users' password.
+const PASSWORD: &str = "bed-secret";
+
 /// A MariaDB server in a temporary folder.
 pub struct MariaDb {
     dir: TempDir,
@@ -122,6 +129,34 @@ impl MariaDb {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Makes the server a master of `masters` at `place` (1-based) for
+    /// mmsync: database `db`, mmsync's user ([`MMSYNC_USER`]) with every
+    /// privilege, an application user ([`APP_USER`]) with privileges on
+    /// `db` only, and ids interleaved as `check` asks.
+    pub async fn prepare_master(&self, db: &str, masters: usize, place: usize) -> Result<()> {
+        self.sql(&format!(
+            "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+             CREATE USER IF NOT EXISTS '{MMSYNC_USER}'@'%' IDENTIFIED BY '{PASSWORD}';
+             GRANT ALL PRIVILEGES ON *.* TO '{MMSYNC_USER}'@'%';
+             CREATE USER IF NOT EXISTS '{APP_USER}'@'%' IDENTIFIED BY '{PASSWORD}';
+             GRANT ALL PRIVILEGES ON `{db}`.* TO '{APP_USER}'@'%';
+             SET GLOBAL auto_increment_increment = {masters};
+             SET GLOBAL auto_increment_offset = {place};"
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    /// The URL mmsync connects to `db` with, as [`MMSYNC_USER`].
+    pub fn url(&self, db: &str) -> String {
+        format!("mariadb://{MMSYNC_USER}:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The URL an application connects to `db` with, as [`APP_USER`].
+    pub fn app_url(&self, db: &str) -> String {
+        format!("mysql://{APP_USER}:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Runs SQL as root over the server's socket; returns what it printed

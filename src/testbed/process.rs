@@ -70,7 +70,6 @@ impl Launch {
         self.args.extend(args.into_iter().map(Into::into));
         self
     }
-
 }
 
 /// A running server under its wrapper.

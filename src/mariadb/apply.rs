@@ -1,0 +1,510 @@
+//! MariaDB's side of applying changes: the statements of one table (lock
+//! the rows and tombstones of a batch's keys, upsert, delete, record
+//! tombstones), run in the sink's transaction as the applier, with what the
+//! target refuses returned as dead letters. The plan of what to write is
+//! [`crate::lww::plan`]'s, as on PostgreSQL.
+//!
+//! Values are bound as text (MariaDB converts them to the column's type, and
+//! strict mode refuses what does not fit), except binary columns, whose
+//! `\x` hex text is decoded to bytes first.
+
+use std::collections::{BTreeMap, HashMap};
+
+use metrics::counter;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Params, Value};
+
+use crate::change::{encode_key, Change, Key};
+use crate::error::{Error, Result};
+use crate::mariadb::db::{describe, quote_ident, url_database, Table};
+use crate::mariadb::schema::TOMBSTONE_UPSERT;
+use crate::metrics as m;
+use crate::sink::{DeadLetter, Rec};
+use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
+
+/// What marks a session as the applier (see [`crate::mariadb::schema`]),
+/// and lets it write rows whose parents another table's sink has not
+/// applied yet, as PostgreSQL's `session_replication_role = replica` does.
+const APPLIER_SESSION: &[&str] = &["SET @mmsync_applier = 1", "SET SESSION foreign_key_checks = 0"];
+
+/// Parameters a statement may carry (MariaDB allows 65,535).
+const MAX_PARAMS: usize = 60_000;
+
+/// A connected sink's target: the connection, marked as the applier, and the
+/// statements of its table.
+pub(crate) struct Target {
+    pub(crate) conn: Conn,
+    pub(crate) sql: TableSql,
+}
+
+impl Target {
+    /// Connects as the applier and reads the table and the stored offsets.
+    pub(crate) async fn connect(
+        topology: &Topology,
+        target: &Master,
+        table: &TableName,
+    ) -> Result<(Target, HashMap<(String, i32), i64>)> {
+        let name = target.name.as_str();
+        let mut conn = crate::mariadb::db::connect(target).await?;
+        for sql in APPLIER_SESSION {
+            conn.query_drop(*sql).await.map_err(Error::mariadb(name, "marking the applier session"))?;
+        }
+        let url_db = url_database(target)?;
+        let info = describe(&mut conn, name, table, &url_db).await?.ok_or_else(|| Error::Missing {
+            master: name.into(),
+            problem: format!("table {table} does not exist; its changes wait in Kafka"),
+            fix: "create it (same columns as on the other masters), then run `mmsync init`".into(),
+        })?;
+        let stored: Vec<(String, i32, i64)> = conn
+            .query("SELECT topic, `partition`, next_offset FROM mmsync.applied_offsets")
+            .await
+            .map_err(Error::mariadb(name, "reading applied offsets (has `mmsync init` run?)"))?;
+        let stored = stored.into_iter().map(|(t, p, o)| ((t, p), o)).collect();
+        Ok((Target { conn, sql: TableSql::new(info, topology.sync.max_clock_skew) }, stored))
+    }
+
+    /// Applies one batch and stores its offsets, in one transaction; returns
+    /// the changes that took effect.
+    pub(crate) async fn commit_batch(&mut self, batch: crate::sink::Batch<'_>) -> Result<Vec<Change>> {
+        let crate::sink::Batch { target, recs, mut dead, offsets, commits, sources, max_dead_letters } = batch;
+        if recs.iter().any(|r| self.sql.shape_problem(&r.change).is_some()) {
+            // The table may have changed since this sink connected: look
+            // again before refusing. (A `public` table's database is the
+            // URL's; other names ignore it.)
+            let (name, db) = (self.sql.info.name.clone(), self.sql.info.database.clone());
+            if let Some(info) = describe(&mut self.conn, target, &name, &db).await? {
+                self.sql = TableSql::new(info, self.sql.max_clock_skew);
+            }
+        }
+        let conn = &mut self.conn;
+        exec(conn, target, "beginning a transaction", "START TRANSACTION").await?;
+        let mut applied = Vec::new();
+        if !recs.is_empty() {
+            let (ok, refused) = self.sql.apply_isolated(conn, target, recs).await?;
+            applied = ok;
+            dead.extend(refused);
+        }
+        if !dead.is_empty() {
+            let mut adding: BTreeMap<&str, i64> = BTreeMap::new();
+            for d in &dead {
+                *adding.entry(d.at.topic.as_str()).or_default() += 1;
+            }
+            for (topic, n) in adding {
+                let pending: i64 = conn
+                    .exec_first(
+                        "SELECT count(*) FROM mmsync.dead_letters WHERE topic = ? AND retried_at IS NULL",
+                        (topic,),
+                    )
+                    .await
+                    .map_err(Error::mariadb(target, "counting dead letters"))?
+                    .unwrap_or(0);
+                if pending + n > max_dead_letters {
+                    return Err(crate::sink::dead_letter_bound_error(
+                        target,
+                        sources,
+                        topic,
+                        pending,
+                        n,
+                        max_dead_letters,
+                    ));
+                }
+            }
+        }
+        for d in &dead {
+            keep_dead_letter(conn, target, d).await?;
+        }
+        store_offsets(conn, target, offsets, commits).await?;
+        exec(conn, target, "committing a batch", "COMMIT").await?;
+        Ok(applied)
+    }
+}
+
+async fn exec(conn: &mut Conn, target: &str, what: &str, sql: &str) -> Result<()> {
+    conn.query_drop(sql).await.map_err(Error::mariadb(target, what.to_string()))
+}
+
+/// Writes a dead letter to `master`'s mmsync.dead_letters and counts it.
+pub(crate) async fn keep_dead_letter(conn: &mut Conn, master: &str, d: &DeadLetter) -> Result<()> {
+    let crate::sink::RecordId { topic, partition, offset } = &d.at;
+    tracing::warn!(master = %master, "dead letter from {topic}[{partition}]@{offset}: {}", d.reason);
+    conn.exec_drop(
+        "INSERT INTO mmsync.dead_letters (topic, `partition`, kafka_offset, reason, record_key, record_value)
+         VALUES (?, ?, ?, ?, ?, ?)",
+        (topic, partition, offset, &d.reason, &d.key, &d.value),
+    )
+    .await
+    .map_err(Error::mariadb(master, "writing a dead letter"))?;
+    counter!(m::DEAD_LETTERS, m::TARGET => master.to_string()).increment(1);
+    Ok(())
+}
+
+/// Stores where the sinks of `target` go on, in the caller's transaction,
+/// with the commit time of the last change taken from each partition
+/// (a partition without one keeps the time it had).
+async fn store_offsets(
+    conn: &mut Conn,
+    target: &str,
+    offsets: &BTreeMap<(String, i32), i64>,
+    commits: &BTreeMap<(String, i32), i64>,
+) -> Result<()> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let rows = vec!["(?, ?, ?, ?)"; offsets.len()].join(", ");
+    let mut params: Vec<Value> = Vec::with_capacity(offsets.len() * 4);
+    for ((topic, partition), next) in offsets {
+        params.push(topic.as_str().into());
+        params.push((*partition).into());
+        params.push((*next).into());
+        params.push(commits.get(&(topic.clone(), *partition)).copied().into());
+    }
+    conn.exec_drop(
+        format!(
+            "INSERT INTO mmsync.applied_offsets (topic, `partition`, next_offset, last_commit_ms) VALUES {rows}
+             ON DUPLICATE KEY UPDATE next_offset = VALUES(next_offset), applied_at = CURRENT_TIMESTAMP(6),
+                 last_commit_ms = COALESCE(VALUES(last_commit_ms), last_commit_ms)"
+        ),
+        Params::Positional(params),
+    )
+    .await
+    .map_err(Error::mariadb(target, "storing offsets"))
+}
+
+/// What applying a table's records did, by index into them.
+#[derive(Default)]
+struct Outcome {
+    applied: Vec<usize>,
+    dead: Vec<(usize, String)>,
+}
+
+/// A statement the database refused as data.
+type Refusal = String;
+
+/// The statements of one table.
+pub(crate) struct TableSql {
+    pub(crate) info: Table,
+    /// The data columns' names, sorted: what a record's row must have.
+    columns: Vec<String>,
+    pub(crate) max_clock_skew: std::time::Duration,
+}
+
+/// `(version, origin) < (VALUES(version), VALUES(origin))`: the incoming
+/// row is newer than the one the table holds.
+fn newer_incoming() -> String {
+    let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
+    format!("({v}, {o}) < (VALUES({v}), VALUES({o}))")
+}
+
+impl TableSql {
+    pub(crate) fn new(info: Table, max_clock_skew: std::time::Duration) -> TableSql {
+        let mut columns: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
+        columns.sort_unstable();
+        TableSql { info, columns, max_clock_skew }
+    }
+
+    pub(crate) fn shape_problem(&self, change: &Change) -> Option<String> {
+        crate::sink::shape_problem(change, &self.columns, &self.info.name)
+    }
+
+    /// Applies a table's records in a savepoint. If the database refuses them
+    /// as data, each record is tried alone, and the ones still refused
+    /// become dead letters, so one bad row never blocks its partition.
+    pub(crate) async fn apply_isolated(
+        &self,
+        conn: &mut Conn,
+        target: &str,
+        recs: Vec<Rec>,
+    ) -> Result<(Vec<Change>, Vec<DeadLetter>)> {
+        let outcome = match self.apply_in_savepoint(conn, target, &recs).await? {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                let mut total = Outcome::default();
+                for (i, rec) in recs.iter().enumerate() {
+                    match self.apply_in_savepoint(conn, target, std::slice::from_ref(rec)).await? {
+                        Ok(o) => {
+                            total.applied.extend(o.applied.iter().map(|_| i));
+                            total.dead.extend(o.dead.into_iter().map(|(_, r)| (i, r)));
+                        }
+                        Err(refusal) => total.dead.push((i, refusal)),
+                    }
+                }
+                total
+            }
+        };
+        let mut recs: Vec<Option<Rec>> = recs.into_iter().map(Some).collect();
+        let applied = outcome.applied.iter().filter_map(|&i| recs[i].take()).map(|r| r.change).collect();
+        let dead =
+            outcome.dead.into_iter().filter_map(|(i, reason)| Some(DeadLetter::of(recs[i].take()?, reason))).collect();
+        Ok((applied, dead))
+    }
+
+    /// `Ok(Err(refusal))` when the database refused the data; `Err` for everything else.
+    async fn apply_in_savepoint(
+        &self,
+        conn: &mut Conn,
+        target: &str,
+        recs: &[Rec],
+    ) -> Result<std::result::Result<Outcome, Refusal>> {
+        exec(conn, target, "savepoint", "SAVEPOINT mmsync_table").await?;
+        match self.apply(conn, target, recs).await {
+            Ok(outcome) => {
+                exec(conn, target, "savepoint", "RELEASE SAVEPOINT mmsync_table").await?;
+                Ok(Ok(outcome))
+            }
+            Err(Error::Mariadb { source, .. })
+                if crate::mariadb::errors::code(&source).is_some_and(crate::mariadb::errors::refuses_the_data) =>
+            {
+                exec(conn, target, "savepoint", "ROLLBACK TO SAVEPOINT mmsync_table").await?;
+                Ok(Err(source.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The keys of `changes` as a condition on the table's key columns, with
+    /// their values.
+    fn keys_in(&self, keys: &[&Key]) -> (String, Vec<Value>) {
+        let cols: Vec<String> = self.info.key.iter().map(|k| quote_ident(k)).collect();
+        let one = format!("({})", vec!["?"; cols.len()].join(", "));
+        let sql = format!("({}) IN ({})", cols.join(", "), vec![one.as_str(); keys.len()].join(", "));
+        let mut params = Vec::with_capacity(keys.len() * cols.len());
+        for key in keys {
+            for k in &self.info.key {
+                params.push(Value::from(key.get(k).map(String::as_str).unwrap_or_default()));
+            }
+        }
+        (sql, params)
+    }
+
+    /// The SQL of a key's text from bound parameters, one per key column in name order.
+    fn key_text_params(&self) -> String {
+        self.info.key_text_sql(|_| "?".to_string())
+    }
+
+    fn key_text_values(&self, key: &Key) -> Vec<Value> {
+        let mut names: Vec<&String> = self.info.key.iter().collect();
+        names.sort();
+        names.into_iter().map(|k| Value::from(key.get(k).map(String::as_str).unwrap_or_default())).collect()
+    }
+
+    /// A value of `column` as the statement binds it.
+    fn value(&self, column: &str, text: &Option<String>) -> std::result::Result<Value, String> {
+        let Some(text) = text else { return Ok(Value::NULL) };
+        let is_binary = self.info.column(column).is_some_and(|c| c.is_binary());
+        if !is_binary {
+            return Ok(Value::Bytes(text.as_bytes().to_vec()));
+        }
+        let hex = text
+            .strip_prefix("\\x")
+            .ok_or_else(|| format!("column {column} is binary, and {text:?} is not \\x hex"))?;
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<std::result::Result<Vec<u8>, _>>()
+            .map(Value::Bytes)
+            .map_err(|_| format!("column {column}: {text:?} is not \\x hex"))
+    }
+
+    /// Last-writer-wins for one table's records: validated, planned by
+    /// [`crate::lww::plan`] against the target's rows (locked) and
+    /// tombstones of their keys, and written as the plan says.
+    async fn apply(&self, conn: &mut Conn, target: &str, recs: &[Rec]) -> Result<Outcome> {
+        let db = |what: &str| Error::mariadb(target, format!("{what} of {}", self.info.name));
+        let mut outcome = Outcome::default();
+        let valid = crate::sink::validate(recs, |c| self.shape_problem(c), self.max_clock_skew, &mut outcome.dead);
+        if valid.is_empty() {
+            return Ok(outcome);
+        }
+        let changes: Vec<&Change> = valid.iter().map(|&i| &recs[i].change).collect();
+        let mut seen = std::collections::HashSet::new();
+        let keys: Vec<&Key> = changes.iter().filter(|c| seen.insert(c.kafka_key())).map(|c| &c.key).collect();
+
+        // The target's current state of those keys; existing rows are locked
+        // so that no local write slips between this read and the writes.
+        let mut held: HashMap<String, crate::lww::Held> = HashMap::new();
+        let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
+        for part in keys.chunks(MAX_PARAMS / self.info.key.len().max(1)) {
+            let (cond, params) = self.keys_in(part);
+            let cols: Vec<String> = self.info.key.iter().map(|k| format!("CAST({} AS CHAR)", quote_ident(k))).collect();
+            let rows: Vec<mysql_async::Row> = conn
+                .exec(
+                    format!("SELECT {}, {v}, {o} FROM {} WHERE {cond} FOR UPDATE", cols.join(", "), self.info.quoted()),
+                    Params::Positional(params),
+                )
+                .await
+                .map_err(db("locking rows"))?;
+            for mut r in rows {
+                let mut key = Key::new();
+                for (i, k) in self.info.key.iter().enumerate() {
+                    key.insert(k.clone(), r.take::<String, _>(i).unwrap_or_default());
+                }
+                let n = self.info.key.len();
+                let stamp = (r.take::<i64, _>(n).unwrap_or(0), r.take::<String, _>(n + 1).unwrap_or_default());
+                held.entry(encode_key(&key)).or_default().row = Some(stamp);
+            }
+            let texts = vec![self.key_text_params(); part.len()].join(", ");
+            let mut params: Vec<Value> =
+                vec![self.info.name.schema.as_str().into(), self.info.name.name.as_str().into()];
+            for key in part {
+                params.extend(self.key_text_values(key));
+            }
+            let rows: Vec<(String, i64, String)> = conn
+                .exec(
+                    format!(
+                        "SELECT key_text, version, origin FROM mmsync.tombstones
+                         WHERE schema_name = ? AND table_name = ? AND key_text IN ({texts}) FOR UPDATE"
+                    ),
+                    Params::Positional(params),
+                )
+                .await
+                .map_err(db("reading tombstones"))?;
+            for (key_text, version, origin) in rows {
+                let key: Key = serde_json::from_str(&key_text).unwrap_or_default();
+                held.entry(encode_key(&key)).or_default().tombstone = Some((version, origin));
+            }
+        }
+
+        let plan = crate::lww::plan(&changes, &held);
+        outcome.applied.extend(plan.applied.iter().map(|&j| valid[j]));
+        outcome.dead.extend(plan.dead.iter().map(|(j, reason)| (valid[*j], reason.clone())));
+        let table = self.info.name.to_string();
+        if plan.skipped > 0 {
+            counter!(m::CHANGES_SKIPPED, m::TARGET => target.to_string(), m::TABLE => table.clone())
+                .increment(plan.skipped);
+        }
+
+        // Upserts, in statements of up to MAX_PARAMS values.
+        let data: Vec<String> = self.info.data_columns().map(|c| c.name.clone()).collect();
+        let upserts: Vec<&Change> = plan.upserts.iter().map(|&j| plan.whole(j, &changes)).collect();
+        for part in upserts.chunks(MAX_PARAMS / (data.len() + 2)) {
+            let mut params: Vec<Value> = Vec::with_capacity(part.len() * (data.len() + 2));
+            for c in part {
+                let row = c.row.as_ref().expect("upserts have rows");
+                for col in &data {
+                    match self.value(col, row.get(col).unwrap_or(&None)) {
+                        Ok(value) => params.push(value),
+                        Err(problem) => return Err(refused_as_data(target, problem)),
+                    }
+                }
+                params.push(c.origin.as_str().into());
+                params.push(c.version.into());
+            }
+            let cols: Vec<String> = data.iter().map(|c| quote_ident(c)).collect();
+            let one = format!("({})", vec!["?"; data.len() + 2].join(", "));
+            let cond = newer_incoming();
+            let mut set: Vec<String> = data
+                .iter()
+                .filter(|c| !self.info.key.contains(c))
+                .map(|c| format!("{0} = IF({cond}, VALUES({0}), {0})", quote_ident(c)))
+                .collect();
+            // Assignments run left to right, and the condition reads the
+            // version and origin: they go last, the version after the origin.
+            set.push(format!("{o} = IF({cond}, VALUES({o}), {o})"));
+            set.push(format!("{v} = IF({cond}, VALUES({v}), {v})"));
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO {} ({}, {o}, {v}) VALUES {} ON DUPLICATE KEY UPDATE {}",
+                    self.info.quoted(),
+                    cols.join(", "),
+                    vec![one.as_str(); part.len()].join(", "),
+                    set.join(", ")
+                ),
+                Params::Positional(params),
+            )
+            .await
+            .map_err(db("upserting rows"))?;
+        }
+        for &j in &plan.partial {
+            let c = changes[j];
+            let row = c.row.as_ref().expect("updates have rows");
+            let mut set = Vec::new();
+            let mut params = Vec::new();
+            for (col, text) in row.iter().filter(|(col, _)| !self.info.key.contains(col)) {
+                set.push(format!("{} = ?", quote_ident(col)));
+                params.push(self.value(col, text).map_err(|p| refused_as_data(target, p))?);
+            }
+            let (cond, key_params) = self.keys_in(&[&c.key]);
+            params.extend([Value::from(c.origin.as_str()), Value::from(c.version)]);
+            params.extend(key_params);
+            params.extend([Value::from(c.version), Value::from(c.origin.as_str())]);
+            conn.exec_drop(
+                format!(
+                    "UPDATE {} SET {}{o} = ?, {v} = ? WHERE {cond} AND ({v}, {o}) < (?, ?)",
+                    self.info.quoted(),
+                    set.iter().map(|s| format!("{s}, ")).collect::<String>(),
+                ),
+                Params::Positional(params),
+            )
+            .await
+            .map_err(db("updating rows"))?;
+        }
+        for &j in &plan.deletes {
+            let c = changes[j];
+            let (cond, mut params) = self.keys_in(&[&c.key]);
+            params.extend([Value::from(c.version), Value::from(c.origin.as_str())]);
+            conn.exec_drop(
+                format!("DELETE FROM {} WHERE {cond} AND ({v}, {o}) < (?, ?)", self.info.quoted()),
+                Params::Positional(params),
+            )
+            .await
+            .map_err(db("deleting rows"))?;
+        }
+        if !plan.deletes.is_empty() {
+            let one = format!("(?, ?, {}, ?, ?)", self.key_text_params());
+            for part in plan.deletes.chunks(MAX_PARAMS / (self.info.key.len() + 4)) {
+                let mut params: Vec<Value> = Vec::new();
+                for &j in part {
+                    let c = changes[j];
+                    params.extend([self.info.name.schema.as_str().into(), self.info.name.name.as_str().into()]);
+                    params.extend(self.key_text_values(&c.key));
+                    params.extend([Value::from(c.version), Value::from(c.origin.as_str())]);
+                }
+                conn.exec_drop(
+                    format!(
+                        "INSERT INTO mmsync.tombstones (schema_name, table_name, key_text, version, origin) VALUES {} {TOMBSTONE_UPSERT}",
+                        vec![one.as_str(); part.len()].join(", ")
+                    ),
+                    Params::Positional(params),
+                )
+                .await
+                .map_err(db("recording tombstones"))?;
+            }
+        }
+        for conflict in &plan.conflicts {
+            let change = changes[conflict.index];
+            counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => table.clone(), m::KIND => conflict.kind.clone()).increment(1);
+            conn.exec_drop(
+                "INSERT INTO mmsync.conflicts (schema_name, table_name, key_text, kind, incoming_op, incoming_version,
+                     incoming_origin, winner_version, winner_origin, loser_row) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                Params::Positional(vec![
+                    self.info.name.schema.as_str().into(),
+                    self.info.name.name.as_str().into(),
+                    change.kafka_key().into(),
+                    conflict.kind.as_str().into(),
+                    change.op.letter().into(),
+                    change.version.into(),
+                    change.origin.as_str().into(),
+                    conflict.winner.0.into(),
+                    conflict.winner.1.as_str().into(),
+                    change.row.as_ref().map(|r| serde_json::to_string(r).expect("strings")).into(),
+                ]),
+            )
+            .await
+            .map_err(db("logging conflicts"))?;
+        }
+        Ok(outcome)
+    }
+}
+
+/// A value mmsync itself cannot bind, refused like one the database refuses.
+fn refused_as_data(target: &str, problem: String) -> Error {
+    Error::Mariadb {
+        master: target.to_string(),
+        context: "binding a value".into(),
+        source: mysql_async::Error::Server(mysql_async::ServerError {
+            code: 1366,
+            message: problem,
+            state: "HY000".into(),
+        }),
+    }
+}

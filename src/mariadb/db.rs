@@ -1,0 +1,267 @@
+//! Connections to a MariaDB master, and what one of its tables looks like.
+//!
+//! Every mmsync session pins the settings that decide a value's text and how
+//! a write is checked: UTC for `TIMESTAMP` columns, `utf8mb4` both ways, and
+//! strict mode, so that a value a column cannot hold is refused (a dead
+//! letter) instead of cut to fit.
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder};
+
+use crate::error::{Error, Result};
+use crate::topology::{Master, TableName, ORIGIN_COLUMN, VERSION_COLUMN};
+
+/// The session settings of every connection mmsync makes to a MariaDB master.
+pub const SESSION: &[&str] = &[
+    "SET NAMES utf8mb4 COLLATE utf8mb4_bin",
+    "SET time_zone = '+00:00'",
+    "SET sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,NO_AUTO_VALUE_ON_ZERO,ERROR_FOR_DIVISION_BY_ZERO'",
+    "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+];
+
+/// The connection options of `master` (`mariadb://` is read as `mysql://`).
+pub fn options(master: &Master) -> Result<Opts> {
+    let url = master.url.expose();
+    let url = match url.split_once("://") {
+        Some((_, rest)) => format!("mysql://{rest}"),
+        None => url.to_string(),
+    };
+    let opts = Opts::from_url(&url).map_err(|e| Error::Setup {
+        master: master.name.clone(),
+        problem: format!("its url {} cannot be read: {e}", master.url),
+        fix: "write it as mariadb://user:password@host:3306/database".into(),
+    })?;
+    if opts.db_name().is_none() {
+        return Err(Error::Setup {
+            master: master.name.clone(),
+            problem: format!("its url {} names no database", master.url),
+            fix: "add the database that holds the synced tables: mariadb://user:password@host:3306/database".into(),
+        });
+    }
+    Ok(OptsBuilder::from_opts(opts).prefer_socket(false).init(SESSION.to_vec()).stmt_cache_size(64).into())
+}
+
+/// The database of the master's URL: where `public.*` tables live.
+pub fn url_database(master: &Master) -> Result<String> {
+    Ok(options(master)?.db_name().expect("checked by options").to_string())
+}
+
+/// The user mmsync connects as (the triggers know the applier by it).
+pub fn user(master: &Master) -> Result<String> {
+    Ok(options(master)?.user().unwrap_or("root").to_string())
+}
+
+/// Opens a connection with mmsync's session settings.
+pub async fn connect(master: &Master) -> Result<Conn> {
+    let opts = options(master)?;
+    let connect = Conn::new(opts);
+    match tokio::time::timeout(crate::postgres::db::CONNECT_TIMEOUT, connect).await {
+        Ok(conn) => conn.map_err(Error::mariadb(&master.name, "connecting")),
+        Err(_) => Err(Error::Mariadb {
+            master: master.name.clone(),
+            context: "connecting".into(),
+            source: mysql_async::Error::Io(mysql_async::IoError::Io(std::io::ErrorKind::TimedOut.into())),
+        }),
+    }
+}
+
+/// The MariaDB database that holds `table` on a master whose URL names `url_db`.
+pub fn database_of(table: &TableName, url_db: &str) -> String {
+    if table.schema == "public" {
+        url_db.to_string()
+    } else {
+        table.schema.clone()
+    }
+}
+
+/// The topology's name of a table found in MariaDB database `db`.
+pub fn table_of(db: &str, name: &str, url_db: &str) -> TableName {
+    let schema = if db == url_db { "public".to_string() } else { db.to_string() };
+    TableName { schema, name: name.to_string() }
+}
+
+/// An identifier quoted for MariaDB: `` `name` ``.
+pub fn quote_ident(s: &str) -> String {
+    format!("`{}`", s.replace('`', "``"))
+}
+
+/// A string literal for MariaDB, whatever `sql_mode` says about backslashes.
+pub fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for ch in s.chars() {
+        match ch {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// One column of a MariaDB table.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    /// `int`, `varchar`, `datetime`, ... (information_schema's DATA_TYPE).
+    pub data_type: String,
+    /// The whole type, e.g. `int(10) unsigned`, `tinyint(1)`.
+    pub column_type: String,
+    /// The character set of a character column (`utf8mb4`, `latin1`...).
+    pub charset: Option<String>,
+}
+
+impl Column {
+    /// Values of these columns travel as `\x` and hex digits (PostgreSQL's
+    /// bytea text), since a record's values are text.
+    pub fn is_binary(&self) -> bool {
+        matches!(self.data_type.as_str(), "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob")
+    }
+}
+
+/// A synced table as a MariaDB master has it.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub name: TableName,
+    /// The database that holds it.
+    pub database: String,
+    pub columns: Vec<Column>,
+    /// Primary key columns, in key order.
+    pub key: Vec<String>,
+}
+
+impl Table {
+    /// `` `db`.`table` ``.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.database), quote_ident(&self.name.name))
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The columns applications write (not mmsync's own two).
+    pub fn data_columns(&self) -> impl Iterator<Item = &Column> {
+        self.columns.iter().filter(|c| c.name != ORIGIN_COLUMN && c.name != VERSION_COLUMN)
+    }
+
+    /// The SQL text of a key, as a JSON object of the key columns' text in
+    /// name order: the same expression in the triggers and in the sink, so
+    /// that a tombstone written by either is found by both.
+    pub fn key_text_sql(&self, value: impl Fn(&str) -> String) -> String {
+        let mut names: Vec<&String> = self.key.iter().collect();
+        names.sort();
+        let pairs: Vec<String> =
+            names.iter().map(|k| format!("{}, CAST({} AS CHAR)", quote_literal(k), value(k))).collect();
+        format!("JSON_COMPACT(JSON_OBJECT({}))", pairs.join(", "))
+    }
+
+    /// Why mmsync cannot sync this table as it is, if it cannot.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.key.is_empty() {
+            out.push(format!("{} has no primary key; add one (mmsync keys every change by it)", self.name));
+        }
+        for k in &self.key {
+            let c = self.column(k).expect("a key column is a column");
+            let keyable = matches!(
+                c.data_type.as_str(),
+                "tinyint"
+                    | "smallint"
+                    | "mediumint"
+                    | "int"
+                    | "bigint"
+                    | "char"
+                    | "varchar"
+                    | "decimal"
+                    | "date"
+                    | "datetime"
+            );
+            if !keyable {
+                out.push(format!(
+                    "{}: key column {k} is {}; keys of integers, decimals, dates or character strings only so far",
+                    self.name, c.column_type
+                ));
+            }
+        }
+        for c in self.data_columns() {
+            if let Some(charset) =
+                c.charset.as_deref().filter(|cs| !matches!(*cs, "utf8mb4" | "utf8mb3" | "utf8" | "ascii"))
+            {
+                out.push(format!(
+                    "{}: column {} is in character set {charset}; values travel as UTF-8 text, so convert it: ALTER TABLE ... CONVERT TO CHARACTER SET utf8mb4",
+                    self.name, c.name
+                ));
+            }
+            if matches!(c.data_type.as_str(), "enum" | "set" | "bit" | "geometry" | "point" | "linestring" | "polygon")
+            {
+                out.push(format!(
+                    "{}: column {} is {}, which mmsync cannot yet read from the binlog as text; use varchar (enum, set) or an integer (bit)",
+                    self.name, c.name, c.column_type
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Reads `table` on a MariaDB master; `None` when it does not exist.
+pub async fn describe(conn: &mut Conn, master: &str, table: &TableName, url_db: &str) -> Result<Option<Table>> {
+    let database = database_of(table, url_db);
+    let rows: Vec<(String, String, String, Option<String>)> = conn
+        .exec(
+            "SELECT column_name, data_type, column_type, character_set_name FROM information_schema.columns
+             WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+            (&database, &table.name),
+        )
+        .await
+        .map_err(Error::mariadb(master, format!("describing {table}")))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let key: Vec<String> = conn
+        .exec(
+            "SELECT column_name FROM information_schema.key_column_usage
+             WHERE table_schema = ? AND table_name = ? AND constraint_name = 'PRIMARY' ORDER BY ordinal_position",
+            (&database, &table.name),
+        )
+        .await
+        .map_err(Error::mariadb(master, format!("reading the primary key of {table}")))?;
+    Ok(Some(Table {
+        name: table.clone(),
+        database,
+        columns: rows
+            .into_iter()
+            .map(|(name, data_type, column_type, charset)| Column {
+                name,
+                data_type: data_type.to_lowercase(),
+                column_type: column_type.to_lowercase(),
+                charset,
+            })
+            .collect(),
+        key,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_literal_cannot_be_closed_by_a_quote_or_a_backslash_in_it() {
+        assert_eq!(quote_literal(r"it's \' x"), r"'it''s \\'' x'");
+        assert_eq!(quote_ident("a`b"), "`a``b`");
+    }
+
+    #[test]
+    fn public_tables_live_in_the_urls_database_and_others_in_their_own() {
+        let t = TableName { schema: "public".into(), name: "items".into() };
+        assert_eq!(database_of(&t, "shop"), "shop");
+        assert_eq!(table_of("shop", "items", "shop"), t);
+        let m = TableName { schema: "mmsync".into(), name: "heartbeats".into() };
+        assert_eq!(database_of(&m, "shop"), "mmsync");
+        assert_eq!(table_of("mmsync", "heartbeats", "shop"), m);
+    }
+}
