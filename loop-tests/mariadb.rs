@@ -222,37 +222,54 @@ async fn a_mariadb_pair_syncs_inserts_updates_and_deletes_both_ways_and_nothing_
     assert!(dead.is_empty(), "{dead:?}");
 }
 
-/// One application write on a MariaDB master, with the stamp it got.
+/// One application write on a MariaDB master, with the stamp it got. A
+/// deadlock with the applier (InnoDB's answer to two sessions locking the
+/// same keys in another order) is retried, as an application would.
 async fn write(conn: &mut Conn, master: &str, rng: &mut Rng, keys: u64) -> Written {
     let id = rng.below(keys) as i32;
-    conn.query_drop("START TRANSACTION").await.unwrap();
-    let written = if rng.below(5) == 0 {
-        conn.exec_drop("DELETE FROM kv WHERE id = ?", (id,)).await.unwrap();
-        let version: Option<i64> = conn
-            .exec_first(
-                "SELECT version FROM mmsync.tombstones WHERE table_name = 'kv' AND key_text = JSON_COMPACT(JSON_OBJECT('id', CAST(? AS CHAR)))",
-                (id,),
+    let delete = rng.below(5) == 0;
+    let val = format!("{master}-{}", rng.next() % 1000);
+    loop {
+        match try_write(conn, master, id, delete.then_some(()).map_or(Some(val.as_str()), |_| None)).await {
+            Ok(w) => return w,
+            Err(mysql_async::Error::Server(e)) if e.code == 1213 => {
+                conn.query_drop("ROLLBACK").await.unwrap();
+            }
+            Err(e) => panic!("{master}: {e}"),
+        }
+    }
+}
+
+/// Upserts `val` under `id`, or deletes `id` when `val` is `None`.
+async fn try_write(conn: &mut Conn, master: &str, id: i32, val: Option<&str>) -> mysql_async::Result<Written> {
+    conn.query_drop("START TRANSACTION").await?;
+    let written = match val {
+        None => {
+            conn.exec_drop("DELETE FROM kv WHERE id = ?", (id,)).await?;
+            let version: Option<i64> = conn
+                .exec_first(
+                    "SELECT version FROM mmsync.tombstones
+                     WHERE table_name = 'kv' AND key_text = JSON_COMPACT(JSON_OBJECT('id', CAST(? AS CHAR)))",
+                    (id,),
+                )
+                .await?;
+            Written { id, version: version.unwrap_or(0), origin: master.into(), value: None }
+        }
+        Some(val) => {
+            conn.exec_drop(
+                "INSERT INTO kv (id, val, n) VALUES (?, ?, 1) ON DUPLICATE KEY UPDATE val = VALUES(val), n = n + 1",
+                (id, val),
             )
-            .await
-            .unwrap();
-        Written { id, version: version.unwrap_or(0), origin: master.into(), value: None }
-    } else {
-        let val = format!("{master}-{}", rng.next() % 1000);
-        conn.exec_drop(
-            "INSERT INTO kv (id, val, n) VALUES (?, ?, 1) ON DUPLICATE KEY UPDATE val = VALUES(val), n = n + 1",
-            (id, &val),
-        )
-        .await
-        .unwrap();
-        let (value, version): (String, i64) = conn
-            .exec_first("SELECT CONCAT_WS('|', val, n), mmsync_version FROM kv WHERE id = ?", (id,))
-            .await
-            .unwrap()
-            .unwrap();
-        Written { id, version, origin: master.into(), value: Some(value) }
+            .await?;
+            let (value, version): (String, i64) = conn
+                .exec_first("SELECT CONCAT_WS('|', val, n), mmsync_version FROM kv WHERE id = ?", (id,))
+                .await?
+                .expect("the row just written");
+            Written { id, version, origin: master.into(), value: Some(value) }
+        }
     };
-    conn.query_drop("COMMIT").await.unwrap();
-    written
+    conn.query_drop("COMMIT").await?;
+    Ok(written)
 }
 
 #[tokio::test(flavor = "multi_thread")]

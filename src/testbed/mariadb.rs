@@ -59,8 +59,14 @@ impl MariaDb {
         let owner = system_user("mysql", "MariaDB", "mariadb-server")?;
         let dir = temp_dir("mmsync-mariadb-")?;
         chown_tree(dir.path(), owner)?;
+        // A temporary folder of its own: servers installed at once would
+        // otherwise share /tmp's temporary table names and trip over each other.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io("making the server's tmp folder"))?;
+        chown_tree(&tmp, owner)?;
         let mut install = Command::new(program("mariadb-install-db")?);
         install
+            .env("TMPDIR", &tmp)
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
             .args(["--auth-root-authentication-method=socket", "--skip-test-db"])
@@ -105,6 +111,7 @@ impl MariaDb {
                     "--bind-address=127.0.0.1".into(),
                     format!("--socket={}", self.socket().display()),
                     format!("--pid-file={}", d.join("mariadb.pid").display()),
+                    format!("--tmpdir={}", d.join("tmp").display()),
                     format!("--log-bin={}", d.join("data/binlog").display()),
                     "--binlog-format=ROW".into(),
                     "--binlog-row-image=FULL".into(),
