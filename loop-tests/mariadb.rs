@@ -6,20 +6,33 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mmsync::testbed::mariadb::MariaDb;
-use mmsync::testbed::{KafkaCluster, MmsyncProcess};
+use mmsync::testbed::{KafkaCluster, MmsyncProcess, PgCluster, PgOptions};
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
 use crate::common::{lww_model, mmsync, seed, Rng, Written, DEADLINE};
 
-static PAIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static MESHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The application's database on every server.
 const DB: &str = "shop";
 
-/// MariaDB masters on the shared Kafka, with `mmsync init` done.
-struct MariaMesh {
-    masters: Vec<(String, MariaDb)>,
+/// A master of the mesh.
+enum Server {
+    Postgres(PgCluster),
+    Mariadb(MariaDb),
+}
+
+/// What a test says of a master: its name and kind.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Pg,
+    Maria,
+}
+
+/// Masters of either kind on the shared Kafka, with `mmsync init` done.
+struct Mesh {
+    masters: Vec<(String, Server)>,
     broker: Arc<KafkaCluster>,
     prefix: String,
     dir: tempfile::TempDir,
@@ -28,18 +41,35 @@ struct MariaMesh {
     runs: usize,
 }
 
-impl MariaMesh {
-    /// Starts a server per name, runs `schema` on each as the application,
-    /// writes the topology and runs `mmsync init`.
-    async fn new(names: &[&str], schema: &str, tables: &[&str]) -> MariaMesh {
+/// A statement for each kind of master.
+#[derive(Clone, Copy)]
+struct Sql<'a> {
+    pg: &'a str,
+    maria: &'a str,
+}
+
+impl Mesh {
+    /// Starts a server per master, runs the schema on each as the
+    /// application, writes the topology and runs `mmsync init`.
+    async fn new(masters: &[(&str, Kind)], schema: Sql<'_>, tables: &[&str]) -> Mesh {
         let broker = KafkaCluster::shared().await.expect("kafka");
-        let mut masters = Vec::new();
-        for (i, name) in names.iter().enumerate() {
-            let server = MariaDb::start(i as u32 + 1).await.expect("mariadb starts");
-            server.prepare_master(DB, names.len(), i + 1).await.expect("prepare");
-            masters.push((name.to_string(), server));
+        let mut started = Vec::new();
+        for (i, (name, kind)) in masters.iter().enumerate() {
+            let server = match kind {
+                Kind::Maria => {
+                    let server = MariaDb::start(i as u32 + 1).await.expect("mariadb starts");
+                    server.prepare_master(DB, masters.len(), i + 1).await.expect("prepare");
+                    Server::Mariadb(server)
+                }
+                Kind::Pg => {
+                    let cluster = PgCluster::start(PgOptions::default()).await.expect("postgres starts");
+                    cluster.create_database(DB).await.expect("database");
+                    Server::Postgres(cluster)
+                }
+            };
+            started.push((name.to_string(), server));
         }
-        let prefix = format!("mmsync-maria{}", PAIRS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let prefix = format!("mmsync-mesh{}", MESHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let dir = tempfile::tempdir().unwrap();
         let mut text = format!(
             "[kafka]\nbrokers = \"{}\"\ntopic_prefix = \"{prefix}\"\npartitions = 3\nreplication_factor = 1\n\n\
@@ -47,36 +77,58 @@ impl MariaMesh {
             broker.address(),
             mmsync::testbed::free_port()
         );
-        for (name, server) in &masters {
-            text.push_str(&format!("[[masters]]\nname = \"{name}\"\nurl = \"{}\"\n\n", server.url(DB)));
+        for (name, server) in &started {
+            let url = match server {
+                Server::Postgres(c) => c.url(DB),
+                Server::Mariadb(m) => m.url(DB),
+            };
+            text.push_str(&format!("[[masters]]\nname = \"{name}\"\nurl = \"{url}\"\n\n"));
         }
         let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
         text.push_str(&format!("[sync]\ntables = [{}]\n", tables.join(", ")));
         let topology = dir.path().join("topology.toml");
         std::fs::write(&topology, text).unwrap();
-        let mesh = MariaMesh { masters, broker, prefix, dir, topology, run: None, runs: 0 };
+        let mesh = Mesh { masters: started, broker, prefix, dir, topology, run: None, runs: 0 };
         for (name, _) in &mesh.masters {
-            let mut conn = mesh.app(name).await;
-            conn.query_drop(schema).await.expect("schema");
+            mesh.exec(name, schema).await;
         }
         let (code, out) = mmsync(&mesh.topology, &["init"]).await;
         assert_eq!(code, 0, "init failed: {out}");
         mesh
     }
 
-    fn server(&self, name: &str) -> &MariaDb {
+    fn server(&self, name: &str) -> &Server {
         &self.masters.iter().find(|(n, _)| n == name).expect("a master").1
     }
 
-    /// A connection as the application.
-    async fn app(&self, name: &str) -> Conn {
-        Conn::from_url(self.server(name).app_url(DB)).await.expect("mariadb answers")
+    fn maria(&self, name: &str) -> &MariaDb {
+        match self.server(name) {
+            Server::Mariadb(m) => m,
+            Server::Postgres(_) => panic!("{name} is a PostgreSQL master"),
+        }
     }
 
-    /// A connection as root would see it, for reading mmsync's tables.
-    async fn admin(&self, name: &str) -> Conn {
-        let url = self.server(name).url(DB).replacen("mariadb://", "mysql://", 1);
-        Conn::from_url(url).await.expect("mariadb answers")
+    /// A MariaDB connection as the application.
+    async fn app(&self, name: &str) -> Conn {
+        Conn::from_url(self.maria(name).app_url(DB)).await.expect("mariadb answers")
+    }
+
+    /// A PostgreSQL connection.
+    async fn pg(&self, name: &str) -> sqlx::PgConnection {
+        match self.server(name) {
+            Server::Postgres(c) => c.connect(DB).await.expect("postgres answers"),
+            Server::Mariadb(_) => panic!("{name} is a MariaDB master"),
+        }
+    }
+
+    /// Runs the statement of the master's kind, as the application.
+    async fn exec(&self, name: &str, sql: Sql<'_>) {
+        match self.server(name) {
+            Server::Postgres(_) => {
+                sqlx::raw_sql(sql.pg).execute(&mut self.pg(name).await).await.expect("postgres statement");
+            }
+            Server::Mariadb(_) => self.app(name).await.query_drop(sql.maria).await.expect("mariadb statement"),
+        }
     }
 
     fn start(&mut self) {
@@ -91,15 +143,24 @@ impl MariaMesh {
         self.run.as_ref().map(|r| r.log()).unwrap_or_default()
     }
 
-    /// Every row of `sql`'s result as text, on `master`.
-    async fn rows(&self, master: &str, sql: &str) -> Vec<String> {
-        let mut conn = self.admin(master).await;
-        conn.query_drop("SET time_zone = '+00:00'").await.expect("time zone");
-        conn.query(sql).await.expect("rows")
+    /// Every row of the query's result as text, on `master`, read as mmsync
+    /// reads (MariaDB sessions in UTC).
+    async fn rows(&self, master: &str, sql: Sql<'_>) -> Vec<String> {
+        match self.server(master) {
+            Server::Postgres(_) => {
+                sqlx::query_scalar(sql.pg).fetch_all(&mut self.pg(master).await).await.expect("rows")
+            }
+            Server::Mariadb(m) => {
+                let url = m.url(DB).replacen("mariadb://", "mysql://", 1);
+                let mut conn = Conn::from_url(url).await.expect("mariadb answers");
+                conn.query_drop("SET time_zone = '+00:00'").await.expect("time zone");
+                conn.query(sql.maria).await.expect("rows")
+            }
+        }
     }
 
-    /// Waits until every master returns the same rows for `sql`; returns them.
-    async fn converged(&self, sql: &str) -> Vec<String> {
+    /// Waits until every master returns the same rows; returns them.
+    async fn converged(&self, sql: Sql<'_>) -> Vec<String> {
         let mut last = BTreeMap::new();
         let outcome = tokio::time::timeout(DEADLINE, async {
             loop {
@@ -117,6 +178,16 @@ impl MariaMesh {
         })
         .await;
         outcome.unwrap_or_else(|_| panic!("no convergence within {DEADLINE:?}: {last:#?}\nlog:\n{}", self.log()))
+    }
+
+    /// Dead letters' reasons on every master.
+    async fn dead_letters(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, _) in &self.masters {
+            let sql = "SELECT reason FROM mmsync.dead_letters";
+            out.extend(self.rows(name, Sql { pg: sql, maria: sql }).await.into_iter().map(|r| format!("{name}: {r}")));
+        }
+        out
     }
 
     /// The origins of the records in `master`'s topic of `table`, read until
@@ -176,7 +247,9 @@ const ITEM_ROWS: &str = "SELECT CONCAT_WS('|', id, name, qty, price, seen, stamp
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mariadb_pair_syncs_inserts_updates_and_deletes_both_ways_and_nothing_comes_back() {
-    let mut mesh = MariaMesh::new(&["seoul", "busan"], ITEMS, &["public.items"]).await;
+    let mut mesh =
+        Mesh::new(&[("seoul", Kind::Maria), ("busan", Kind::Maria)], Sql { pg: "", maria: ITEMS }, &["public.items"])
+            .await;
     mesh.start();
     let mut seoul = mesh.app("seoul").await;
     let mut busan = mesh.app("busan").await;
@@ -193,7 +266,7 @@ async fn a_mariadb_pair_syncs_inserts_updates_and_deletes_both_ways_and_nothing_
     // An application that sets the applier's variable is still stamped (and synced).
     seoul.query_drop("SET @mmsync_applier = 1; INSERT INTO items (id, name) VALUES (3, 'posing')").await.unwrap();
     busan.query_drop("INSERT INTO items (id, name, qty) VALUES (10, 'fish', 7), (11, 'salt', 1)").await.unwrap();
-    let rows = mesh.converged(ITEM_ROWS).await;
+    let rows = mesh.converged(Sql { pg: "", maria: ITEM_ROWS }).await;
     assert_eq!(rows.len(), 5, "{rows:#?}");
     assert_eq!(
         rows[0],
@@ -204,7 +277,7 @@ async fn a_mariadb_pair_syncs_inserts_updates_and_deletes_both_ways_and_nothing_
     busan.query_drop("UPDATE items SET qty = qty + 1 WHERE id = 2 OR id = 11").await.unwrap();
     seoul.query_drop("DELETE FROM items WHERE id = 10").await.unwrap();
     seoul.query_drop("UPDATE items SET id = 12 WHERE id = 3").await.unwrap();
-    let rows = mesh.converged(ITEM_ROWS).await;
+    let rows = mesh.converged(Sql { pg: "", maria: ITEM_ROWS }).await;
     let ids: Vec<&str> = rows.iter().map(|r| r.split('|').next().unwrap()).collect();
     assert_eq!(ids, ["1", "2", "11", "12"], "{rows:#?}");
     assert!(rows[1].starts_with("2|rice|") && rows[1].ends_with("|busan"), "{rows:#?}");
@@ -218,30 +291,91 @@ async fn a_mariadb_pair_syncs_inserts_updates_and_deletes_both_ways_and_nothing_
     assert!(records.iter().all(|(_, origin)| origin == "seoul"), "{records:?}");
     // 1, 2, 3 inserted; 10 deleted; 3 -> 12 (a delete of 3 and an upsert of 12); the marker.
     assert_eq!(records.len(), 7, "{records:?}");
-    let dead: Vec<String> = mesh.rows("busan", "SELECT reason FROM mmsync.dead_letters").await;
+    let dead = mesh.dead_letters().await;
     assert!(dead.is_empty(), "{dead:?}");
 }
 
-/// One application write on a MariaDB master, with the stamp it got. A
-/// deadlock with the applier (InnoDB's answer to two sessions locking the
-/// same keys in another order) is retried, as an application would.
-async fn write(conn: &mut Conn, master: &str, rng: &mut Rng, keys: u64) -> Written {
-    let id = rng.below(keys) as i32;
-    let delete = rng.below(5) == 0;
-    let val = format!("{master}-{}", rng.next() % 1000);
-    loop {
-        match try_write(conn, master, id, delete.then_some(()).map_or(Some(val.as_str()), |_| None)).await {
-            Ok(w) => return w,
-            Err(mysql_async::Error::Server(e)) if e.code == 1213 => {
-                conn.query_drop("ROLLBACK").await.unwrap();
-            }
-            Err(e) => panic!("{master}: {e}"),
+const KV_ROWS: &str = "SELECT CONCAT_WS('|', id, val, n, mmsync_version, mmsync_origin) FROM kv ORDER BY id";
+
+/// A connection an application writes through, of either kind.
+enum Writer {
+    Pg(sqlx::PgConnection),
+    Maria(Conn),
+}
+
+impl Mesh {
+    async fn writer(&self, name: &str) -> Writer {
+        match self.server(name) {
+            Server::Postgres(_) => Writer::Pg(self.pg(name).await),
+            Server::Mariadb(_) => Writer::Maria(self.app(name).await),
         }
     }
 }
 
-/// Upserts `val` under `id`, or deletes `id` when `val` is `None`.
-async fn try_write(conn: &mut Conn, master: &str, id: i32, val: Option<&str>) -> mysql_async::Result<Written> {
+/// One application write, with the stamp it got. A deadlock with the
+/// applier (two sessions locking the same keys in another order) is
+/// retried, as an application would.
+async fn write(conn: &mut Writer, master: &str, rng: &mut Rng, keys: u64) -> Written {
+    let id = rng.below(keys) as i32;
+    let val = (rng.below(5) != 0).then(|| format!("{master}-{}", rng.next() % 1000));
+    loop {
+        let outcome = match conn {
+            Writer::Maria(c) => maria_write(c, master, id, val.as_deref()).await.map_err(|e| match e {
+                mysql_async::Error::Server(e) if e.code == 1213 => None,
+                e => Some(e.to_string()),
+            }),
+            Writer::Pg(c) => pg_write(c, master, id, val.as_deref()).await.map_err(|e| match &e {
+                sqlx::Error::Database(d) if d.code().as_deref() == Some("40P01") => None,
+                e => Some(e.to_string()),
+            }),
+        };
+        match outcome {
+            Ok(w) => return w,
+            Err(None) => {
+                if let Writer::Maria(c) = conn {
+                    c.query_drop("ROLLBACK").await.unwrap();
+                }
+            }
+            Err(Some(e)) => panic!("{master}: {e}"),
+        }
+    }
+}
+
+/// Upserts `val` under `id` on PostgreSQL, or deletes `id` when `val` is `None`.
+async fn pg_write(conn: &mut sqlx::PgConnection, master: &str, id: i32, val: Option<&str>) -> sqlx::Result<Written> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    let written = match val {
+        None => {
+            sqlx::query("DELETE FROM kv WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            let version: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM mmsync.tombstones
+                 WHERE table_name = 'kv' AND key = jsonb_build_object('id', $1::text)",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            Written { id, version: version.unwrap_or(0), origin: master.into(), value: None }
+        }
+        Some(val) => {
+            let (value, version): (String, i64) = sqlx::query_as(
+                "INSERT INTO kv (id, val, n) VALUES ($1, $2, 1)
+                 ON CONFLICT (id) DO UPDATE SET val = EXCLUDED.val, n = kv.n + 1
+                 RETURNING concat_ws('|', val, n), mmsync_version",
+            )
+            .bind(id)
+            .bind(val)
+            .fetch_one(&mut *tx)
+            .await?;
+            Written { id, version, origin: master.into(), value: Some(value) }
+        }
+    };
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Upserts `val` under `id` on MariaDB, or deletes `id` when `val` is `None`.
+async fn maria_write(conn: &mut Conn, master: &str, id: i32, val: Option<&str>) -> mysql_async::Result<Written> {
     conn.query_drop("START TRANSACTION").await?;
     let written = match val {
         None => {
@@ -272,21 +406,29 @@ async fn try_write(conn: &mut Conn, master: &str, id: i32, val: Option<&str>) ->
     Ok(written)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn conflicting_writes_on_a_mariadb_pair_end_as_the_last_writer_wins_model_across_a_crash() {
-    let schema = "CREATE TABLE kv (id INT PRIMARY KEY, val VARCHAR(40) NOT NULL, n INT NOT NULL) ENGINE = InnoDB";
-    let mut mesh = MariaMesh::new(&["seoul", "busan"], schema, &["public.kv"]).await;
+const KV: Sql = Sql {
+    pg: "CREATE TABLE kv (id int PRIMARY KEY, val text NOT NULL, n int NOT NULL)",
+    maria: "CREATE TABLE kv (id INT PRIMARY KEY, val VARCHAR(40) NOT NULL, n INT NOT NULL) ENGINE = InnoDB",
+};
+
+/// Both masters write the same keys at once, three rounds, and mmsync is
+/// killed with SIGKILL between two: every master must end as the
+/// last-writer-wins model of every acknowledged write says.
+async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
+    let mut mesh = Mesh::new(masters, KV, &["public.kv"]).await;
     // The test reads tombstones as the application: allowed here only.
-    for (_, server) in &mesh.masters {
-        server.sql("GRANT SELECT ON mmsync.tombstones TO 'app'@'%'").await.unwrap();
+    for (name, server) in &mesh.masters {
+        if let Server::Mariadb(m) = server {
+            m.sql("GRANT SELECT ON mmsync.tombstones TO 'app'@'%'").await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
     mesh.start();
-    let seed = seed("mariadb conflicts");
+    let seed = seed("conflicting writes");
     let mut writes = Vec::new();
     for round in 0..3 {
         let mut tasks = Vec::new();
         for (i, (name, _)) in mesh.masters.iter().enumerate() {
-            let mut conn = mesh.app(name).await;
+            let mut conn = mesh.writer(name).await;
             let name = name.clone();
             let mut rng = Rng::new(seed ^ ((round * 2 + i) as u64 + 1));
             tasks.push(tokio::spawn(async move {
@@ -307,11 +449,76 @@ async fn conflicting_writes_on_a_mariadb_pair_end_as_the_last_writer_wins_model_
             mesh.start();
         }
     }
-    let rows =
-        mesh.converged("SELECT CONCAT_WS('|', id, val, n, mmsync_version, mmsync_origin) FROM kv ORDER BY id").await;
+    let rows = mesh.converged(Sql { pg: KV_ROWS, maria: KV_ROWS }).await;
     assert_eq!(rows, lww_model(&writes));
-    for (name, _) in &mesh.masters {
-        let dead: Vec<String> = mesh.rows(name, "SELECT reason FROM mmsync.dead_letters").await;
-        assert!(dead.is_empty(), "{name}: {dead:?}");
-    }
+    let dead = mesh.dead_letters().await;
+    assert!(dead.is_empty(), "{dead:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflicting_writes_on_a_mariadb_pair_end_as_the_last_writer_wins_model_across_a_crash() {
+    conflicting_writes_end_as_the_model(&[("seoul", Kind::Maria), ("busan", Kind::Maria)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflicting_writes_on_a_postgres_and_a_mariadb_master_end_as_the_last_writer_wins_model_across_a_crash() {
+    conflicting_writes_end_as_the_model(&[("seoul", Kind::Pg), ("busan", Kind::Maria)]).await;
+}
+
+const MIXED_ITEMS: Sql = Sql {
+    pg: "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, price numeric(12,2), ok boolean,
+         seen timestamptz, raw bytea, doc jsonb, ratio double precision, day date)",
+    maria: "CREATE TABLE items (id BIGINT PRIMARY KEY, name VARCHAR(100) NOT NULL, price DECIMAL(12,2), ok TINYINT(1),
+            seen DATETIME(6), raw VARBINARY(16), doc LONGTEXT, ratio DOUBLE, day DATE) ENGINE = InnoDB",
+};
+
+const MIXED_ROWS: Sql = Sql {
+    pg: "SELECT concat_ws('|', id, name, price, ok::int, to_char(seen AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'),
+         upper(encode(raw, 'hex')), doc::text, ratio, day, mmsync_origin) FROM items ORDER BY id",
+    maria: "SELECT CONCAT_WS('|', id, name, price, ok, seen, HEX(raw), doc, ratio, day, mmsync_origin)
+            FROM items ORDER BY id",
+};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_and_a_mariadb_master_sync_every_mapped_type_both_ways() {
+    let mut mesh = Mesh::new(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], MIXED_ITEMS, &["public.items"]).await;
+    mesh.start();
+    let seoul = "SET TimeZone = 'Asia/Seoul';
+        INSERT INTO items VALUES (1, 'kimchi ''김치''', 12.50, true, '2026-11-26 17:00:00.123456+09', '\\x00ff10',
+            '{\"a\": [1, 2]}', 0.1, '2026-11-26'),
+        (2, 'rice', NULL, false, NULL, NULL, NULL, NULL, NULL)";
+    mesh.exec("seoul", Sql { pg: seoul, maria: "" }).await;
+    let busan = "INSERT INTO items (id, name, price, ok, seen, raw, doc, ratio, day) VALUES
+        (11, 'fish', -3.10, 1, '2026-01-02 03:04:05.000006', X'CAFE', '{\"b\": null}', -2.5, '1999-12-31')";
+    mesh.exec("busan", Sql { pg: "", maria: busan }).await;
+    let rows = mesh.converged(MIXED_ROWS).await;
+    assert_eq!(
+        rows,
+        [
+            "1|kimchi '김치'|12.50|1|2026-11-26 08:00:00.123456|00FF10|{\"a\": [1, 2]}|0.1|2026-11-26|seoul",
+            "2|rice|0|seoul",
+            "11|fish|-3.10|1|2026-01-02 03:04:05.000006|CAFE|{\"b\": null}|-2.5|1999-12-31|busan",
+        ]
+    );
+    // Each side changes the other's rows: an update, a delete, a key change.
+    mesh.exec("seoul", Sql { pg: "UPDATE items SET ok = false, price = 0.01 WHERE id = 11", maria: "" }).await;
+    mesh.exec("busan", Sql { pg: "", maria: "DELETE FROM items WHERE id = 2; UPDATE items SET id = 3 WHERE id = 1" })
+        .await;
+    let rows = mesh.converged(MIXED_ROWS).await;
+    let short: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let f: Vec<&str> = r.split('|').collect();
+            format!("{}|{}|{}", f[0], f[2], f.last().unwrap())
+        })
+        .collect();
+    assert_eq!(short, ["3|12.50|busan", "11|0.01|seoul"], "{rows:#?}");
+    // Nothing applied on seoul came back into its topic.
+    mesh.exec("seoul", Sql { pg: "INSERT INTO items (id, name) VALUES (99, 'marker')", maria: "" }).await;
+    let records = mesh.topic_origins("seoul", "public.items", r#"{"id":"99"}"#);
+    assert!(records.iter().all(|(_, origin)| origin == "seoul"), "{records:?}");
+    // 1 and 2 inserted, 11 updated, the marker.
+    assert_eq!(records.len(), 4, "{records:?}");
+    let dead = mesh.dead_letters().await;
+    assert!(dead.is_empty(), "{dead:?}");
 }

@@ -29,4 +29,5 @@ pub mod status;
 pub mod testbed;
 pub mod tombstones;
 pub mod topology;
+pub mod type_map;
 pub mod verify;

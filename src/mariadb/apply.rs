@@ -287,11 +287,28 @@ impl TableSql {
         names.into_iter().map(|k| Value::from(key.get(k).map(String::as_str).unwrap_or_default())).collect()
     }
 
-    /// A value of `column` as the statement binds it.
+    /// A value of `column` as the statement binds it. Text from a
+    /// PostgreSQL master is met where it differs (see [`crate::type_map`]):
+    /// booleans are `t`/`f` there, and instants carry their UTC offset.
     fn value(&self, column: &str, text: &Option<String>) -> std::result::Result<Value, String> {
         let Some(text) = text else { return Ok(Value::NULL) };
-        let is_binary = self.info.column(column).is_some_and(|c| c.is_binary());
-        if !is_binary {
+        let Some(c) = self.info.column(column) else { return Ok(Value::Bytes(text.as_bytes().to_vec())) };
+        if c.column_type.starts_with("tinyint(1)") {
+            let b = match text.as_str() {
+                "t" | "true" => "1",
+                "f" | "false" => "0",
+                other => other,
+            };
+            return Ok(Value::Bytes(b.as_bytes().to_vec()));
+        }
+        if matches!(c.data_type.as_str(), "datetime" | "timestamp") {
+            let local = ["+00:00", "+00", "Z"].iter().find_map(|z| text.strip_suffix(z)).unwrap_or(text);
+            if local.len() > 19 && local[19..].contains(['+', '-']) {
+                return Err(format!("column {column}: {text:?} is not in UTC"));
+            }
+            return Ok(Value::Bytes(local.as_bytes().to_vec()));
+        }
+        if !c.is_binary() {
             return Ok(Value::Bytes(text.as_bytes().to_vec()));
         }
         let hex = text

@@ -638,7 +638,13 @@ mod tests {
     use super::*;
 
     fn column(data_type: &str, column_type: &str) -> Column {
-        Column { name: "c".into(), data_type: data_type.into(), column_type: column_type.into(), charset: None }
+        Column {
+            name: "c".into(),
+            data_type: data_type.into(),
+            column_type: column_type.into(),
+            charset: None,
+            collation: None,
+        }
     }
 
     #[test]

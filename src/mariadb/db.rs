@@ -111,6 +111,8 @@ pub struct Column {
     pub column_type: String,
     /// The character set of a character column (`utf8mb4`, `latin1`...).
     pub charset: Option<String>,
+    /// Its collation (`utf8mb4_general_ci`...).
+    pub collation: Option<String>,
 }
 
 impl Column {
@@ -210,9 +212,9 @@ impl Table {
 /// Reads `table` on a MariaDB master; `None` when it does not exist.
 pub async fn describe(conn: &mut Conn, master: &str, table: &TableName, url_db: &str) -> Result<Option<Table>> {
     let database = database_of(table, url_db);
-    let rows: Vec<(String, String, String, Option<String>)> = conn
+    let rows: Vec<(String, String, String, Option<String>, Option<String>)> = conn
         .exec(
-            "SELECT column_name, data_type, column_type, character_set_name FROM information_schema.columns
+            "SELECT column_name, data_type, column_type, character_set_name, collation_name FROM information_schema.columns
              WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
             (&database, &table.name),
         )
@@ -234,11 +236,12 @@ pub async fn describe(conn: &mut Conn, master: &str, table: &TableName, url_db: 
         database,
         columns: rows
             .into_iter()
-            .map(|(name, data_type, column_type, charset)| Column {
+            .map(|(name, data_type, column_type, charset, collation)| Column {
                 name,
                 data_type: data_type.to_lowercase(),
                 column_type: column_type.to_lowercase(),
                 charset,
+                collation,
             })
             .collect(),
         key,

@@ -218,6 +218,11 @@ pub async fn check(topology: &Topology, out: &mut Vec<String>) -> Vec<String> {
             )),
         }
     }
+    // A table on masters of both kinds: do its columns hold the same values?
+    match crate::type_map::check(topology).await {
+        Ok(mixed) => problems.extend(mixed),
+        Err(e) => problems.push(format!("comparing the tables of PostgreSQL and MariaDB masters: {e}")),
+    }
     let kafka = crate::kafka::check::check(topology, &records).await;
     out.extend(kafka.ok);
     out.extend(kafka.warnings.into_iter().map(|w| format!("warning: {w}")));
@@ -369,6 +374,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub async fn init(topology: &Topology) -> Result<Vec<String>> {
     let mut done = Vec::new();
     // Every table must be syncable everywhere before anything is changed anywhere.
+    let mixed = crate::type_map::check(topology).await?;
+    if !mixed.is_empty() {
+        return Err(Error::Setup {
+            master: "all".into(),
+            problem: format!("tables differ between the PostgreSQL and MariaDB masters: {}", mixed.join("; ")),
+            fix: "change the columns as each problem says (`mmsync check` lists them all), then run init again".into(),
+        });
+    }
     let mut conns = Vec::new();
     for master in topology.masters.iter().filter(|m| m.database() == crate::topology::Database::Postgres) {
         let mut conn = crate::postgres::db::connect(master).await?;
