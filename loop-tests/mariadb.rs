@@ -52,12 +52,21 @@ impl Mesh {
     /// Starts a server per master, runs the schema on each as the
     /// application, writes the topology and runs `mmsync init`.
     async fn new(masters: &[(&str, Kind)], schema: Sql<'_>, tables: &[&str]) -> Mesh {
+        let mesh = Mesh::servers(masters, schema, tables, &[]).await;
+        let (code, out) = mmsync(&mesh.topology, &["init"]).await;
+        assert_eq!(code, 0, "init failed: {out}");
+        mesh
+    }
+
+    /// Like [`Mesh::new`] without `mmsync init`, the MariaDB servers
+    /// started with `server_args` too.
+    async fn servers(masters: &[(&str, Kind)], schema: Sql<'_>, tables: &[&str], server_args: &[&str]) -> Mesh {
         let broker = KafkaCluster::shared().await.expect("kafka");
         let mut started = Vec::new();
         for (i, (name, kind)) in masters.iter().enumerate() {
             let server = match kind {
                 Kind::Maria => {
-                    let server = MariaDb::start(i as u32 + 1).await.expect("mariadb starts");
+                    let server = MariaDb::start_with(i as u32 + 1, server_args).await.expect("mariadb starts");
                     server.prepare_master(DB, masters.len(), i + 1).await.expect("prepare");
                     Server::Mariadb(server)
                 }
@@ -92,8 +101,6 @@ impl Mesh {
         for (name, _) in &mesh.masters {
             mesh.exec(name, schema).await;
         }
-        let (code, out) = mmsync(&mesh.topology, &["init"]).await;
-        assert_eq!(code, 0, "init failed: {out}");
         mesh
     }
 
@@ -519,6 +526,79 @@ async fn a_postgres_and_a_mariadb_master_sync_every_mapped_type_both_ways() {
     assert!(records.iter().all(|(_, origin)| origin == "seoul"), "{records:?}");
     // 1 and 2 inserted, 11 updated, the marker.
     assert_eq!(records.len(), 4, "{records:?}");
+    let dead = mesh.dead_letters().await;
+    assert!(dead.is_empty(), "{dead:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_lists_what_a_mariadb_master_and_a_mixed_table_lack_each_with_its_fix() {
+    let good = Sql {
+        pg: "CREATE TABLE t (id bigint PRIMARY KEY, name text, price numeric(8,2))",
+        maria: "CREATE TABLE t (id BIGINT PRIMARY KEY, name VARCHAR(10), price DECIMAL(8,2)) ENGINE = InnoDB",
+    };
+    let mesh = Mesh::servers(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], good, &["public.t"], &[]).await;
+    let (code, out) = mmsync(&mesh.topology, &["check"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("master \"busan\": ok (MariaDB 10.11"), "{out}");
+
+    let bad = Sql {
+        pg: "CREATE TABLE t (id text PRIMARY KEY, n integer, tags text[], mood text)",
+        maria: "CREATE TABLE t (id VARCHAR(10) COLLATE utf8mb4_general_ci PRIMARY KEY, n BIGINT, tags TEXT,
+                mood ENUM('ok', 'sad')) ENGINE = InnoDB",
+    };
+    let mesh = Mesh::servers(
+        &[("seoul", Kind::Pg), ("busan", Kind::Maria)],
+        bad,
+        &["public.t"],
+        &["--binlog-row-metadata=MINIMAL"],
+    )
+    .await;
+    mesh.maria("busan").sql("SET GLOBAL auto_increment_increment = 1").await.unwrap();
+    let (code, out) = mmsync(&mesh.topology, &["check"]).await;
+    assert_ne!(code, 0, "{out}");
+    for expected in [
+        "binlog_row_metadata is \"MINIMAL\", not FULL",
+        "set auto_increment_increment = 2 and auto_increment_offset = 2",
+        "column mood is enum('ok','sad'), which mmsync cannot yet read from the binlog",
+        "column n is integer on seoul and bigint(20) on busan",
+        "tags is an array",
+        "key column id has collation utf8mb4_general_ci",
+        "COLLATE utf8mb4_nopad_bin",
+    ] {
+        assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
+    }
+    let (code, out) = mmsync(&mesh.topology, &["init"]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("tables differ between the PostgreSQL and MariaDB masters"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ids_minted_on_a_postgres_and_a_mariadb_master_never_collide() {
+    let notes = Sql {
+        pg: "CREATE TABLE notes (id bigserial PRIMARY KEY, body text)",
+        maria: "CREATE TABLE notes (id BIGINT AUTO_INCREMENT PRIMARY KEY, body VARCHAR(100)) ENGINE = InnoDB",
+    };
+    let mut mesh = Mesh::new(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], notes, &["public.notes"]).await;
+    mesh.start();
+    let mut seoul = mesh.pg("seoul").await;
+    let mut busan = mesh.app("busan").await;
+    for i in 0..20 {
+        sqlx::query("INSERT INTO notes (body) VALUES ($1)")
+            .bind(format!("seoul {i}"))
+            .execute(&mut seoul)
+            .await
+            .unwrap();
+        busan.exec_drop("INSERT INTO notes (body) VALUES (?)", (format!("busan {i}"),)).await.unwrap();
+    }
+    let sql = "SELECT CONCAT_WS('|', id, body) FROM notes ORDER BY id";
+    let rows = mesh.converged(Sql { pg: sql, maria: sql }).await;
+    assert_eq!(rows.len(), 40, "{rows:#?}");
+    // seoul (place 1 of 2) mints odd ids, busan even ones.
+    for r in &rows {
+        let (id, body) = r.split_once('|').unwrap();
+        let odd = id.parse::<i64>().unwrap() % 2 == 1;
+        assert_eq!(odd, body.starts_with("seoul"), "{rows:#?}");
+    }
     let dead = mesh.dead_letters().await;
     assert!(dead.is_empty(), "{dead:?}");
 }

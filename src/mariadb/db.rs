@@ -212,7 +212,9 @@ impl Table {
 /// Reads `table` on a MariaDB master; `None` when it does not exist.
 pub async fn describe(conn: &mut Conn, master: &str, table: &TableName, url_db: &str) -> Result<Option<Table>> {
     let database = database_of(table, url_db);
-    let rows: Vec<(String, String, String, Option<String>, Option<String>)> = conn
+    /// name, data type, column type, character set, collation.
+    type ColumnRow = (String, String, String, Option<String>, Option<String>);
+    let rows: Vec<ColumnRow> = conn
         .exec(
             "SELECT column_name, data_type, column_type, character_set_name, collation_name FROM information_schema.columns
              WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",

@@ -256,7 +256,7 @@ pub async fn check_master(topology: &Topology, master: &Master) -> Result<(Strin
     let place = topology.masters.iter().position(|m| m.name == master.name).unwrap_or(0) as i64 + 1;
     if increment < n {
         problems.push(format!(
-            "master {name:?}: auto_increment_increment is {increment} and auto_offset {offset}, so two masters can mint the same id; \
+            "master {name:?}: auto_increment_increment is {increment} and auto_increment_offset {offset}, so two masters can mint the same id; \
              set auto_increment_increment = {n} and auto_increment_offset = {place} in its configuration (SET GLOBAL for the running server)"
         ));
     }
@@ -353,6 +353,17 @@ async fn init_master(topology: &Topology, master: &Master, conn: &mut Conn, url_
             .await
             .map_err(Error::mariadb(name, "storing the first capture position"))?;
         done.push(format!("captures from binlog position {pos:?} on"));
+    }
+    let n = topology.masters.len() as i64;
+    let place = topology.masters.iter().position(|m| m.name == master.name).unwrap_or(0) as i64 + 1;
+    let increment: i64 = variable(conn, name, "auto_increment_increment").await?.parse().unwrap_or(1);
+    let offset: i64 = variable(conn, name, "auto_increment_offset").await?.parse().unwrap_or(1);
+    if (increment, offset) != (n, place) {
+        // Server settings: mmsync cannot make them stick across a restart.
+        done.push(format!(
+            "warning: set auto_increment_increment = {n} and auto_increment_offset = {place} in this server's \
+             configuration (and SET GLOBAL them now), so that ids minted here never collide with another master's"
+        ));
     }
     let applier_user = user(master)?;
     let skew_us = topology.sync.max_clock_skew.as_micros() as i64;

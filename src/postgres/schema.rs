@@ -405,7 +405,7 @@ pub async fn init(topology: &Topology) -> Result<Vec<String>> {
     done.extend(crate::mariadb::schema::init(topology).await?);
     if !conns.is_empty() {
         for table in &topology.synced_tables() {
-            done.extend(interleave_sequences(&mut conns, table).await?);
+            done.extend(interleave_sequences(topology, &mut conns, table).await?);
         }
     }
     for topic in crate::kafka::create_topics(topology).await? {
@@ -664,8 +664,15 @@ END
 /// then the highest id any of them minted or holds is read under those
 /// locks, and every sequence restarts above it, at its own residue. Inserts
 /// wait for the moment that takes; none can mint an id that exists.
-async fn interleave_sequences(conns: &mut [(&Master, PgConnection)], table: &TableName) -> Result<Vec<String>> {
-    let n = conns.len() as i64;
+async fn interleave_sequences(
+    topology: &Topology,
+    conns: &mut [(&Master, PgConnection)],
+    table: &TableName,
+) -> Result<Vec<String>> {
+    // Every master counts, MariaDB ones too (their auto_increment_offset is
+    // their place in the topology, as `check` asks).
+    let n = topology.masters.len() as i64;
+    let place = |master: &Master| topology.masters.iter().position(|m| m.name == master.name).unwrap_or(0);
     let mut done = Vec::new();
     let first = &mut conns[0];
     let Some(info) = describe(&mut first.1, &first.0.name, table).await? else { return Ok(done) };
@@ -677,7 +684,8 @@ async fn interleave_sequences(conns: &mut [(&Master, PgConnection)], table: &Tab
         // Each master's sequence of this column, and whether it is in place.
         let mut seqs: Vec<Option<String>> = Vec::new();
         let mut in_place = true;
-        for (index, (master, conn)) in conns.iter_mut().enumerate() {
+        for (master, conn) in conns.iter_mut() {
+            let index = place(master);
             let seq: Option<String> = sqlx::query_scalar("SELECT pg_get_serial_sequence($1, $2)")
                 .bind(table.quoted())
                 .bind(key)
@@ -693,7 +701,8 @@ async fn interleave_sequences(conns: &mut [(&Master, PgConnection)], table: &Tab
         if in_place {
             continue;
         }
-        match restart_together(conns, &seqs, table, key, n).await {
+        let places: Vec<usize> = conns.iter().map(|(m, _)| place(m)).collect();
+        match restart_together(conns, &seqs, &places, table, key, n).await {
             Ok(lines) => done.extend(lines),
             Err(e) => {
                 // Nothing changes where nothing committed: no lock stays held.
@@ -714,6 +723,7 @@ async fn interleave_sequences(conns: &mut [(&Master, PgConnection)], table: &Tab
 async fn restart_together(
     conns: &mut [(&Master, PgConnection)],
     seqs: &[Option<String>],
+    places: &[usize],
     table: &TableName,
     key: &str,
     n: i64,
@@ -744,7 +754,7 @@ async fn restart_together(
                 .map_err(Error::db(name, format!("reading max({key}) of {table}")))?;
         high = high.max(max_key.unwrap_or(0));
     }
-    for (index, ((master, conn), seq)) in conns.iter_mut().zip(seqs).enumerate() {
+    for (((master, conn), seq), &index) in conns.iter_mut().zip(seqs).zip(places) {
         let name = master.name.as_str();
         if let Some(seq) = seq {
             let residue = residue(index, n);

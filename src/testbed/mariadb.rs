@@ -34,6 +34,7 @@ pub struct MariaDb {
     port: u16,
     server_id: u32,
     owner: Option<(u32, u32)>,
+    extra_args: Vec<String>,
     server: Option<ServerProcess>,
 }
 
@@ -56,6 +57,12 @@ fn program(name: &str) -> Result<PathBuf> {
 impl MariaDb {
     /// Makes and starts a server; `server_id` is also its GTID domain.
     pub async fn start(server_id: u32) -> Result<MariaDb> {
+        MariaDb::start_with(server_id, &[]).await
+    }
+
+    /// Like [`MariaDb::start`], with more server options (after the bed's
+    /// own, so they win: `--binlog-row-metadata=MINIMAL` for a broken master).
+    pub async fn start_with(server_id: u32, extra_args: &[&str]) -> Result<MariaDb> {
         let owner = system_user("mysql", "MariaDB", "mariadb-server")?;
         let dir = temp_dir("mmsync-mariadb-")?;
         chown_tree(dir.path(), owner)?;
@@ -84,7 +91,8 @@ impl MariaDb {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        let mut db = MariaDb { dir, port: free_port(), server_id, owner, server: None };
+        let extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        let mut db = MariaDb { dir, port: free_port(), server_id, owner, extra_args, server: None };
         db.launch().await?;
         Ok(db)
     }
@@ -104,26 +112,28 @@ impl MariaDb {
         chown_tree(&self.log_path(), self.owner)?;
         let launch = || {
             let mut launch =
-                Launch::new(format!("mariadb on port {}", self.port), program("mariadbd")?, self.log_path()).args([
-                    "--no-defaults".to_string(),
-                    format!("--datadir={}", d.join("data").display()),
-                    format!("--port={}", self.port),
-                    "--bind-address=127.0.0.1".into(),
-                    format!("--socket={}", self.socket().display()),
-                    format!("--pid-file={}", d.join("mariadb.pid").display()),
-                    format!("--tmpdir={}", d.join("tmp").display()),
-                    format!("--log-bin={}", d.join("data/binlog").display()),
-                    "--binlog-format=ROW".into(),
-                    "--binlog-row-image=FULL".into(),
-                    "--binlog-row-metadata=FULL".into(),
-                    format!("--server-id={}", self.server_id),
-                    format!("--gtid-domain-id={}", self.server_id),
-                    "--skip-name-resolve".into(),
-                    "--innodb-buffer-pool-size=64M".into(),
-                    // Process kills are what the tests do, not OS crashes.
-                    "--innodb-flush-log-at-trx-commit=2".into(),
-                    "--sync-binlog=0".into(),
-                ]);
+                Launch::new(format!("mariadb on port {}", self.port), program("mariadbd")?, self.log_path())
+                    .args([
+                        "--no-defaults".to_string(),
+                        format!("--datadir={}", d.join("data").display()),
+                        format!("--port={}", self.port),
+                        "--bind-address=127.0.0.1".into(),
+                        format!("--socket={}", self.socket().display()),
+                        format!("--pid-file={}", d.join("mariadb.pid").display()),
+                        format!("--tmpdir={}", d.join("tmp").display()),
+                        format!("--log-bin={}", d.join("data/binlog").display()),
+                        "--binlog-format=ROW".into(),
+                        "--binlog-row-image=FULL".into(),
+                        "--binlog-row-metadata=FULL".into(),
+                        format!("--server-id={}", self.server_id),
+                        format!("--gtid-domain-id={}", self.server_id),
+                        "--skip-name-resolve".into(),
+                        "--innodb-buffer-pool-size=64M".into(),
+                        // Process kills are what the tests do, not OS crashes.
+                        "--innodb-flush-log-at-trx-commit=2".into(),
+                        "--sync-binlog=0".into(),
+                    ])
+                    .args(self.extra_args.clone());
             launch.user = self.owner;
             launch.remove_after = Some(d.to_path_buf());
             Ok(launch)
