@@ -418,9 +418,10 @@ const KV: Sql = Sql {
     maria: "CREATE TABLE kv (id INT PRIMARY KEY, val VARCHAR(40) NOT NULL, n INT NOT NULL) ENGINE = InnoDB",
 };
 
-/// Both masters write the same keys at once, three rounds, and mmsync is
-/// killed with SIGKILL between two: every master must end as the
-/// last-writer-wins model of every acknowledged write says.
+/// Both masters write the same keys at once, three rounds; the MariaDB
+/// master is killed with SIGKILL after the first, mmsync after the second:
+/// every master must end as the last-writer-wins model of every
+/// acknowledged write says.
 async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
     let mut mesh = Mesh::new(masters, KV, &["public.kv"]).await;
     // The test reads tombstones as the application: allowed here only.
@@ -449,6 +450,12 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
         for t in tasks {
             writes.extend(t.await.unwrap());
         }
+        if round == 0 {
+            // The MariaDB master dies with SIGKILL and comes back on its
+            // data; mmsync's links to it retry meanwhile.
+            let Some((_, Server::Mariadb(m))) = mesh.masters.last_mut() else { panic!("the last master is MariaDB") };
+            m.restart().await.expect("mariadb restarts");
+        }
         if round == 1 {
             // mmsync dies between rounds; the next run goes on from the
             // positions and offsets it stored.
@@ -463,12 +470,12 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn conflicting_writes_on_a_mariadb_pair_end_as_the_last_writer_wins_model_across_a_crash() {
+async fn conflicting_writes_on_a_mariadb_pair_end_as_the_last_writer_wins_model_across_crashes() {
     conflicting_writes_end_as_the_model(&[("seoul", Kind::Maria), ("busan", Kind::Maria)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn conflicting_writes_on_a_postgres_and_a_mariadb_master_end_as_the_last_writer_wins_model_across_a_crash() {
+async fn conflicting_writes_on_a_postgres_and_a_mariadb_master_end_as_the_last_writer_wins_model_across_crashes() {
     conflicting_writes_end_as_the_model(&[("seoul", Kind::Pg), ("busan", Kind::Maria)]).await;
 }
 
@@ -601,4 +608,51 @@ async fn ids_minted_on_a_postgres_and_a_mariadb_master_never_collide() {
     }
     let dead = mesh.dead_letters().await;
     assert!(dead.is_empty(), "{dead:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binlog_purged_while_mmsync_was_away_stops_the_source_with_the_way_out() {
+    let mut mesh = Mesh::new(&[("seoul", Kind::Maria), ("busan", Kind::Maria)], KV, &["public.kv"]).await;
+    mesh.start();
+    mesh.exec("seoul", Sql { pg: "", maria: "INSERT INTO kv (id, val, n) VALUES (1, 'before', 1)" }).await;
+    mesh.converged(Sql { pg: KV_ROWS, maria: KV_ROWS }).await;
+    let status = mesh.run.take().unwrap().terminate().await;
+    assert!(status.success());
+    // Written while mmsync is away, then purged with the binlog that held it.
+    mesh.exec("seoul", Sql { pg: "", maria: "INSERT INTO kv (id, val, n) VALUES (2, 'lost', 1)" }).await;
+    let seoul = mesh.maria("seoul");
+    seoul.sql("FLUSH BINARY LOGS").await.unwrap();
+    let current = seoul.sql("SHOW MASTER STATUS").await.unwrap();
+    let file = current.split('\t').next().unwrap().to_string();
+    // A binlog goes only once InnoDB made its transactions durable (the
+    // binlog checkpoint): purge until the server lets it go.
+    mmsync::testbed::wait_for("the old binlogs to be purged", DEADLINE, || async {
+        seoul.sql(&format!("PURGE BINARY LOGS TO '{file}'")).await.ok()?;
+        (seoul.sql("SHOW BINARY LOGS").await.ok()?.lines().count() == 1).then_some(())
+    })
+    .await;
+    mesh.start();
+    let run = mesh.run.take().unwrap();
+    let log = run.log_path();
+    let status = tokio::time::timeout(DEADLINE, run.wait()).await;
+    let log = std::fs::read_to_string(log).unwrap();
+    if status.is_err() {
+        let rows = mesh.rows("busan", Sql { pg: "", maria: KV_ROWS }).await;
+        let logs =
+            mesh.maria("seoul").sql("SHOW BINARY LOGS; SELECT @@gtid_binlog_state, @@gtid_binlog_pos").await.unwrap();
+        panic!("mmsync did not stop by itself:\n{log}\nbusan: {rows:?}\nseoul: {logs}");
+    }
+    let status = status.unwrap();
+    assert!(!status.success(), "{log}");
+    for expected in [
+        "binlogs were purged while mmsync was away",
+        "`mmsync verify`",
+        "UPDATE mmsync.capture_position SET gtid_pos = @@gtid_binlog_pos WHERE master = 'seoul'",
+        "binlog_expire_logs_seconds",
+    ] {
+        assert!(log.contains(expected), "missing {expected:?}:\n{log}");
+    }
+    // Nothing was skipped in silence: busan never got row 2.
+    let rows = mesh.rows("busan", Sql { pg: "", maria: KV_ROWS }).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
 }
