@@ -166,6 +166,20 @@ impl MariaDb {
         .map(|_| ())
     }
 
+    /// Makes this server a replica of `source` by MariaDB's own
+    /// replication (GTID, `slave_pos`), from `source`'s position `gtid_pos`
+    /// on; not started (`START SLAVE`).
+    pub async fn replicate_from(&self, source: &MariaDb, gtid_pos: &str) -> Result<()> {
+        self.sql(&format!(
+            "SET GLOBAL gtid_slave_pos = '{gtid_pos}';
+             CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = '{MMSYNC_USER}',
+                 MASTER_PASSWORD = '{PASSWORD}', MASTER_USE_GTID = slave_pos",
+            source.port
+        ))
+        .await
+        .map(|_| ())
+    }
+
     /// The URL mmsync connects to `db` with, as [`MMSYNC_USER`].
     pub fn url(&self, db: &str) -> String {
         format!("mariadb://{MMSYNC_USER}:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
