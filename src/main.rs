@@ -15,11 +15,13 @@ const EXIT_USAGE: u8 = 2;
 #[command(
     name = "mmsync",
     version,
-    about = "Keep two or more PostgreSQL masters in sync in both directions through Kafka.",
-    long_about = "Keep two or more PostgreSQL masters in sync in both directions through Kafka.\n\n\
-Every master takes writes. Each master's changes are read from its WAL (logical decoding, pgoutput), \
-produced to Kafka, and applied to every other master by last-writer-wins on a per-row version stamp. \
-Changes that arrived by replication are never captured again.\n\n\
+    about = "Keep two or more PostgreSQL and MariaDB masters in sync in both directions through Kafka.",
+    long_about = "Keep two or more PostgreSQL and MariaDB masters in sync in both directions through Kafka.\n\n\
+Every master takes writes. Each master's changes are read from its log (PostgreSQL: logical decoding, \
+pgoutput; MariaDB: the binlog, read as a replica), produced to Kafka, and applied to every other master \
+by last-writer-wins on a per-row version stamp. Changes that arrived by replication are never captured \
+again. A url of mariadb:// or mysql:// makes a MariaDB master; adopt, join, remove, status, verify and \
+dead-letters work on PostgreSQL masters only so far.\n\n\
 Typical use: `mmsync check`, then `mmsync init` once (and again after adding tables), then `mmsync run`.\n\n\
 Exit codes: 0 ok, 1 a failed check or a difference, 2 bad usage or a bad topology file."
 )]
@@ -34,15 +36,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Validate the topology and every master's prerequisites (reachable,
-    /// wal_level = logical, free replication slots, tables with primary keys,
-    /// carriable column types) and that the Kafka brokers answer. Reports every
+    /// wal_level = logical and free replication slots on PostgreSQL, a ROW
+    /// binlog with full images and metadata and interleaved auto_increment
+    /// on MariaDB, tables with primary keys, carriable column types, the
+    /// same values on both kinds in a mixed mesh) and that the Kafka brokers answer. Reports every
     /// problem with its fix; exits 1 if there is any. Also warns (without
     /// failing) when a master's tombstones are held back past
     /// [sync] tombstones_keep_seconds by a master that is away.
     Check,
-    /// Install what sync needs on every master: mmsync's schema, an origin and
-    /// a version column and triggers on every synced table, a publication, a
-    /// replication slot, interleaved integer sequences, and the Kafka topics.
+    /// Install what sync needs on every master: mmsync's schema (a database
+    /// on MariaDB), an origin and a version column and triggers on every
+    /// synced table, a publication and a replication slot (PostgreSQL) or the
+    /// first binlog position (MariaDB), interleaved integer sequences, and
+    /// the Kafka topics.
     /// Idempotent: run it again after adding tables to [sync] tables.
     Init,
     /// Run the sync: a source and a sink for every master, until SIGINT or

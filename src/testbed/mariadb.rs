@@ -132,6 +132,8 @@ impl MariaDb {
                         // Process kills are what the tests do, not OS crashes.
                         "--innodb-flush-log-at-trx-commit=2".into(),
                         "--sync-binlog=0".into(),
+                    // Triggers may then be created without SUPER (the README's setup).
+                    "--log-bin-trust-function-creators=1".into(),
                     ])
                     .args(self.extra_args.clone());
             launch.user = self.owner;
@@ -149,14 +151,17 @@ impl MariaDb {
     }
 
     /// Makes the server a master of `masters` at `place` (1-based) for
-    /// mmsync: database `db`, mmsync's user ([`MMSYNC_USER`]) with every
-    /// privilege, an application user ([`APP_USER`]) with privileges on
-    /// `db` only, and ids interleaved as `check` asks.
+    /// mmsync: database `db`, mmsync's user ([`MMSYNC_USER`]) with the
+    /// privileges the README lists and no more, an application user
+    /// ([`APP_USER`]) with privileges on `db` only, and ids interleaved as
+    /// `check` asks.
     pub async fn prepare_master(&self, db: &str, masters: usize, place: usize) -> Result<()> {
         self.sql(&format!(
             "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
              CREATE USER IF NOT EXISTS '{MMSYNC_USER}'@'%' IDENTIFIED BY '{PASSWORD}';
-             GRANT ALL PRIVILEGES ON *.* TO '{MMSYNC_USER}'@'%';
+             GRANT REPLICATION SLAVE, BINLOG MONITOR ON *.* TO '{MMSYNC_USER}'@'%';
+             GRANT SELECT, INSERT, UPDATE, DELETE, ALTER, TRIGGER ON `{db}`.* TO '{MMSYNC_USER}'@'%';
+             GRANT ALL PRIVILEGES ON mmsync.* TO '{MMSYNC_USER}'@'%';
              CREATE USER IF NOT EXISTS '{APP_USER}'@'%' IDENTIFIED BY '{PASSWORD}';
              GRANT ALL PRIVILEGES ON `{db}`.* TO '{APP_USER}'@'%';
              SET GLOBAL auto_increment_increment = {masters};
