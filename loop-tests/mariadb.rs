@@ -467,6 +467,20 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
     assert_eq!(rows, lww_model(&writes));
     let dead = mesh.dead_letters().await;
     assert!(dead.is_empty(), "{dead:?}");
+    let (code, out) = mmsync(&mesh.topology, &["verify"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("public.kv: identical (rows: seoul {n}, busan {n}", n = rows.len())), "{out}");
+    // A row changed behind mmsync's back (as its applier, whom the triggers
+    // leave alone) is found, with each master's stamp.
+    let (_, Server::Mariadb(m)) = mesh.masters.last().unwrap() else { panic!("the last master is MariaDB") };
+    let mut applier = Conn::from_url(m.url(DB).replacen("mariadb://", "mysql://", 1)).await.unwrap();
+    applier
+        .query_drop("SET @mmsync_applier = 1; UPDATE shop.kv SET mmsync_version = 7 ORDER BY id LIMIT 1")
+        .await
+        .unwrap();
+    let (code, out) = mmsync(&mesh.topology, &["verify"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("public.kv: DIFFERENT, 1 key(s) differ") && out.contains("version 7 origin"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -655,4 +669,67 @@ async fn a_binlog_purged_while_mmsync_was_away_stops_the_source_with_the_way_out
     // Nothing was skipped in silence: busan never got row 2.
     let rows = mesh.rows("busan", Sql { pg: "", maria: KV_ROWS }).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replaying_every_record_on_a_postgres_and_a_mariadb_master_changes_no_row() {
+    let mut mesh = Mesh::new(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], KV, &["public.kv"]).await;
+    for (_, server) in &mesh.masters {
+        if let Server::Mariadb(m) = server {
+            m.sql("GRANT SELECT ON mmsync.tombstones TO 'app'@'%'").await.unwrap();
+        }
+    }
+    mesh.start();
+    let mut rng = Rng::new(seed("replay"));
+    for (name, _) in &mesh.masters {
+        let mut conn = mesh.writer(name).await;
+        for _ in 0..100 {
+            write(&mut conn, name, &mut rng, 30).await;
+        }
+    }
+    let before = mesh.converged(Sql { pg: KV_ROWS, maria: KV_ROWS }).await;
+    let status = mesh.run.take().unwrap().terminate().await;
+    assert!(status.success());
+    // Every master forgets what it applied: the next run applies every record again.
+    let sum = "SELECT CAST(COALESCE(SUM(next_offset), 0) AS CHAR) FROM mmsync.applied_offsets";
+    let mut applied = Vec::new();
+    for (name, _) in &mesh.masters {
+        let next: i64 = mesh
+            .rows(
+                name,
+                Sql { pg: "SELECT coalesce(sum(next_offset), 0)::text FROM mmsync.applied_offsets", maria: sum },
+            )
+            .await[0]
+            .parse()
+            .unwrap();
+        assert!(next > 0, "{name}");
+        applied.push((name.clone(), next));
+        match mesh.server(name) {
+            Server::Postgres(_) => {
+                sqlx::raw_sql("DELETE FROM mmsync.applied_offsets").execute(&mut mesh.pg(name).await).await.unwrap();
+            }
+            Server::Mariadb(m) => {
+                let mut conn = Conn::from_url(m.url(DB).replacen("mariadb://", "mysql://", 1)).await.unwrap();
+                conn.query_drop("DELETE FROM mmsync.applied_offsets").await.unwrap();
+            }
+        }
+    }
+    mesh.start();
+    for (name, next) in &applied {
+        mmsync::testbed::wait_for(&format!("{name} to apply every record again"), DEADLINE, || async {
+            let sql = Sql { pg: "SELECT coalesce(sum(next_offset), 0)::text FROM mmsync.applied_offsets", maria: sum };
+            let now: i64 = mesh.rows(name, sql).await[0].parse().ok()?;
+            (now >= *next).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(mesh.rows("seoul", Sql { pg: KV_ROWS, maria: KV_ROWS }).await, before);
+    assert_eq!(mesh.rows("busan", Sql { pg: KV_ROWS, maria: KV_ROWS }).await, before);
+    // Every record was skipped as held already: none took effect again.
+    let listen = mmsync::topology::Topology::load(&mesh.topology).unwrap().metrics_listen;
+    let metrics = mmsync::testbed::http_get(listen, "/metrics").await.unwrap();
+    let applied = crate::common::metric_sum(&metrics, "mmsync_changes_applied_total", &[("table", "public.kv")]);
+    let skipped = crate::common::metric_sum(&metrics, "mmsync_changes_skipped_total", &[("table", "public.kv")]);
+    assert_eq!(applied, 0.0, "{metrics}");
+    assert!(skipped >= 100.0, "{skipped}");
 }

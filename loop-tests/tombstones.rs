@@ -64,6 +64,18 @@ async fn a_tombstone_outlives_its_horizon_while_a_master_that_could_still_undo_i
         .execute(&mut hold)
         .await
         .unwrap();
+    // Not before its next beat: until then it still captures, and would
+    // send the update below before seoul's delete (no race left to test).
+    wait_for("busan's source to wait on its heartbeat row", DEADLINE, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%mmsync.heartbeats%'",
+        )
+        .fetch_one(&mut s.conn("busan").await)
+        .await
+        .ok()?;
+        (waiting > 0).then_some(())
+    })
+    .await;
     // An update on busan that its source has not sent yet, then a newer
     // delete on seoul, which reaches busan and wins there.
     sqlx::raw_sql("UPDATE kv SET val = 'late', n = 2 WHERE id = 1").execute(&mut busan).await.unwrap();

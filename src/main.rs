@@ -20,7 +20,7 @@ const EXIT_USAGE: u8 = 2;
 Every master takes writes. Each master's changes are read from its log (PostgreSQL: logical decoding, \
 pgoutput; MariaDB: the binlog, read as a replica), produced to Kafka, and applied to every other master \
 by last-writer-wins on a per-row version stamp. Changes that arrived by replication are never captured \
-again. A url of mariadb:// or mysql:// makes a MariaDB master; adopt, join, remove, status, verify and \
+again. A url of mariadb:// or mysql:// makes a MariaDB master; adopt, join, remove, status and \
 dead-letters work on PostgreSQL masters only so far.\n\n\
 Typical use: `mmsync check`, then `mmsync init` once (and again after adding tables), then `mmsync run`.\n\n\
 Exit codes: 0 ok, 1 a failed check or a difference, 2 bad usage or a bad topology file."
@@ -140,6 +140,8 @@ enum Command {
     /// bucket of primary keys, narrowed down to the keys that differ, printed
     /// with each master's version and origin. Exit 0 identical, 1 different.
     /// Run it when writes are quiet: rows still in flight show as differences.
+    /// With a MariaDB master in the topology, rows are compared by their
+    /// (version, origin) per key, since their text differs between the kinds.
     Verify {
         /// Only this table (schema.table).
         #[arg(long)]
@@ -253,7 +255,7 @@ fn main() -> ExitCode {
         Command::Join { .. } => Some("join"),
         Command::Remove { .. } => Some("remove"),
         Command::DeadLetters { .. } => Some("dead-letters"),
-        Command::Verify { .. } => Some("verify"),
+        Command::Verify { .. } => None,
         Command::Status { .. } => Some("status"),
     };
     if let Some(command) = command {

@@ -5,6 +5,13 @@
 //! hash of their primary key; per bucket each master reports a count and a
 //! hash of its rows (all columns, mmsync's included). Only buckets that differ
 //! are read key by key, so a large table that matches costs one scan per master.
+//!
+//! With a MariaDB master in the topology the rows' text differs between the
+//! kinds (booleans, instants, JSON spacing), so [`by_stamps`] compares what
+//! last-writer-wins decides instead: per key, the (version, origin) of the
+//! row each master holds. Rows are streamed (not held) in one consistent
+//! snapshot per master, buckets summed on mmsync's side, and only the keys
+//! of differing buckets kept.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -55,6 +62,13 @@ pub async fn verify(topology: &Topology, only: Option<&TableName>, max_keys: usi
                 fix: "name one of the synced tables".into(),
             });
         }
+    }
+    if topology.masters.iter().any(|m| m.database() == crate::topology::Database::Mariadb) {
+        let mut reports = Vec::new();
+        for table in tables {
+            reports.push(by_stamps::verify_table(topology, table, max_keys).await?);
+        }
+        return Ok(reports);
     }
     let mut conns = Vec::new();
     for m in &topology.masters {
@@ -141,4 +155,172 @@ async fn verify_table(conns: &mut [(String, PgConnection)], table: &TableName, m
         differences: differences.into_iter().take(max_keys).collect(),
         differing_keys,
     })
+}
+
+/// Verify by (version, origin) per key, for topologies with MariaDB masters.
+mod by_stamps {
+    use std::collections::{BTreeMap, HashMap};
+    use std::hash::{Hash, Hasher};
+
+    use futures_util::TryStreamExt;
+    use mysql_async::prelude::Queryable;
+    use sqlx::Row as _;
+
+    use super::{KeyDifference, TableReport, BUCKETS};
+    use crate::change::{encode_key, Key};
+    use crate::error::{Error, Result};
+    use crate::topology::{Database, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
+
+    /// A master's snapshot, open for the two passes.
+    enum Snapshot {
+        Postgres(sqlx::PgConnection),
+        Mariadb(mysql_async::Conn, String),
+    }
+
+    fn hash(text: &str) -> u64 {
+        // DefaultHasher::new() has fixed keys: the same on every run.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut h);
+        h.finish()
+    }
+
+    fn bucket(key: &str) -> i32 {
+        (hash(key) % BUCKETS as u64) as i32
+    }
+
+    impl Snapshot {
+        async fn open(m: &Master) -> Result<Snapshot> {
+            Ok(match m.database() {
+                Database::Postgres => {
+                    let mut conn = crate::postgres::db::connect(m).await?;
+                    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        .execute(&mut conn)
+                        .await
+                        .map_err(Error::db(&m.name, "starting a snapshot"))?;
+                    Snapshot::Postgres(conn)
+                }
+                Database::Mariadb => {
+                    let mut conn = crate::mariadb::db::connect(m).await?;
+                    conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                        .await
+                        .and(conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY").await)
+                        .map_err(Error::mariadb(&m.name, "starting a snapshot"))?;
+                    Snapshot::Mariadb(conn, crate::mariadb::db::url_database(m)?)
+                }
+            })
+        }
+
+        /// Calls `each(key text, version, origin)` for every row of `table`.
+        async fn rows(
+            &mut self,
+            master: &str,
+            table: &TableName,
+            mut each: impl FnMut(String, i64, String),
+        ) -> Result<()> {
+            let missing = || Error::Setup {
+                master: master.to_string(),
+                problem: format!("table {table} does not exist"),
+                fix: "create it on every master".into(),
+            };
+            match self {
+                Snapshot::Postgres(conn) => {
+                    let info = crate::postgres::schema::describe(conn, master, table).await?.ok_or_else(missing)?;
+                    let sql = format!(
+                        "SELECT {}::text, x.{}, x.{}::text FROM {} AS x",
+                        info.key_json_sql("x"),
+                        crate::topology::quote_ident(VERSION_COLUMN),
+                        crate::topology::quote_ident(ORIGIN_COLUMN),
+                        table.quoted()
+                    );
+                    let mut rows = sqlx::query(&sql).fetch(&mut *conn);
+                    while let Some(r) = rows.try_next().await.map_err(Error::db(master, format!("reading {table}")))? {
+                        let key: Key = serde_json::from_str(r.get::<&str, _>(0)).unwrap_or_default();
+                        each(encode_key(&key), r.get(1), r.get(2));
+                    }
+                }
+                Snapshot::Mariadb(conn, url_db) => {
+                    let info = crate::mariadb::db::describe(conn, master, table, url_db).await?.ok_or_else(missing)?;
+                    let q = crate::mariadb::db::quote_ident;
+                    let keys: Vec<String> = info.key.iter().map(|k| format!("CAST({} AS CHAR)", q(k))).collect();
+                    let sql = format!(
+                        "SELECT {}, {}, {} FROM {}",
+                        keys.join(", "),
+                        q(VERSION_COLUMN),
+                        q(ORIGIN_COLUMN),
+                        info.quoted()
+                    );
+                    let n = info.key.len();
+                    let read = |e| Error::mariadb(master, format!("reading {table}"))(e);
+                    let mut result = conn.query_iter(sql).await.map_err(read)?;
+                    result
+                        .for_each(|mut r| {
+                            let mut key = Key::new();
+                            for (i, k) in info.key.iter().enumerate() {
+                                key.insert(k.clone(), r.take::<String, _>(i).unwrap_or_default());
+                            }
+                            each(encode_key(&key), r.take(n).unwrap_or(0), r.take(n + 1).unwrap_or_default());
+                        })
+                        .await
+                        .map_err(read)?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    pub(super) async fn verify_table(topology: &Topology, table: &TableName, max_keys: usize) -> Result<TableReport> {
+        let mut snapshots = Vec::new();
+        for m in &topology.masters {
+            snapshots.push((m.name.clone(), Snapshot::open(m).await?));
+        }
+        // Pass 1: per bucket, a count and an order-free sum of the stamps' hashes.
+        let mut per_master: Vec<HashMap<i32, (i64, u64)>> = Vec::new();
+        for (name, snap) in snapshots.iter_mut() {
+            let mut buckets: HashMap<i32, (i64, u64)> = HashMap::new();
+            snap.rows(name, table, |key, version, origin| {
+                let b = buckets.entry(bucket(&key)).or_default();
+                b.0 += 1;
+                b.1 = b.1.wrapping_add(hash(&format!("{key}|{version}|{origin}")));
+            })
+            .await?;
+            per_master.push(buckets);
+        }
+        let rows: Vec<(String, i64)> = snapshots
+            .iter()
+            .zip(&per_master)
+            .map(|((n, _), b)| (n.clone(), b.values().map(|(c, _)| c).sum()))
+            .collect();
+        let all: std::collections::BTreeSet<i32> = per_master.iter().flat_map(|b| b.keys().copied()).collect();
+        let differing: std::collections::HashSet<i32> =
+            all.into_iter().filter(|b| per_master.iter().any(|m| m.get(b) != per_master[0].get(b))).collect();
+        if differing.is_empty() {
+            return Ok(TableReport { table: table.clone(), rows, differences: Vec::new(), differing_keys: 0 });
+        }
+        // Pass 2: the keys of the differing buckets, from the same snapshots.
+        let masters = snapshots.len();
+        let mut keys: BTreeMap<String, Vec<Option<(i64, String)>>> = BTreeMap::new();
+        for (i, (name, snap)) in snapshots.iter_mut().enumerate() {
+            snap.rows(name, table, |key, version, origin| {
+                if differing.contains(&bucket(&key)) {
+                    keys.entry(key).or_insert_with(|| vec![None; masters])[i] = Some((version, origin));
+                }
+            })
+            .await?;
+        }
+        let differences: Vec<KeyDifference> = keys
+            .into_iter()
+            .filter(|(_, held)| held.iter().any(|h| *h != held[0]))
+            .map(|(key, held)| KeyDifference {
+                key,
+                masters: snapshots.iter().map(|(n, _)| n.clone()).zip(held).collect(),
+            })
+            .collect();
+        let differing_keys = differences.len();
+        Ok(TableReport {
+            table: table.clone(),
+            rows,
+            differences: differences.into_iter().take(max_keys).collect(),
+            differing_keys,
+        })
+    }
 }

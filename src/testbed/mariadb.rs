@@ -132,8 +132,8 @@ impl MariaDb {
                         // Process kills are what the tests do, not OS crashes.
                         "--innodb-flush-log-at-trx-commit=2".into(),
                         "--sync-binlog=0".into(),
-                    // Triggers may then be created without SUPER (the README's setup).
-                    "--log-bin-trust-function-creators=1".into(),
+                        // Triggers may then be created without SUPER (the README's setup).
+                        "--log-bin-trust-function-creators=1".into(),
                     ])
                     .args(self.extra_args.clone());
             launch.user = self.owner;
