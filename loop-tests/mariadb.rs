@@ -467,6 +467,17 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
     assert_eq!(rows, lww_model(&writes));
     let dead = mesh.dead_letters().await;
     assert!(dead.is_empty(), "{dead:?}");
+    // status reads every link, MariaDB's too: its GTID position, nothing pending.
+    let (code, out) = mmsync(&mesh.topology, &["status", "--json"]).await;
+    assert_eq!(code, 0, "{out}");
+    let status: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+    for link in status["links"].as_array().unwrap() {
+        assert!(link["problems"].as_array().unwrap().is_empty(), "{link}");
+        assert!(link["lag_seconds"].as_f64().is_some(), "{link}");
+        if link["source"] == "busan" {
+            assert!(link["source_position"].as_str().unwrap().starts_with("GTID 2-2-"), "{link}");
+        }
+    }
     let (code, out) = mmsync(&mesh.topology, &["verify"]).await;
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(&format!("public.kv: identical (rows: seoul {n}, busan {n}", n = rows.len())), "{out}");

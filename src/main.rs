@@ -20,8 +20,8 @@ const EXIT_USAGE: u8 = 2;
 Every master takes writes. Each master's changes are read from its log (PostgreSQL: logical decoding, \
 pgoutput; MariaDB: the binlog, read as a replica), produced to Kafka, and applied to every other master \
 by last-writer-wins on a per-row version stamp. Changes that arrived by replication are never captured \
-again. A url of mariadb:// or mysql:// makes a MariaDB master; adopt, join, remove, status and \
-dead-letters work on PostgreSQL masters only so far.\n\n\
+again. A url of mariadb:// or mysql:// makes a MariaDB master; adopt, join, remove and dead-letters \
+work on PostgreSQL masters only so far.\n\n\
 Typical use: `mmsync check`, then `mmsync init` once (and again after adding tables), then `mmsync run`.\n\n\
 Exit codes: 0 ok, 1 a failed check or a difference, 2 bad usage or a bad topology file."
 )]
@@ -256,7 +256,7 @@ fn main() -> ExitCode {
         Command::Remove { .. } => Some("remove"),
         Command::DeadLetters { .. } => Some("dead-letters"),
         Command::Verify { .. } => None,
-        Command::Status { .. } => Some("status"),
+        Command::Status { .. } => None,
     };
     if let Some(command) = command {
         if let Some(Err(e)) = topology.masters.iter().map(|m| m.postgres_only(command)).find(|r| r.is_err()) {

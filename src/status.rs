@@ -17,9 +17,11 @@ use crate::topology::Topology;
 pub struct Link {
     pub source: String,
     pub target: String,
-    /// The source slot's confirmed position (LSN).
+    /// The source slot's confirmed position (LSN), or a MariaDB source's
+    /// stored GTID position (`GTID 1-1-42`).
     pub source_position: Option<String>,
-    /// WAL the source keeps for mmsync's slot.
+    /// WAL the source keeps for mmsync's slot; on MariaDB, the binlog the
+    /// server keeps (all of it: there is no slot).
     pub retained_wal_bytes: Option<i64>,
     /// Sum over the source's partitions of the next offset the target will apply.
     pub applied_offsets: Option<i64>,
@@ -43,6 +45,19 @@ pub async fn status(topology: &Topology) -> Vec<Link> {
     type TargetState = (HashMap<(String, i32), i64>, HashMap<String, f64>);
     let mut targets: HashMap<String, Result<TargetState, String>> = HashMap::new();
     for m in &topology.masters {
+        if m.database() == crate::topology::Database::Mariadb {
+            match read_mariadb(m).await {
+                Ok((source, offsets, beats)) => {
+                    sources.insert(m.name.clone(), Ok(source));
+                    targets.insert(m.name.clone(), Ok((offsets, beats)));
+                }
+                Err(e) => {
+                    sources.insert(m.name.clone(), Err(e.clone()));
+                    targets.insert(m.name.clone(), Err(e));
+                }
+            }
+            continue;
+        }
         let read = async {
             let mut conn = crate::postgres::db::connect(m).await.map_err(|e| e.to_string())?;
             let slot: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
@@ -158,6 +173,35 @@ pub struct Tombstones {
     pub problem: Option<String>,
 }
 
+/// A MariaDB master's side of its links: the GTID position its source
+/// stored, the binlog the server keeps (all of it: mmsync has no slot to
+/// say what it still needs), the offsets it applied and the heartbeats it holds.
+async fn read_mariadb(
+    m: &crate::topology::Master,
+) -> Result<(SourceState, HashMap<(String, i32), i64>, HashMap<String, f64>), String> {
+    use mysql_async::prelude::Queryable;
+    let mut conn = crate::mariadb::db::connect(m).await.map_err(|e| e.to_string())?;
+    let position: Option<String> = conn
+        .exec_first("SELECT gtid_pos FROM mmsync.capture_position WHERE master = ?", (&m.name,))
+        .await
+        .map_err(|e| format!("{e} (has `mmsync init` run?)"))?;
+    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.unwrap_or_default();
+    let retained = logs.into_iter().filter_map(|mut r| r.take::<i64, _>(1)).sum::<i64>();
+    let offsets: Vec<(String, i32, i64)> = conn
+        .query("SELECT topic, `partition`, next_offset FROM mmsync.applied_offsets")
+        .await
+        .map_err(|e| e.to_string())?;
+    let beats: Vec<(String, f64)> = conn
+        .query("SELECT master, TIMESTAMPDIFF(MICROSECOND, beat_at, UTC_TIMESTAMP(6)) / 1e6 FROM mmsync.heartbeats")
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        SourceState { position: position.map(|p| format!("GTID {p}")), retained: Some(retained) },
+        offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
+        beats.into_iter().collect(),
+    ))
+}
+
 /// Reads every master's tombstone retention.
 pub async fn tombstones(topology: &Topology) -> Vec<Tombstones> {
     let consumer = match crate::kafka::client_config(&topology.kafka).create::<BaseConsumer>() {
@@ -179,6 +223,30 @@ pub async fn tombstones(topology: &Topology) -> Vec<Tombstones> {
     };
     let mut out = Vec::new();
     for m in &topology.masters {
+        if m.database() == crate::topology::Database::Mariadb {
+            // Not a problem of the master: retention does not prune MariaDB's tombstones yet.
+            use mysql_async::prelude::Queryable;
+            let kept = async {
+                let mut conn = crate::mariadb::db::connect(m).await?;
+                let n: Option<i64> = conn
+                    .query_first("SELECT count(*) FROM mmsync.tombstones")
+                    .await
+                    .map_err(crate::error::Error::mariadb(&m.name, "counting tombstones"))?;
+                Ok::<_, crate::error::Error>(n.unwrap_or(0))
+            };
+            let (kept, problem) = match kept.await {
+                Ok(n) => (Some(n), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            out.push(Tombstones {
+                master: m.name.clone(),
+                kept,
+                behind_seconds: None,
+                held_by: Some("all kept: retention prunes PostgreSQL masters' only so far".into()),
+                problem,
+            });
+            continue;
+        }
         let read = async {
             let mut conn = crate::postgres::db::connect(m).await?;
             let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM mmsync.tombstones")
@@ -260,7 +328,7 @@ pub fn table(links: &[Link]) -> String {
     let mut rows = vec![[
         "LINK".to_string(),
         "SOURCE POSITION".into(),
-        "RETAINED WAL".into(),
+        "RETAINED LOG".into(),
         "APPLIED".into(),
         "PENDING".into(),
         "LAG".into(),
