@@ -744,3 +744,44 @@ async fn replaying_every_record_on_a_postgres_and_a_mariadb_master_changes_no_ro
     assert_eq!(applied, 0.0, "{metrics}");
     assert!(skipped >= 100.0, "{skipped}");
 }
+
+/// Two masters take the same unique value under different keys while
+/// mmsync is down; once it runs, the newer write keeps it everywhere and the
+/// older row goes everywhere, logged as a conflict on a master that saw it.
+async fn a_unique_value_taken_twice_goes_to_the_newer_write(masters: &[(&str, Kind)]) {
+    let users = Sql {
+        pg: "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)",
+        maria: "CREATE TABLE users (id INT PRIMARY KEY, email VARCHAR(100) NOT NULL UNIQUE, name VARCHAR(20)) ENGINE = InnoDB",
+    };
+    let mut mesh = Mesh::new(masters, users, &["public.users"]).await;
+    let insert = |id: i32, name: &'static str| {
+        let sql: &'static str =
+            Box::leak(format!("INSERT INTO users (id, email, name) VALUES ({id}, 'a@x', '{name}')").into_boxed_str());
+        Sql { pg: sql, maria: sql }
+    };
+    mesh.exec("seoul", insert(1, "seoul")).await;
+    mesh.exec("busan", insert(2, "busan")).await;
+    mesh.start();
+    let sql = "SELECT CONCAT_WS('|', id, email, name, mmsync_origin) FROM users ORDER BY id";
+    let rows = mesh.converged(Sql { pg: sql, maria: sql }).await;
+    assert_eq!(rows, ["2|a@x|busan|busan"]);
+    let dead = mesh.dead_letters().await;
+    assert!(dead.is_empty(), "{dead:?}");
+    let mut logged = 0;
+    for (name, _) in &mesh.masters {
+        let count = "SELECT CAST(count(*) AS CHAR) FROM mmsync.conflicts WHERE kind = 'unique_value_lost'";
+        let pg_count = "SELECT count(*)::text FROM mmsync.conflicts WHERE kind = 'unique_value_lost'";
+        logged += mesh.rows(name, Sql { pg: pg_count, maria: count }).await[0].parse::<i32>().unwrap();
+    }
+    assert!(logged >= 1, "the loser was logged on some master");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unique_value_two_mariadb_masters_took_under_different_keys_goes_to_the_newer_write() {
+    a_unique_value_taken_twice_goes_to_the_newer_write(&[("seoul", Kind::Maria), ("busan", Kind::Maria)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unique_value_a_postgres_and_a_mariadb_master_took_goes_to_the_newer_write() {
+    a_unique_value_taken_twice_goes_to_the_newer_write(&[("seoul", Kind::Pg), ("busan", Kind::Maria)]).await;
+}

@@ -286,7 +286,8 @@ mod tests {
         };
         let mut m = maria("k", "varchar", "varchar(10)");
         m.collation = Some("utf8mb4_general_ci".into());
-        let maria_table = Table { name, database: "shop".into(), columns: vec![m], key: vec!["k".into()] };
+        let maria_table =
+            Table { name, database: "shop".into(), columns: vec![m], key: vec!["k".into()], unique: vec![] };
         let problems = problems(&pg_table, "seoul", &maria_table, "busan");
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("utf8mb4_general_ci") && problems[0].contains("nopad_bin"), "{problems:?}");

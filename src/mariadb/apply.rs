@@ -178,7 +178,26 @@ struct Outcome {
 }
 
 /// A statement the database refused as data.
-type Refusal = String;
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    code: Option<u16>,
+    message: String,
+}
+
+impl Refusal {
+    /// The unique index a duplicate entry was refused by: MariaDB names it
+    /// last in its message, "Duplicate entry '...' for key 'email'".
+    fn unique_index(&self) -> Option<&str> {
+        if self.code != Some(crate::mariadb::errors::DUPLICATE_ENTRY) {
+            return None;
+        }
+        let rest = self.message.rsplit_once(" for key '")?.1;
+        // The driver's message closes with its own quote after the server's.
+        let name = rest.trim_end_matches(['\'', '`']);
+        // MySQL 8 writes `table.index`.
+        Some(name.rsplit('.').next().unwrap_or(name))
+    }
+}
 
 /// The statements of one table.
 pub(crate) struct TableSql {
@@ -220,12 +239,12 @@ impl TableSql {
             Err(_) => {
                 let mut total = Outcome::default();
                 for (i, rec) in recs.iter().enumerate() {
-                    match self.apply_in_savepoint(conn, target, std::slice::from_ref(rec)).await? {
+                    match self.apply_one(conn, target, rec).await? {
                         Ok(o) => {
                             total.applied.extend(o.applied.iter().map(|_| i));
                             total.dead.extend(o.dead.into_iter().map(|(_, r)| (i, r)));
                         }
-                        Err(refusal) => total.dead.push((i, refusal)),
+                        Err(refusal) => total.dead.push((i, refusal.message)),
                     }
                 }
                 total
@@ -236,6 +255,137 @@ impl TableSql {
         let dead =
             outcome.dead.into_iter().filter_map(|(i, reason)| Some(DeadLetter::of(recs[i].take()?, reason))).collect();
         Ok((applied, dead))
+    }
+
+    /// One record alone. When a unique index besides the key refuses it,
+    /// the value goes to the newer of the two writes by (version, origin),
+    /// as every master decides alike (see [`TableSql::settle_unique`]), and
+    /// the record is tried again.
+    async fn apply_one(
+        &self,
+        conn: &mut Conn,
+        target: &str,
+        rec: &Rec,
+    ) -> Result<std::result::Result<Outcome, Refusal>> {
+        for _ in 0..=self.info.unique.len() {
+            let refusal = match self.apply_in_savepoint(conn, target, std::slice::from_ref(rec)).await? {
+                Ok(outcome) => return Ok(Ok(outcome)),
+                Err(refusal) => refusal,
+            };
+            let Some(columns) = refusal
+                .unique_index()
+                .and_then(|index| self.info.unique.iter().find(|(name, _)| name == index))
+                .map(|(_, columns)| columns.clone())
+            else {
+                return Ok(Err(refusal));
+            };
+            if !self.settle_unique(conn, target, rec, &columns).await? {
+                // The incoming change lost: settled, nothing left to apply.
+                return Ok(Ok(Outcome::default()));
+            }
+        }
+        self.apply_in_savepoint(conn, target, std::slice::from_ref(rec)).await
+    }
+
+    /// Settles a unique value (of `columns`) that `rec` and rows under other
+    /// keys both hold; returns whether `rec` won (and should be applied
+    /// again). The older writes' rows are removed, with a tombstone at the
+    /// winner's stamp that is this master's own, so that this master's
+    /// source sends it: whether the loser meets the winner depends on
+    /// arrival order, so every master that sees the clash tells the others.
+    /// Each loser is logged whole to `mmsync.conflicts`.
+    async fn settle_unique(&self, conn: &mut Conn, target: &str, rec: &Rec, columns: &[String]) -> Result<bool> {
+        let db = |what: &str| Error::mariadb(target, format!("{what} of {}", self.info.name));
+        let change = &rec.change;
+        let Some(row) = change.row.as_ref() else { return Ok(true) };
+        let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
+        // The rows under other keys holding the incoming row's values, locked.
+        let mut params: Vec<Value> = Vec::new();
+        let mut same: Vec<String> = Vec::new();
+        for c in columns {
+            same.push(format!("{} = ?", quote_ident(c)));
+            params.push(self.value(c, row.get(c).unwrap_or(&None)).map_err(|p| refused_as_data(target, p))?);
+        }
+        let (this_key, key_params) = self.keys_in(&[&change.key]);
+        params.extend(key_params);
+        let data: Vec<String> = self.info.data_columns().map(|c| c.name.clone()).collect();
+        let cast: Vec<String> = data.iter().map(|c| format!("CAST({} AS CHAR)", quote_ident(c))).collect();
+        let rows: Vec<mysql_async::Row> = conn
+            .exec(
+                format!(
+                    "SELECT {v}, {o}, {} FROM {} WHERE {} AND NOT {this_key} FOR UPDATE",
+                    cast.join(", "),
+                    self.info.quoted(),
+                    same.join(" AND ")
+                ),
+                Params::Positional(params),
+            )
+            .await
+            .map_err(db("finding a unique value's holder"))?;
+        let mut holders: Vec<(crate::lww::Stamp, crate::change::Row)> = Vec::new();
+        for mut r in rows {
+            let stamp = (r.take::<i64, _>(0).unwrap_or(0), r.take::<String, _>(1).unwrap_or_default());
+            let values =
+                data.iter().enumerate().map(|(i, c)| (c.clone(), r.take::<Option<String>, _>(i + 2).flatten()));
+            holders.push((stamp, values.collect()));
+        }
+        let incoming = crate::lww::stamp(change);
+        let newest = holders.iter().map(|(s, _)| s.clone()).max();
+        let (won, winner, losers) = match newest {
+            Some(h) if h > incoming => (false, h, vec![row.clone()]),
+            _ => (true, incoming, holders.into_iter().map(|(_, r)| r).collect::<Vec<_>>()),
+        };
+        for loser in &losers {
+            let key: Key = self
+                .info
+                .key
+                .iter()
+                .map(|k| (k.clone(), loser.get(k).cloned().flatten().unwrap_or_default()))
+                .collect();
+            let (cond, mut params) = self.keys_in(&[&key]);
+            params.extend([Value::from(winner.0), Value::from(winner.1.as_str())]);
+            conn.exec_drop(
+                format!("DELETE FROM {} WHERE {cond} AND ({v}, {o}) < (?, ?)", self.info.quoted()),
+                Params::Positional(params),
+            )
+            .await
+            .map_err(db("removing a unique value's loser"))?;
+            let mut params: Vec<Value> =
+                vec![self.info.name.schema.as_str().into(), self.info.name.name.as_str().into()];
+            params.extend(self.key_text_values(&key));
+            params.extend([Value::from(winner.0), Value::from(target)]);
+            conn.exec_drop(
+                format!(
+                    "INSERT INTO mmsync.tombstones (schema_name, table_name, key_text, version, origin)
+                     VALUES (?, ?, {}, ?, ?) {TOMBSTONE_UPSERT}",
+                    self.key_text_params()
+                ),
+                Params::Positional(params),
+            )
+            .await
+            .map_err(db("recording tombstones"))?;
+            conn.exec_drop(
+                "INSERT INTO mmsync.conflicts (schema_name, table_name, key_text, kind, incoming_op, incoming_version,
+                     incoming_origin, winner_version, winner_origin, loser_row)
+                 VALUES (?, ?, ?, 'unique_value_lost', ?, ?, ?, ?, ?, ?)",
+                Params::Positional(vec![
+                    self.info.name.schema.as_str().into(),
+                    self.info.name.name.as_str().into(),
+                    encode_key(&key).into(),
+                    change.op.letter().into(),
+                    change.version.into(),
+                    change.origin.as_str().into(),
+                    winner.0.into(),
+                    winner.1.as_str().into(),
+                    serde_json::to_string(loser).expect("strings").into(),
+                ]),
+            )
+            .await
+            .map_err(db("logging a unique value's conflict"))?;
+        }
+        counter!(m::CONFLICTS, m::TARGET => target.to_string(), m::TABLE => self.info.name.to_string(), m::KIND => "unique_value_lost")
+            .increment(losers.len() as u64);
+        Ok(won)
     }
 
     /// `Ok(Err(refusal))` when the database refused the data; `Err` for everything else.
@@ -255,7 +405,7 @@ impl TableSql {
                 if crate::mariadb::errors::code(&source).is_some_and(crate::mariadb::errors::refuses_the_data) =>
             {
                 exec(conn, target, "savepoint", "ROLLBACK TO SAVEPOINT mmsync_table").await?;
-                Ok(Err(source.to_string()))
+                Ok(Err(Refusal { code: crate::mariadb::errors::code(&source), message: source.to_string() }))
             }
             Err(e) => Err(e),
         }
@@ -390,46 +540,57 @@ impl TableSql {
                 .increment(plan.skipped);
         }
 
-        // Upserts, in statements of up to MAX_PARAMS values.
+        // Upserts, in statements of up to MAX_PARAMS values. `ON DUPLICATE
+        // KEY UPDATE` updates the row of whichever unique index the insert
+        // collides with first, so it is used only for keys whose row is here
+        // (the primary key, checked first, is then the one it meets): a new
+        // key goes in with a plain INSERT, and a unique value another key
+        // holds is refused, and settled, instead of written over that row.
         let data: Vec<String> = self.info.data_columns().map(|c| c.name.clone()).collect();
-        let upserts: Vec<&Change> = plan.upserts.iter().map(|&j| plan.whole(j, &changes)).collect();
-        for part in upserts.chunks(MAX_PARAMS / (data.len() + 2)) {
-            let mut params: Vec<Value> = Vec::with_capacity(part.len() * (data.len() + 2));
-            for c in part {
-                let row = c.row.as_ref().expect("upserts have rows");
-                for col in &data {
-                    match self.value(col, row.get(col).unwrap_or(&None)) {
-                        Ok(value) => params.push(value),
-                        Err(problem) => return Err(refused_as_data(target, problem)),
+        let (present, absent): (Vec<&Change>, Vec<&Change>) = plan
+            .upserts
+            .iter()
+            .map(|&j| plan.whole(j, &changes))
+            .partition(|c| held.get(&c.kafka_key()).is_some_and(|h| h.row.is_some()));
+        let cols: Vec<String> = data.iter().map(|c| quote_ident(c)).collect();
+        let one = format!("({})", vec!["?"; data.len() + 2].join(", "));
+        let cond = newer_incoming();
+        let mut set: Vec<String> = data
+            .iter()
+            .filter(|c| !self.info.key.contains(c))
+            .map(|c| format!("{0} = IF({cond}, VALUES({0}), {0})", quote_ident(c)))
+            .collect();
+        // Assignments run left to right, and the condition reads the
+        // version and origin: they go last, the version after the origin.
+        set.push(format!("{o} = IF({cond}, VALUES({o}), {o})"));
+        set.push(format!("{v} = IF({cond}, VALUES({v}), {v})"));
+        let on_duplicate = format!("ON DUPLICATE KEY UPDATE {}", set.join(", "));
+        for (upserts, tail) in [(present, on_duplicate.as_str()), (absent, "")] {
+            for part in upserts.chunks(MAX_PARAMS / (data.len() + 2)) {
+                let mut params: Vec<Value> = Vec::with_capacity(part.len() * (data.len() + 2));
+                for c in part {
+                    let row = c.row.as_ref().expect("upserts have rows");
+                    for col in &data {
+                        match self.value(col, row.get(col).unwrap_or(&None)) {
+                            Ok(value) => params.push(value),
+                            Err(problem) => return Err(refused_as_data(target, problem)),
+                        }
                     }
+                    params.push(c.origin.as_str().into());
+                    params.push(c.version.into());
                 }
-                params.push(c.origin.as_str().into());
-                params.push(c.version.into());
+                conn.exec_drop(
+                    format!(
+                        "INSERT INTO {} ({}, {o}, {v}) VALUES {} {tail}",
+                        self.info.quoted(),
+                        cols.join(", "),
+                        vec![one.as_str(); part.len()].join(", "),
+                    ),
+                    Params::Positional(params),
+                )
+                .await
+                .map_err(db("upserting rows"))?;
             }
-            let cols: Vec<String> = data.iter().map(|c| quote_ident(c)).collect();
-            let one = format!("({})", vec!["?"; data.len() + 2].join(", "));
-            let cond = newer_incoming();
-            let mut set: Vec<String> = data
-                .iter()
-                .filter(|c| !self.info.key.contains(c))
-                .map(|c| format!("{0} = IF({cond}, VALUES({0}), {0})", quote_ident(c)))
-                .collect();
-            // Assignments run left to right, and the condition reads the
-            // version and origin: they go last, the version after the origin.
-            set.push(format!("{o} = IF({cond}, VALUES({o}), {o})"));
-            set.push(format!("{v} = IF({cond}, VALUES({v}), {v})"));
-            conn.exec_drop(
-                format!(
-                    "INSERT INTO {} ({}, {o}, {v}) VALUES {} ON DUPLICATE KEY UPDATE {}",
-                    self.info.quoted(),
-                    cols.join(", "),
-                    vec![one.as_str(); part.len()].join(", "),
-                    set.join(", ")
-                ),
-                Params::Positional(params),
-            )
-            .await
-            .map_err(db("upserting rows"))?;
         }
         for &j in &plan.partial {
             let c = changes[j];
@@ -523,5 +684,19 @@ fn refused_as_data(target: &str, problem: String) -> Error {
             message: problem,
             state: "HY000".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_duplicate_entry_names_the_unique_index_it_was_refused_by() {
+        let refusal = |code, message: &str| Refusal { code: Some(code), message: message.into() };
+        let e = refusal(1062, "Server error: `ERROR 23000 (1062): Duplicate entry 'a@x' for key 'email''");
+        assert_eq!(e.unique_index(), Some("email"));
+        assert_eq!(refusal(1062, "Duplicate entry 'x' for key 'users.email'").unique_index(), Some("email"));
+        assert_eq!(refusal(1366, "Incorrect integer value").unique_index(), None);
     }
 }

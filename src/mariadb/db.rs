@@ -132,6 +132,8 @@ pub struct Table {
     pub columns: Vec<Column>,
     /// Primary key columns, in key order.
     pub key: Vec<String>,
+    /// Unique indexes besides the primary key: (name, columns in index order).
+    pub unique: Vec<(String, Vec<String>)>,
 }
 
 impl Table {
@@ -233,7 +235,24 @@ pub async fn describe(conn: &mut Conn, master: &str, table: &TableName, url_db: 
         )
         .await
         .map_err(Error::mariadb(master, format!("reading the primary key of {table}")))?;
+    let unique_columns: Vec<(String, String)> = conn
+        .exec(
+            "SELECT index_name, column_name FROM information_schema.statistics
+             WHERE table_schema = ? AND table_name = ? AND non_unique = 0 AND index_name <> 'PRIMARY'
+             ORDER BY index_name, seq_in_index",
+            (&database, &table.name),
+        )
+        .await
+        .map_err(Error::mariadb(master, format!("reading the unique indexes of {table}")))?;
+    let mut unique: Vec<(String, Vec<String>)> = Vec::new();
+    for (index, column) in unique_columns {
+        match unique.last_mut() {
+            Some((name, columns)) if *name == index => columns.push(column),
+            _ => unique.push((index, vec![column])),
+        }
+    }
     Ok(Some(Table {
+        unique,
         name: table.clone(),
         database,
         columns: rows
