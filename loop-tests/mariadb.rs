@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use mmsync::testbed::mariadb::MariaDb;
-use mmsync::testbed::{KafkaCluster, MmsyncProcess, PgCluster, PgOptions};
+use mmsync::testbed::{KafkaCluster, KafkaOptions, MmsyncProcess, PgCluster, PgOptions};
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
@@ -52,7 +52,12 @@ impl Mesh {
     /// Starts a server per master, runs the schema on each as the
     /// application, writes the topology and runs `mmsync init`.
     async fn new(masters: &[(&str, Kind)], schema: Sql<'_>, tables: &[&str]) -> Mesh {
-        let mesh = Mesh::servers(masters, schema, tables, &[]).await;
+        Mesh::new_on(masters, schema, tables, false).await
+    }
+
+    /// Like [`Mesh::new`], on a broker of its own when `own_broker` (one it may kill).
+    async fn new_on(masters: &[(&str, Kind)], schema: Sql<'_>, tables: &[&str], own_broker: bool) -> Mesh {
+        let mesh = Mesh::servers_on(masters, schema, tables, &[], own_broker).await;
         let (code, out) = mmsync(&mesh.topology, &["init"]).await;
         assert_eq!(code, 0, "init failed: {out}");
         mesh
@@ -61,7 +66,21 @@ impl Mesh {
     /// Like [`Mesh::new`] without `mmsync init`, the MariaDB servers
     /// started with `server_args` too.
     async fn servers(masters: &[(&str, Kind)], schema: Sql<'_>, tables: &[&str], server_args: &[&str]) -> Mesh {
-        let broker = KafkaCluster::shared().await.expect("kafka");
+        Mesh::servers_on(masters, schema, tables, server_args, false).await
+    }
+
+    async fn servers_on(
+        masters: &[(&str, Kind)],
+        schema: Sql<'_>,
+        tables: &[&str],
+        server_args: &[&str],
+        own_broker: bool,
+    ) -> Mesh {
+        let broker = if own_broker {
+            Arc::new(KafkaCluster::start(KafkaOptions::default()).await.expect("kafka"))
+        } else {
+            KafkaCluster::shared().await.expect("kafka")
+        };
         let mut started = Vec::new();
         for (i, (name, kind)) in masters.iter().enumerate() {
             let server = match kind {
@@ -418,12 +437,13 @@ const KV: Sql = Sql {
     maria: "CREATE TABLE kv (id INT PRIMARY KEY, val VARCHAR(40) NOT NULL, n INT NOT NULL) ENGINE = InnoDB",
 };
 
-/// Both masters write the same keys at once, three rounds; the MariaDB
-/// master is killed with SIGKILL after the first, mmsync after the second:
-/// every master must end as the last-writer-wins model of every
-/// acknowledged write says.
-async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
-    let mut mesh = Mesh::new(masters, KV, &["public.kv"]).await;
+/// Every master writes the same keys at once, three rounds; the last
+/// (MariaDB) master is killed with SIGKILL after the first, and with
+/// `kill_broker` the broker too, until after the second round; mmsync is
+/// killed after the second: every master must end as the last-writer-wins
+/// model of every acknowledged write says.
+async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)], kill_broker: bool) {
+    let mut mesh = Mesh::new_on(masters, KV, &["public.kv"], kill_broker).await;
     // The test reads tombstones as the application: allowed here only.
     for (name, server) in &mesh.masters {
         if let Server::Mariadb(m) = server {
@@ -438,7 +458,7 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
         for (i, (name, _)) in mesh.masters.iter().enumerate() {
             let mut conn = mesh.writer(name).await;
             let name = name.clone();
-            let mut rng = Rng::new(seed ^ ((round * 2 + i) as u64 + 1));
+            let mut rng = Rng::new(seed ^ ((round * 8 + i) as u64 + 1));
             tasks.push(tokio::spawn(async move {
                 let mut out = Vec::new();
                 for _ in 0..150 {
@@ -455,8 +475,15 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
             // data; mmsync's links to it retry meanwhile.
             let Some((_, Server::Mariadb(m))) = mesh.masters.last_mut() else { panic!("the last master is MariaDB") };
             m.restart().await.expect("mariadb restarts");
+            if kill_broker {
+                // The next round's writes find no broker: the sources wait.
+                mesh.broker.kill().await;
+            }
         }
         if round == 1 {
+            if kill_broker {
+                mesh.broker.restart().await.expect("kafka restarts");
+            }
             // mmsync dies between rounds; the next run goes on from the
             // positions and offsets it stored.
             mesh.run.take().unwrap().kill().await;
@@ -474,13 +501,17 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
     for link in status["links"].as_array().unwrap() {
         assert!(link["problems"].as_array().unwrap().is_empty(), "{link}");
         assert!(link["lag_seconds"].as_f64().is_some(), "{link}");
-        if link["source"] == "busan" {
-            assert!(link["source_position"].as_str().unwrap().starts_with("GTID 2-2-"), "{link}");
+        let place = mesh.masters.iter().position(|(n, _)| *n == link["source"]).unwrap();
+        if let Server::Mariadb(_) = mesh.masters[place].1 {
+            // Server id and GTID domain are the master's place, from 1.
+            let gtid = format!("GTID {0}-{0}-", place + 1);
+            assert!(link["source_position"].as_str().unwrap().starts_with(&gtid), "{link}");
         }
     }
     let (code, out) = mmsync(&mesh.topology, &["verify"]).await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains(&format!("public.kv: identical (rows: seoul {n}, busan {n}", n = rows.len())), "{out}");
+    let counts: Vec<String> = mesh.masters.iter().map(|(name, _)| format!("{name} {}", rows.len())).collect();
+    assert!(out.contains(&format!("public.kv: identical (rows: {})", counts.join(", "))), "{out}");
     // A row changed behind mmsync's back (as its applier, whom the triggers
     // leave alone) is found, with each master's stamp.
     let (_, Server::Mariadb(m)) = mesh.masters.last().unwrap() else { panic!("the last master is MariaDB") };
@@ -496,12 +527,18 @@ async fn conflicting_writes_end_as_the_model(masters: &[(&str, Kind)]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn conflicting_writes_on_a_mariadb_pair_end_as_the_last_writer_wins_model_across_crashes() {
-    conflicting_writes_end_as_the_model(&[("seoul", Kind::Maria), ("busan", Kind::Maria)]).await;
+    conflicting_writes_end_as_the_model(&[("seoul", Kind::Maria), ("busan", Kind::Maria)], false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn conflicting_writes_on_a_postgres_and_a_mariadb_master_end_as_the_last_writer_wins_model_across_crashes() {
-    conflicting_writes_end_as_the_model(&[("seoul", Kind::Pg), ("busan", Kind::Maria)]).await;
+    conflicting_writes_end_as_the_model(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conflicting_writes_on_three_masters_of_both_kinds_end_as_the_last_writer_wins_model_across_crashes() {
+    let masters = [("seoul", Kind::Maria), ("busan", Kind::Pg), ("jeju", Kind::Maria)];
+    conflicting_writes_end_as_the_model(&masters, false).await;
 }
 
 const MIXED_ITEMS: Sql = Sql {
