@@ -822,3 +822,85 @@ async fn a_unique_value_two_mariadb_masters_took_under_different_keys_goes_to_th
 async fn a_unique_value_a_postgres_and_a_mariadb_master_took_goes_to_the_newer_write() {
     a_unique_value_taken_twice_goes_to_the_newer_write(&[("seoul", Kind::Pg), ("busan", Kind::Maria)]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_has_data_for_every_panel_with_a_mariadb_master_in_the_mesh() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut mesh = Mesh::new(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], KV, &["public.kv"]).await;
+    // Tombstones go a second after no master can undo them: the retention panels get data.
+    let text = std::fs::read_to_string(&mesh.topology).unwrap();
+    std::fs::write(&mesh.topology, format!("{text}tombstones_keep_seconds = 1\nheartbeat_interval_ms = 500\n"))
+        .unwrap();
+    for (_, server) in &mesh.masters {
+        if let Server::Mariadb(m) = server {
+            m.sql("GRANT SELECT ON mmsync.tombstones TO 'app'@'%'").await.unwrap();
+        }
+    }
+    mesh.start();
+    let listen = mmsync::topology::Topology::load(&mesh.topology).unwrap().metrics_listen;
+    let prometheus = mmsync::testbed::Prometheus::start(&[listen]).await.expect("prometheus starts");
+    // Conflicting writes on both, and one record that is not mmsync's.
+    let seed = seed("mariadb observability");
+    let mut tasks = Vec::new();
+    for (i, (name, _)) in mesh.masters.iter().enumerate() {
+        let mut conn = mesh.writer(name).await;
+        let name = name.clone();
+        let mut rng = Rng::new(seed + i as u64);
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..300 {
+                write(&mut conn, &name, &mut rng, 40).await;
+            }
+        }));
+    }
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", mesh.broker.address()).create().unwrap();
+    let topic =
+        mmsync::kafka::topic_name(&mesh.prefix, "busan", &mmsync::topology::TableName::parse("public.kv").unwrap());
+    producer
+        .send(FutureRecord::to(&topic).key("not json").payload("poison"), std::time::Duration::from_secs(10))
+        .await
+        .expect("delivered");
+    for t in tasks {
+        t.await.unwrap();
+    }
+    mesh.converged(Sql { pg: KV_ROWS, maria: KV_ROWS }).await;
+    // busan's server dies and comes back: errors, and lag rising while it is away.
+    let Some((_, Server::Mariadb(busan))) = mesh.masters.last_mut() else { panic!("busan is MariaDB") };
+    busan.kill().await;
+    let lag = || async {
+        let metrics = mmsync::testbed::http_get(listen, "/metrics").await.ok()?;
+        Some(crate::common::metric_sum(
+            &metrics,
+            "mmsync_replication_lag_seconds",
+            &[("source", "seoul"), ("target", "busan")],
+        ))
+    };
+    mmsync::testbed::wait_for("lag to busan to rise past 3 s", DEADLINE, || async { lag().await.filter(|l| *l > 3.0) })
+        .await;
+    let Some((_, Server::Mariadb(busan))) = mesh.masters.last_mut() else { panic!("busan is MariaDB") };
+    busan.restart().await.expect("busan restarts");
+    mmsync::testbed::wait_for("lag to busan to fall", DEADLINE, || async { lag().await.filter(|l| *l < 1.0) }).await;
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/grafana/dashboards/mmsync.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            mmsync::testbed::wait_for(&format!("data for {expr}"), DEADLINE, || async {
+                prometheus.query(expr).await.ok().filter(|r| !r.is_empty())
+            })
+            .await;
+        }
+    }
+    // busan's own series, not only seoul's, for what a MariaDB source reports.
+    for expr in [
+        "mmsync_binlog_kept_bytes{master=\"busan\"}",
+        "mmsync_changes_captured_total{master=\"busan\"}",
+        "mmsync_dead_letters_pending{master=\"busan\"}",
+        "mmsync_replication_lag_seconds{source=\"busan\"}",
+    ] {
+        mmsync::testbed::wait_for(&format!("data for {expr}"), DEADLINE, || async {
+            prometheus.query(expr).await.ok().filter(|r| !r.is_empty())
+        })
+        .await;
+    }
+}

@@ -23,6 +23,8 @@ pub const TRUNCATES_IGNORED: &str = "mmsync_truncates_ignored_total";
 pub const UNCHANGED_READ: &str = "mmsync_unchanged_values_read_total";
 pub const SLOT_CONFIRMED_LSN: &str = "mmsync_slot_confirmed_lsn_bytes";
 pub const SLOT_RETAINED_WAL: &str = "mmsync_slot_retained_wal_bytes";
+/// A MariaDB master's binlog on disk, all of it: mmsync has no slot there.
+pub const BINLOG_KEPT: &str = "mmsync_binlog_kept_bytes";
 
 // Apply.
 pub const CHANGES_APPLIED: &str = "mmsync_changes_applied_total";
@@ -83,6 +85,11 @@ fn describe() {
         "Updates whose unchanged TOASTed values the source read back from its master before producing (kind found), or could not because a newer delete had removed the row there (kind gone)."
     );
     describe_gauge!(SLOT_CONFIRMED_LSN, Unit::Bytes, "Position up to which the master's slot has been advanced.");
+    describe_gauge!(
+        BINLOG_KEPT,
+        Unit::Bytes,
+        "Binlog a MariaDB master keeps on disk (all its binlog files; mmsync has no slot to hold them, binlog_expire_logs_seconds decides)."
+    );
     describe_gauge!(
         SLOT_RETAINED_WAL,
         Unit::Bytes,

@@ -32,8 +32,14 @@ use crate::mariadb::db::{connect, describe, options, quote_literal, table_of, ur
 use crate::metrics as m;
 use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
-/// How often the source looks after its heartbeat.
+/// How often the source looks after its heartbeat and its measurements.
 const TICK: Duration = Duration::from_millis(250);
+
+/// How often the binlog on disk is measured.
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the audit tables are pruned and the pending dead letters counted.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// A position moved only by transactions with nothing to send (other
 /// masters' changes applied here) is stored at most this often: a restart
@@ -242,7 +248,8 @@ impl Capture {
         let chunk = topology.sync.capture_max_changes;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_beat: Option<Instant> = None;
+        let (mut last_beat, mut last_measure, mut last_prune): (Option<Instant>, Option<Instant>, Option<Instant>) =
+            (None, None, None);
         loop {
             tokio::select! {
                 biased;
@@ -260,6 +267,14 @@ impl Capture {
                     if last_beat.is_none_or(|t| t.elapsed() >= topology.sync.heartbeat_interval) {
                         self.beat().await?;
                         last_beat = Some(Instant::now());
+                    }
+                    if last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
+                        self.measure_binlog().await?;
+                        last_measure = Some(Instant::now());
+                    }
+                    if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                        self.prune_audit(topology).await?;
+                        last_prune = Some(Instant::now());
                     }
                 }
             }
@@ -312,6 +327,51 @@ impl Capture {
             )
             .await
             .map_err(Error::mariadb(&self.master.name, "writing the heartbeat (has `mmsync init` run?)"))
+    }
+
+    /// Sets the gauge of the binlog the server keeps.
+    async fn measure_binlog(&mut self) -> Result<()> {
+        let logs: Vec<mysql_async::Row> = self.conn.query("SHOW BINARY LOGS").await.map_err(Error::mariadb(
+            &self.master.name,
+            "measuring the binlog (SHOW BINARY LOGS needs BINLOG MONITOR)",
+        ))?;
+        let bytes: i64 = logs.into_iter().filter_map(|mut r| r.take::<i64, _>(1)).sum();
+        gauge!(m::BINLOG_KEPT, m::MASTER => self.master.name.clone()).set(bytes as f64);
+        Ok(())
+    }
+
+    /// Deletes this master's conflicts and retried dead letters older than
+    /// their retention, in bounded steps, and sets the gauge of pending
+    /// dead letters (as the PostgreSQL source does).
+    async fn prune_audit(&mut self, topology: &Topology) -> Result<()> {
+        let name = self.master.name.clone();
+        let steps = [
+            (
+                "conflicts",
+                "DELETE FROM mmsync.conflicts WHERE logged_at < CURRENT_TIMESTAMP(6) - INTERVAL ? SECOND LIMIT 10000",
+                topology.sync.conflicts_keep,
+            ),
+            (
+                "dead_letters",
+                "DELETE FROM mmsync.dead_letters WHERE retried_at < CURRENT_TIMESTAMP(6) - INTERVAL ? SECOND LIMIT 10000",
+                topology.sync.dead_letters_keep,
+            ),
+        ];
+        for (kind, sql, keep) in steps {
+            self.conn
+                .exec_drop(sql, (keep.as_secs(),))
+                .await
+                .map_err(Error::mariadb(&name, format!("pruning mmsync.{kind}")))?;
+            let pruned = self.conn.affected_rows();
+            counter!(m::AUDIT_PRUNED, m::MASTER => name.clone(), m::KIND => kind).increment(pruned);
+        }
+        let pending: Option<i64> = self
+            .conn
+            .query_first("SELECT count(*) FROM mmsync.dead_letters WHERE retried_at IS NULL")
+            .await
+            .map_err(Error::mariadb(&name, "counting dead letters"))?;
+        gauge!(m::DEAD_LETTERS_PENDING, m::MASTER => name).set(pending.unwrap_or(0) as f64);
+        Ok(())
     }
 
     /// Keeps, on this master, the changes that cannot be sent.
