@@ -44,15 +44,6 @@ async fn table_mb(cluster: &PgCluster, db: &str) -> f64 {
     bytes as f64 / 1e6
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 struct Figure {
     name: &'static str,
     seconds: f64,
@@ -83,7 +74,7 @@ async fn main() {
     let mut peak = 0;
     let sampling = async {
         loop {
-            peak = peak.max(rss_kib(pid));
+            peak = peak.max(mmsync::testbed::peak_rss_kib(pid));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };

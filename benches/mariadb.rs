@@ -89,15 +89,6 @@ impl Master<'_> {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Writes a topology of `masters` syncing `public.bench`; returns its path.
 fn topology(dir: &Path, name: &str, broker: &KafkaCluster, masters: &[(&str, &Master<'_>)]) -> PathBuf {
     let mut text = format!(
@@ -130,7 +121,7 @@ async fn drain(topology: &Path, dir: &Path, target: &Master<'_>, rows: u64, name
     let pid = run.id().unwrap();
     let mut peak = 0;
     loop {
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(mmsync::testbed::peak_rss_kib(pid));
         if target.count().await >= rows {
             break;
         }

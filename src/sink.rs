@@ -152,6 +152,36 @@ impl DeadLetter {
     }
 }
 
+/// What applying a table's records did, by index into them, whatever the
+/// kind of target.
+#[derive(Default)]
+pub(crate) struct Outcome {
+    pub applied: Vec<usize>,
+    pub dead: Vec<(usize, String)>,
+}
+
+impl Outcome {
+    /// Adds what applying record `i` alone did, or why it was refused.
+    pub(crate) fn add(&mut self, i: usize, one: std::result::Result<Outcome, String>) {
+        match one {
+            Ok(o) => {
+                self.applied.extend(o.applied.iter().map(|_| i));
+                self.dead.extend(o.dead.into_iter().map(|(_, r)| (i, r)));
+            }
+            Err(reason) => self.dead.push((i, reason)),
+        }
+    }
+
+    /// The changes that took effect, and the dead letters with their reasons.
+    pub(crate) fn split(self, recs: Vec<Rec>) -> (Vec<Change>, Vec<DeadLetter>) {
+        let mut recs: Vec<Option<Rec>> = recs.into_iter().map(Some).collect();
+        let applied = self.applied.iter().filter_map(|&i| recs[i].take()).map(|r| r.change).collect();
+        let dead =
+            self.dead.into_iter().filter_map(|(i, reason)| Some(DeadLetter::of(recs[i].take()?, reason))).collect();
+        (applied, dead)
+    }
+}
+
 /// One consumed record, read: a change, a dead letter, or a record of a
 /// newer envelope format (see [`crate::change::ENVELOPE_FORMAT`]).
 enum Incoming {

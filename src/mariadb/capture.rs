@@ -27,9 +27,10 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::watch;
 
 use crate::change::{Change, Key, LogPosition, Op, Position, Row};
-use crate::error::{Class, Error, Result};
+use crate::error::{Error, Result};
 use crate::mariadb::db::{connect, describe, options, quote_literal, table_of, url_database, Column, Table};
 use crate::metrics as m;
+use crate::produce::Every;
 use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// How often the source looks after its heartbeat and its measurements.
@@ -86,56 +87,78 @@ impl std::fmt::Display for Gtids {
     }
 }
 
-/// Runs the source of `master` until `shutdown` turns true, reconnecting with
-/// capped backoff after transient errors. Returns only on shutdown or a fatal error.
-pub async fn run(topology: Arc<Topology>, master: Master, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-    let mut backoff = crate::error::Backoff::new();
-    let mut was_up = None;
-    loop {
-        let producer = crate::kafka::producer(&topology.kafka, &format!("mmsync-source-{}", master.name));
-        let result = match (producer, Capture::connect(&topology, &master).await) {
-            (Err(e), _) | (_, Err(e)) => Err(e),
-            (Ok(producer), Ok(mut capture)) => {
-                gauge!(m::MASTER_UP, m::MASTER => master.name.clone()).set(1.0);
-                if was_up != Some(true) {
-                    tracing::info!(master = %master.name, "source connected, capturing the binlog from GTID {}", capture.stored);
-                    was_up = Some(true);
-                }
-                let result = capture.run(&topology, &producer, &mut shutdown).await;
-                if capture.progressed {
-                    backoff.reset();
-                }
-                result
-            }
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) if e.class() == Class::Fatal => {
-                counter!(m::ERRORS, m::STAGE => "capture", m::KIND => "fatal").increment(1);
-                return Err(e);
-            }
-            Err(e) => {
-                counter!(m::ERRORS, m::STAGE => "capture", m::KIND => "retry").increment(1);
-                gauge!(m::MASTER_UP, m::MASTER => master.name.clone()).set(0.0);
-                if was_up != Some(false) {
-                    tracing::warn!(master = %master.name, "source paused, retrying with backoff: {e}");
-                    was_up = Some(false);
-                }
-            }
-        }
-        let delay = backoff.next_delay();
-        gauge!(m::RETRY_DELAY, m::STAGE => "capture", m::MASTER => master.name.clone()).set(delay.as_secs_f64());
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
+/// Runs the source of `master` until `shutdown` turns true (see
+/// [`crate::produce::keep_running`]).
+pub async fn run(topology: Arc<Topology>, master: Master, shutdown: watch::Receiver<bool>) -> Result<()> {
+    crate::produce::keep_running::<Capture>(topology, master, shutdown).await
 }
 
-/// Resolves once `shutdown` turns true (the guard `wait_for` returns is not
-/// `Send`; dropped inside this function, it never crosses an await).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
+impl crate::produce::Source for Capture {
+    async fn connect(topology: &Topology, master: &Master) -> Result<Capture> {
+        Capture::connect(topology, master).await
+    }
+
+    fn reading(&self) -> String {
+        format!("the binlog from GTID {}", self.stored)
+    }
+
+    async fn run(
+        &mut self,
+        topology: &Topology,
+        producer: &FutureProducer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let name = self.master.name.clone();
+        let chunk = topology.sync.capture_max_changes;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut beat, mut measure, mut prune) = (Every::default(), Every::default(), Every::default());
+        loop {
+            tokio::select! {
+                biased;
+                // Shutdown first: what was read and not stored is read again next time.
+                _ = crate::produce::stopped(shutdown) => return Ok(()),
+                event = self.stream.next() => {
+                    self.take(event)?;
+                    // Everything that is already here, up to a chunk.
+                    while self.ready.len() < chunk {
+                        let Some(event) = self.stream.next().now_or_never() else { break };
+                        self.take(event)?;
+                    }
+                }
+                _ = tick.tick() => {
+                    if beat.due(topology.sync.heartbeat_interval) {
+                        self.beat().await?;
+                    }
+                    if measure.due(MEASURE_EVERY) {
+                        self.measure_binlog().await?;
+                    }
+                    if prune.due(PRUNE_EVERY) {
+                        self.prune_audit(topology).await?;
+                    }
+                }
+            }
+            if self.suppressed > 0 {
+                counter!(m::LOOP_SUPPRESSED, m::MASTER => name.clone()).increment(std::mem::take(&mut self.suppressed));
+            }
+            if !self.ready.is_empty() {
+                let crash = self.crash_after_produce && self.ready.iter().any(|c| c.table.schema != "mmsync");
+                let changes = std::mem::take(&mut self.ready);
+                let refused = crate::produce::round(topology, producer, &name, changes).await?;
+                self.keep_dead_letters(topology, refused).await?;
+                if crash {
+                    crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
+                }
+                self.store().await?;
+            } else if self.dirty && self.read != self.stored && self.last_store.elapsed() >= STORE_IDLE_EVERY {
+                self.store().await?;
+            }
+        }
+    }
+
+    fn progressed(&self) -> bool {
+        self.progressed
+    }
 }
 
 /// The transaction being read.
@@ -236,64 +259,6 @@ impl Capture {
             progressed: false,
             crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
         })
-    }
-
-    async fn run(
-        &mut self,
-        topology: &Topology,
-        producer: &FutureProducer,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<()> {
-        let name = self.master.name.clone();
-        let chunk = topology.sync.capture_max_changes;
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut last_beat, mut last_measure, mut last_prune): (Option<Instant>, Option<Instant>, Option<Instant>) =
-            (None, None, None);
-        loop {
-            tokio::select! {
-                biased;
-                // Shutdown first: what was read and not stored is read again next time.
-                _ = stopped(shutdown) => return Ok(()),
-                event = self.stream.next() => {
-                    self.take(event)?;
-                    // Everything that is already here, up to a chunk.
-                    while self.ready.len() < chunk {
-                        let Some(event) = self.stream.next().now_or_never() else { break };
-                        self.take(event)?;
-                    }
-                }
-                _ = tick.tick() => {
-                    if last_beat.is_none_or(|t| t.elapsed() >= topology.sync.heartbeat_interval) {
-                        self.beat().await?;
-                        last_beat = Some(Instant::now());
-                    }
-                    if last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
-                        self.measure_binlog().await?;
-                        last_measure = Some(Instant::now());
-                    }
-                    if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                        self.prune_audit(topology).await?;
-                        last_prune = Some(Instant::now());
-                    }
-                }
-            }
-            if self.suppressed > 0 {
-                counter!(m::LOOP_SUPPRESSED, m::MASTER => name.clone()).increment(std::mem::take(&mut self.suppressed));
-            }
-            if !self.ready.is_empty() {
-                let crash = self.crash_after_produce && self.ready.iter().any(|c| c.table.schema != "mmsync");
-                let changes = std::mem::take(&mut self.ready);
-                let refused = crate::produce::round(topology, producer, &name, changes).await?;
-                self.keep_dead_letters(topology, refused).await?;
-                if crash {
-                    crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
-                }
-                self.store().await?;
-            } else if self.dirty && self.read != self.stored && self.last_store.elapsed() >= STORE_IDLE_EVERY {
-                self.store().await?;
-            }
-        }
     }
 
     /// Stores the position of the last whole transaction read: everything

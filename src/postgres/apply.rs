@@ -18,12 +18,7 @@ use crate::postgres::schema::TableInfo;
 use crate::sink::{DeadLetter, Rec, RecordId};
 use crate::topology::{quote_ident, quote_literal, ORIGIN_COLUMN, VERSION_COLUMN};
 
-/// What applying a table's records did, by index into them.
-#[derive(Default)]
-struct Outcome {
-    applied: Vec<usize>,
-    dead: Vec<(usize, String)>,
-}
+use crate::sink::Outcome;
 
 /// Why the target database refused records as data.
 #[derive(Debug)]
@@ -179,22 +174,12 @@ impl TableSql {
             Err(_) => {
                 let mut total = Outcome::default();
                 for (i, rec) in recs.iter().enumerate() {
-                    match self.apply_one(conn, target, rec).await? {
-                        Ok(o) => {
-                            total.applied.extend(o.applied.iter().map(|_| i));
-                            total.dead.extend(o.dead.into_iter().map(|(_, r)| (i, r)));
-                        }
-                        Err(refusal) => total.dead.push((i, refusal.message)),
-                    }
+                    total.add(i, self.apply_one(conn, target, rec).await?.map_err(|r| r.message));
                 }
                 total
             }
         };
-        let mut recs: Vec<Option<Rec>> = recs.into_iter().map(Some).collect();
-        let applied = outcome.applied.iter().filter_map(|&i| recs[i].take()).map(|r| r.change).collect();
-        let dead =
-            outcome.dead.into_iter().filter_map(|(i, reason)| Some(DeadLetter::of(recs[i].take()?, reason))).collect();
-        Ok((applied, dead))
+        Ok(outcome.split(recs))
     }
 
     /// One record alone. When a unique index besides the key refuses it, the

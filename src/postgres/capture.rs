@@ -13,11 +13,12 @@ use sqlx::{PgConnection, Row as _};
 use tokio::sync::watch;
 
 use crate::change::{Change, Key, LogPosition, Op, Position, Row};
-use crate::error::{Class, Error, Result};
+use crate::error::{Error, Result};
 use crate::metrics as m;
 use crate::postgres::pgoutput::{self, format_lsn, parse_lsn, Lsn, Message, Relation, Value};
 use crate::postgres::replication::{WalMessage, WalStream};
 use crate::postgres::schema::{describe, slot_name, TableInfo, PUBLICATION};
+use crate::produce::Every;
 use crate::sink::{DeadLetter, RecordId};
 use crate::topology::{quote_ident, quote_literal, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
@@ -44,59 +45,113 @@ pub struct Decoded {
     pub suppressed: u64,
 }
 
-/// Runs the source of `master` until `shutdown` turns true, reconnecting with
-/// capped backoff after transient errors. Returns only on shutdown or a fatal error.
-pub async fn run(topology: Arc<Topology>, master: Master, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-    let mut backoff = crate::error::Backoff::new();
-    let mut was_up = None;
-    loop {
-        // A fresh producer per attempt: an idempotent producer that hit a fatal
-        // error (a broker that lost its state, say) cannot be used again.
-        let producer = crate::kafka::producer(&topology.kafka, &format!("mmsync-source-{}", master.name));
-        let result = match (producer, Capture::connect(&topology, &master).await) {
-            (Err(e), _) | (_, Err(e)) => Err(e),
-            (Ok(producer), Ok(mut capture)) => {
-                gauge!(m::MASTER_UP, m::MASTER => master.name.clone()).set(1.0);
-                if was_up != Some(true) {
-                    tracing::info!(master = %master.name, "source connected, capturing from slot {}", slot_name(&master.name));
-                    was_up = Some(true);
-                }
-                let result = capture.run(&topology, &producer, &mut shutdown).await;
-                // Only real progress resets the backoff: a source that
-                // connects and fails at once, again and again, backs off.
-                if capture.confirmed > capture.connected_at {
-                    backoff.reset();
-                }
-                result
-            }
-        };
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) if e.class() == Class::Fatal => {
-                counter!(m::ERRORS, m::STAGE => "capture", m::KIND => "fatal").increment(1);
-                return Err(e);
-            }
-            Err(e) => {
-                counter!(m::ERRORS, m::STAGE => "capture", m::KIND => "retry").increment(1);
-                gauge!(m::MASTER_UP, m::MASTER => master.name.clone()).set(0.0);
-                if was_up != Some(false) {
-                    tracing::warn!(master = %master.name, "source paused, retrying with backoff: {e}");
-                    was_up = Some(false);
-                }
-            }
-        }
-        let delay = backoff.next_delay();
-        gauge!(m::RETRY_DELAY, m::STAGE => "capture", m::MASTER => master.name.clone()).set(delay.as_secs_f64());
-        tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return Ok(()),
-            _ = tokio::time::sleep(delay) => {}
-        }
-    }
+/// Runs the source of `master` until `shutdown` turns true (see
+/// [`crate::produce::keep_running`]).
+pub async fn run(topology: Arc<Topology>, master: Master, shutdown: watch::Receiver<bool>) -> Result<()> {
+    crate::produce::keep_running::<Capture>(topology, master, shutdown).await
 }
 
-/// Resolves once `shutdown` turns true.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
+impl crate::produce::Source for Capture {
+    async fn connect(topology: &Topology, master: &Master) -> Result<Capture> {
+        Capture::connect(topology, master).await
+    }
+
+    fn reading(&self) -> String {
+        format!("slot {}", slot_name(&self.master.name))
+    }
+
+    /// Streams changes until `shutdown`: reads what the walsender sends,
+    /// produces this master's changes (at most `capture_max_changes` at a
+    /// time, waiting for every acknowledgement), and only then tells the
+    /// server the slot may move past them.
+    async fn run(
+        &mut self,
+        topology: &Topology,
+        producer: &FutureProducer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let name = self.master.name.clone();
+        let chunk = topology.sync.capture_max_changes;
+        let mut decoded = Decoded::default();
+        let mut stream_state = StreamState::default();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut beat, mut measure, mut prune) = (Every::default(), Every::default(), Every::default());
+        let mut last_status = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                // Shutdown first: what was read and not confirmed is sent again next time.
+                _ = crate::produce::stopped(shutdown) => return Ok(()),
+                message = self.stream.recv() => {
+                    self.take(message, &mut decoded, &mut stream_state)?;
+                    // Everything that is already here, up to a chunk.
+                    while decoded.changes.len() < chunk {
+                        let Some(message) = self.stream.try_recv() else { break };
+                        self.take(message, &mut decoded, &mut stream_state)?;
+                    }
+                }
+                _ = tick.tick() => {
+                    if beat.due(topology.sync.heartbeat_interval) {
+                        self.beat().await?;
+                    }
+                    if measure.due(MEASURE_EVERY) {
+                        self.measure_retained_wal().await?;
+                    }
+                    if prune.due(PRUNE_EVERY) {
+                        self.prune_audit(topology).await?;
+                    }
+                    // Between transactions with nothing in hand: ask where
+                    // the WAL ends, so the slot follows it even when nothing
+                    // is published (it would keep WAL forever otherwise).
+                    if !stream_state.in_transaction && decoded.changes.is_empty() {
+                        self.stream.confirm(self.confirmed, true).await.map_err(Error::replication(&name, "asking for the WAL end"))?;
+                        last_status = Instant::now();
+                    }
+                }
+            }
+            if decoded.suppressed > 0 {
+                counter!(m::LOOP_SUPPRESSED, m::MASTER => name.clone())
+                    .increment(std::mem::take(&mut decoded.suppressed));
+            }
+            // A whole transaction, or a full chunk of a large one.
+            if !decoded.changes.is_empty() && (!stream_state.in_transaction || decoded.changes.len() >= chunk) {
+                // The failpoint waits for a round of the application's changes
+                // (not only mmsync's own heartbeat).
+                let crash = self.crash_after_produce && decoded.changes.iter().any(|c| c.table.schema != "mmsync");
+                let mut changes = std::mem::take(&mut decoded.changes);
+                self.read_unchanged(&mut changes).await?;
+                let refused = crate::produce::round(topology, producer, &name, changes).await?;
+                self.keep_dead_letters(topology, refused).await?;
+                if crash {
+                    crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
+                }
+            }
+            // Everything read so far is in Kafka: the slot may move to the end
+            // of the last whole transaction, or to the server's WAL end when
+            // no transaction is open.
+            let mut safe = self.confirmed;
+            if decoded.changes.is_empty() {
+                safe = safe.max(stream_state.last_commit_end.unwrap_or(0));
+                if !stream_state.in_transaction {
+                    safe = safe.max(stream_state.wal_end.take().unwrap_or(0));
+                }
+            }
+            if safe > self.confirmed || stream_state.reply_requested || last_status.elapsed() >= STATUS_EVERY {
+                self.stream.confirm(safe, false).await.map_err(Error::replication(&name, "confirming a position"))?;
+                stream_state.reply_requested = false;
+                last_status = Instant::now();
+                if safe > self.confirmed {
+                    self.confirmed = safe;
+                    gauge!(m::SLOT_CONFIRMED_LSN, m::MASTER => name.clone()).set(safe as f64);
+                }
+            }
+        }
+    }
+
+    fn progressed(&self) -> bool {
+        self.confirmed > self.connected_at
+    }
 }
 
 /// A connected source: a walsender streaming the slot, and an SQL
@@ -178,99 +233,6 @@ impl Capture {
             tables,
             crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
         })
-    }
-
-    /// Streams changes until `shutdown`: reads what the walsender sends,
-    /// produces this master's changes (at most `capture_max_changes` at a
-    /// time, waiting for every acknowledgement), and only then tells the
-    /// server the slot may move past them.
-    async fn run(
-        &mut self,
-        topology: &Topology,
-        producer: &FutureProducer,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<()> {
-        let name = self.master.name.clone();
-        let chunk = topology.sync.capture_max_changes;
-        let mut decoded = Decoded::default();
-        let mut stream_state = StreamState::default();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut last_beat, mut last_measure, mut last_status): (Option<Instant>, Option<Instant>, Instant) =
-            (None, None, Instant::now());
-        let mut last_prune: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                biased;
-                // Shutdown first: what was read and not confirmed is sent again next time.
-                _ = stopped(shutdown) => return Ok(()),
-                message = self.stream.recv() => {
-                    self.take(message, &mut decoded, &mut stream_state)?;
-                    // Everything that is already here, up to a chunk.
-                    while decoded.changes.len() < chunk {
-                        let Some(message) = self.stream.try_recv() else { break };
-                        self.take(message, &mut decoded, &mut stream_state)?;
-                    }
-                }
-                _ = tick.tick() => {
-                    if last_beat.is_none_or(|t| t.elapsed() >= topology.sync.heartbeat_interval) {
-                        self.beat().await?;
-                        last_beat = Some(Instant::now());
-                    }
-                    if last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
-                        self.measure_retained_wal().await?;
-                        last_measure = Some(Instant::now());
-                    }
-                    if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                        self.prune_audit(topology).await?;
-                        last_prune = Some(Instant::now());
-                    }
-                    // Between transactions with nothing in hand: ask where
-                    // the WAL ends, so the slot follows it even when nothing
-                    // is published (it would keep WAL forever otherwise).
-                    if !stream_state.in_transaction && decoded.changes.is_empty() {
-                        self.stream.confirm(self.confirmed, true).await.map_err(Error::replication(&name, "asking for the WAL end"))?;
-                        last_status = Instant::now();
-                    }
-                }
-            }
-            if decoded.suppressed > 0 {
-                counter!(m::LOOP_SUPPRESSED, m::MASTER => name.clone())
-                    .increment(std::mem::take(&mut decoded.suppressed));
-            }
-            // A whole transaction, or a full chunk of a large one.
-            if !decoded.changes.is_empty() && (!stream_state.in_transaction || decoded.changes.len() >= chunk) {
-                // The failpoint waits for a round of the application's changes
-                // (not only mmsync's own heartbeat).
-                let crash = self.crash_after_produce && decoded.changes.iter().any(|c| c.table.schema != "mmsync");
-                let mut changes = std::mem::take(&mut decoded.changes);
-                self.read_unchanged(&mut changes).await?;
-                let refused = crate::produce::round(topology, producer, &name, changes).await?;
-                self.keep_dead_letters(topology, refused).await?;
-                if crash {
-                    crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
-                }
-            }
-            // Everything read so far is in Kafka: the slot may move to the end
-            // of the last whole transaction, or to the server's WAL end when
-            // no transaction is open.
-            let mut safe = self.confirmed;
-            if decoded.changes.is_empty() {
-                safe = safe.max(stream_state.last_commit_end.unwrap_or(0));
-                if !stream_state.in_transaction {
-                    safe = safe.max(stream_state.wal_end.take().unwrap_or(0));
-                }
-            }
-            if safe > self.confirmed || stream_state.reply_requested || last_status.elapsed() >= STATUS_EVERY {
-                self.stream.confirm(safe, false).await.map_err(Error::replication(&name, "confirming a position"))?;
-                stream_state.reply_requested = false;
-                last_status = Instant::now();
-                if safe > self.confirmed {
-                    self.confirmed = safe;
-                    gauge!(m::SLOT_CONFIRMED_LSN, m::MASTER => name.clone()).set(safe as f64);
-                }
-            }
-        }
     }
 
     /// Takes one message from the stream into the decoder.

@@ -669,6 +669,16 @@ impl MmsyncProcess {
     }
 }
 
+/// The peak resident memory of process `pid` so far (VmHWM), in KiB; 0 once it is gone.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A Prometheus server (Debian's `prometheus` package) scraping the given
 /// targets every second, for tests of the metrics and the dashboard.
 pub struct Prometheus {
