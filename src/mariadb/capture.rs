@@ -404,7 +404,7 @@ impl Capture {
                 let Some(tme) = self.stream.get_tme(rows.table_id()) else {
                     return Err(stream_error(format!("rows of table id {} before its table map", rows.table_id())));
                 };
-                let table = table_of(&tme.database_name(), &tme.table_name(), &self.url_db);
+                let table = table_of(&tme.database_name(), &tme.table_name(), &self.url_db, &self.synced);
                 let tombstones = table.schema == "mmsync" && table.name == "tombstones";
                 if table.schema == "mmsync" && table.name == "capture_position" {
                     return Ok(());

@@ -74,10 +74,17 @@ pub fn database_of(table: &TableName, url_db: &str) -> String {
     }
 }
 
-/// The topology's name of a table found in MariaDB database `db`.
-pub fn table_of(db: &str, name: &str, url_db: &str) -> TableName {
-    let schema = if db == url_db { "public".to_string() } else { db.to_string() };
-    TableName { schema, name: name.to_string() }
+/// The topology's name of a table found in MariaDB database `db`: the
+/// synced table it is, whether the topology names it `db.name` or (for the
+/// URL's database) `public.name`; otherwise `db.name`.
+pub fn table_of(db: &str, name: &str, url_db: &str, synced: &[TableName]) -> TableName {
+    let exact = TableName { schema: db.to_string(), name: name.to_string() };
+    let public = TableName { schema: "public".into(), name: name.to_string() };
+    if db == url_db && !synced.contains(&exact) && synced.contains(&public) {
+        public
+    } else {
+        exact
+    }
 }
 
 /// An identifier quoted for MariaDB: `` `name` ``.
@@ -283,9 +290,12 @@ mod tests {
     fn public_tables_live_in_the_urls_database_and_others_in_their_own() {
         let t = TableName { schema: "public".into(), name: "items".into() };
         assert_eq!(database_of(&t, "shop"), "shop");
-        assert_eq!(table_of("shop", "items", "shop"), t);
+        assert_eq!(table_of("shop", "items", "shop", std::slice::from_ref(&t)), t);
+        // Named by its database in the topology, it is found by that name.
+        let named = TableName { schema: "shop".into(), name: "items".into() };
+        assert_eq!(table_of("shop", "items", "shop", std::slice::from_ref(&named)), named);
         let m = TableName { schema: "mmsync".into(), name: "heartbeats".into() };
         assert_eq!(database_of(&m, "shop"), "mmsync");
-        assert_eq!(table_of("mmsync", "heartbeats", "shop"), m);
+        assert_eq!(table_of("mmsync", "heartbeats", "shop", std::slice::from_ref(&m)), m);
     }
 }

@@ -132,11 +132,15 @@ fn triggers(table: &Table, master: &str, applier_user: &str, skew_us: i64) -> Ve
     let same_key: Vec<String> =
         table.key.iter().map(|k| format!("BINARY NEW.{0} <=> BINARY OLD.{0}", quote_ident(k))).collect();
     let same_key = same_key.join(" AND ");
-    let tombstone_of = |key: &str| {
+    // A locking read: it sees the newest committed tombstone (and waits
+    // for one being written), whatever the session's snapshot says.
+    let tombstone_into = |key: &str, var: &str| {
         format!(
-            "(SELECT version FROM mmsync.tombstones WHERE schema_name = {schema} AND table_name = {name} AND key_text = {key})"
+            "SELECT version INTO {var} FROM mmsync.tombstones
+             WHERE schema_name = {schema} AND table_name = {name} AND key_text = {key} LOCK IN SHARE MODE;"
         )
     };
+    let new_key_match: Vec<String> = table.key.iter().map(|k| format!("{0} = NEW.{0}", quote_ident(k))).collect();
     let record_tombstone = |key: &str, version: &str| {
         format!(
             "INSERT INTO mmsync.tombstones (schema_name, table_name, key_text, version, origin)
@@ -151,14 +155,26 @@ fn triggers(table: &Table, master: &str, applier_user: &str, skew_us: i64) -> Ve
                 "CREATE OR REPLACE TRIGGER {db}.{} BEFORE INSERT ON {t} FOR EACH ROW
                  BEGIN
                    DECLARE n BIGINT;
+                   DECLARE previous BIGINT;
+                   DECLARE existing BIGINT;
                    IF NOT {applier} THEN
                      {NOW_US}
+                     {}
+                     -- REPLACE deletes the row it replaces after this trigger ran, and
+                     -- the delete's tombstone would beat (or tie) this row: beat it.
+                     SELECT {v} INTO existing FROM {t} WHERE {};
+                     IF existing IS NOT NULL THEN
+                       SET previous = GREATEST(COALESCE(previous, 0), {});
+                     END IF;
                      SET NEW.{o} = {me};
                      SET NEW.{v} = {};
                    END IF;
                  END",
                 quote_ident(&trigger_name("bi")),
-                next_version(&tombstone_of(&new_key), skew_us)
+                tombstone_into(&new_key, "previous"),
+                new_key_match.join(" AND "),
+                next_version("existing", skew_us),
+                next_version("previous", skew_us)
             ),
         ),
         (
@@ -168,11 +184,13 @@ fn triggers(table: &Table, master: &str, applier_user: &str, skew_us: i64) -> Ve
                  BEGIN
                    DECLARE n BIGINT;
                    DECLARE previous BIGINT;
+                   DECLARE tombstone BIGINT;
                    IF NOT {applier} THEN
                      {NOW_US}
                      SET previous = OLD.{v};
                      IF NOT ({same_key}) THEN
-                       SET previous = GREATEST(COALESCE(previous, 0), COALESCE({}, 0));
+                       {}
+                       SET previous = GREATEST(COALESCE(previous, 0), COALESCE(tombstone, 0));
                      END IF;
                      SET NEW.{o} = {me};
                      SET NEW.{v} = {};
@@ -182,7 +200,7 @@ fn triggers(table: &Table, master: &str, applier_user: &str, skew_us: i64) -> Ve
                    END IF;
                  END",
                 quote_ident(&trigger_name("bu")),
-                tombstone_of(&new_key),
+                tombstone_into(&new_key, "tombstone"),
                 next_version("previous", skew_us),
                 record_tombstone(&old_key, &format!("NEW.{v}")),
             ),
