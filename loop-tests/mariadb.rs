@@ -446,7 +446,7 @@ async fn maria_write(conn: &mut Conn, master: &str, id: i32, val: Option<&str>) 
 }
 
 const KV: Sql = Sql {
-    pg: "CREATE TABLE kv (id int PRIMARY KEY, val text NOT NULL, n int NOT NULL)",
+    pg: "CREATE TABLE kv (id int PRIMARY KEY, val varchar(40) NOT NULL, n int NOT NULL)",
     maria: "CREATE TABLE kv (id INT PRIMARY KEY, val VARCHAR(40) NOT NULL, n INT NOT NULL) ENGINE = InnoDB",
 };
 
@@ -571,7 +571,7 @@ async fn conflicting_writes_on_three_masters_of_both_kinds_end_as_the_last_write
 }
 
 const MIXED_ITEMS: Sql = Sql {
-    pg: "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, price numeric(12,2), ok boolean,
+    pg: "CREATE TABLE items (id bigint PRIMARY KEY, name varchar(100) NOT NULL, price numeric(12,2), ok boolean,
          seen timestamptz, raw bytea, doc jsonb, ratio double precision, day date)",
     maria: "CREATE TABLE items (id BIGINT PRIMARY KEY, name VARCHAR(100) NOT NULL, price DECIMAL(12,2), ok TINYINT(1),
             seen DATETIME(6), raw VARBINARY(16), doc LONGTEXT, ratio DOUBLE, day DATE) ENGINE = InnoDB",
@@ -631,7 +631,7 @@ async fn a_postgres_and_a_mariadb_master_sync_every_mapped_type_both_ways() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_lists_what_a_mariadb_master_and_a_mixed_table_lack_each_with_its_fix() {
     let good = Sql {
-        pg: "CREATE TABLE t (id bigint PRIMARY KEY, name text, price numeric(8,2))",
+        pg: "CREATE TABLE t (id bigint PRIMARY KEY, name varchar(10), price numeric(8,2))",
         maria: "CREATE TABLE t (id BIGINT PRIMARY KEY, name VARCHAR(10), price DECIMAL(8,2)) ENGINE = InnoDB",
     };
     let mesh = Mesh::servers(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], good, &["public.t"], &[]).await;
@@ -640,9 +640,13 @@ async fn check_lists_what_a_mariadb_master_and_a_mixed_table_lack_each_with_its_
     assert!(out.contains("master \"busan\": ok (MariaDB 10.11"), "{out}");
 
     let bad = Sql {
-        pg: "CREATE TABLE t (id text PRIMARY KEY, n integer, tags text[], mood text)",
-        maria: "CREATE TABLE t (id VARCHAR(10) COLLATE utf8mb4_general_ci PRIMARY KEY, n BIGINT, tags TEXT,
-                mood ENUM('ok', 'sad')) ENGINE = InnoDB",
+        pg: "CREATE TABLE t (id varchar(10) PRIMARY KEY, n integer, tags text[], mood text, name varchar(20), p int,
+             u uuid)",
+        maria: "CREATE TABLE parent (id INT PRIMARY KEY) ENGINE = InnoDB;
+                CREATE TABLE t (id VARCHAR(10) COLLATE utf8mb4_general_ci PRIMARY KEY, n BIGINT, tags TEXT,
+                mood ENUM('ok', 'sad'), name VARCHAR(10), p INT, u UUID,
+                CONSTRAINT to_parent FOREIGN KEY (p) REFERENCES parent (id) ON DELETE CASCADE) ENGINE = InnoDB;
+                CREATE TRIGGER audit BEFORE UPDATE ON t FOR EACH ROW SET NEW.n = NEW.n + 1",
     };
     let mesh = Mesh::servers(
         &[("seoul", Kind::Pg), ("busan", Kind::Maria)],
@@ -662,6 +666,11 @@ async fn check_lists_what_a_mariadb_master_and_a_mixed_table_lack_each_with_its_
         "tags is an array",
         "key column id has collation utf8mb4_general_ci",
         "COLLATE utf8mb4_nopad_bin",
+        "column name is character varying(20) on seoul and varchar(10) on busan",
+        "foreign key to_parent (ON DELETE CASCADE ON UPDATE RESTRICT) cascades, and InnoDB's cascades fire no trigger",
+        "trigger audit fires on mmsync's applier too",
+        "IF NOT (@mmsync_applier <=> 1) THEN",
+        "column u is uuid, which the binlog holds as raw bytes",
     ] {
         assert!(out.contains(expected), "missing {expected:?} in:\n{out}");
     }
@@ -673,7 +682,7 @@ async fn check_lists_what_a_mariadb_master_and_a_mixed_table_lack_each_with_its_
 #[tokio::test(flavor = "multi_thread")]
 async fn ids_minted_on_a_postgres_and_a_mariadb_master_never_collide() {
     let notes = Sql {
-        pg: "CREATE TABLE notes (id bigserial PRIMARY KEY, body text)",
+        pg: "CREATE TABLE notes (id bigserial PRIMARY KEY, body varchar(100))",
         maria: "CREATE TABLE notes (id BIGINT AUTO_INCREMENT PRIMARY KEY, body VARCHAR(100)) ENGINE = InnoDB",
     };
     let mut mesh = Mesh::new(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], notes, &["public.notes"]).await;
@@ -816,7 +825,7 @@ async fn replaying_every_record_on_a_postgres_and_a_mariadb_master_changes_no_ro
 /// older row goes everywhere, logged as a conflict on a master that saw it.
 async fn a_unique_value_taken_twice_goes_to_the_newer_write(masters: &[(&str, Kind)]) {
     let users = Sql {
-        pg: "CREATE TABLE users (id int PRIMARY KEY, email text NOT NULL UNIQUE, name text)",
+        pg: "CREATE TABLE users (id int PRIMARY KEY, email varchar(100) NOT NULL UNIQUE, name varchar(20))",
         maria: "CREATE TABLE users (id INT PRIMARY KEY, email VARCHAR(100) NOT NULL UNIQUE, name VARCHAR(20)) ENGINE = InnoDB",
     };
     let mut mesh = Mesh::new(masters, users, &["public.users"]).await;

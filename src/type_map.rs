@@ -11,13 +11,13 @@
 //! |---|---|---|
 //! | integers | `smallint`, `integer`, `bigint` | `smallint`, `int`, `bigint` (same width, signed) |
 //! | exact numbers | `numeric(p,s)` | `decimal(p,s)` (same p and s) |
-//! | text | `text`, `varchar(n)`, `char(n)` | `char`, `varchar`, `*text` in utf8mb4 |
+//! | text | `varchar(n)`, `char(n)`; `text` | the same `varchar(n)`, `char(n)`; `text`, `mediumtext`, `longtext` (utf8mb4) |
 //! | bytes | `bytea` | `binary`, `varbinary`, `*blob` |
 //! | truth | `boolean` (`t`/`f`, written `1`/`0` there) | `tinyint(1)` |
 //! | instants | `timestamptz(p)`, `timestamp(p)` | `datetime(p)`, `timestamp(p)` (same p, in UTC) |
 //! | days, times | `date`, `time(p)` | `date`, `time(p)` |
 //! | JSON | `json`, `jsonb` | `json`, `longtext` |
-//! | UUIDs | `uuid` | `uuid`, `char(36)` |
+//! | UUIDs | `uuid` | `char(36)` |
 //! | floating | `double precision`, `real` | `double`, `float` |
 //!
 //! Everything else is refused by `check` and `init`, with the reason:
@@ -160,7 +160,7 @@ pub fn problems(pg: &TableInfo, pg_master: &str, maria: &Table, maria_master: &s
         match (postgres_family(c), mariadb_family(m)) {
             (Err(why), _) => out.push(format!("{name} on {pg_master}: {why}")),
             (_, Err(why)) => out.push(format!("{name} on {maria_master}: {why}")),
-            (Ok(a), Ok(b)) if !same(&a, &b) => out.push(format!(
+            (Ok(a), Ok(b)) if !same(&a, &b) || !same_length(c, m) => out.push(format!(
                 "{name}: column {} is {} on {pg_master} and {} on {maria_master}, which do not hold the same values \
                  (see the README's type map)",
                 c.name, c.sql_type, m.column_type
@@ -227,6 +227,23 @@ pub async fn check(topology: &crate::topology::Topology) -> crate::error::Result
     Ok(out)
 }
 
+/// Whether two text columns take the same lengths: `varchar(n)` or
+/// `char(n)` on both with the same n, or PostgreSQL's unbounded `text`
+/// beside a MariaDB `text`, `mediumtext` or `longtext` (other families:
+/// true).
+fn same_length(pg: &ColumnInfo, maria: &Column) -> bool {
+    if !matches!(pg.type_name.as_str(), "text" | "varchar" | "bpchar") {
+        return true;
+    }
+    let pg_bound = modifiers(&pg.sql_type).first().copied();
+    let maria_bound = match maria.data_type.as_str() {
+        "char" | "varchar" => modifiers(&maria.column_type).first().copied(),
+        "tinytext" => Some(255),
+        _ => None,
+    };
+    pg_bound == maria_bound
+}
+
 fn is_mmsync(column: &str) -> bool {
     column == crate::topology::ORIGIN_COLUMN || column == crate::topology::VERSION_COLUMN
 }
@@ -261,10 +278,13 @@ mod tests {
             (pg("a", "timestamp with time zone", "timestamptz"), maria("a", "datetime", "datetime"), false),
             (pg("a", "bytea", "bytea"), maria("a", "varbinary", "varbinary(16)"), true),
             (pg("a", "jsonb", "jsonb"), maria("a", "longtext", "longtext"), true),
-            (pg("a", "text", "text"), maria("a", "varchar", "varchar(10)"), true),
+            (pg("a", "character varying(10)", "varchar"), maria("a", "varchar", "varchar(10)"), true),
+            (pg("a", "text", "text"), maria("a", "varchar", "varchar(10)"), false),
+            (pg("a", "text", "text"), maria("a", "longtext", "longtext"), true),
         ];
         for (p, m, ok) in pairs {
-            let same = matches!((postgres_family(&p), mariadb_family(&m)), (Ok(a), Ok(b)) if same(&a, &b));
+            let same =
+                matches!((postgres_family(&p), mariadb_family(&m)), (Ok(a), Ok(b)) if same(&a, &b)) && same_length(&p, &m);
             assert_eq!(same, ok, "{} vs {}", p.sql_type, m.column_type);
         }
         assert!(postgres_family(&pg("a", "integer[]", "_int4")).unwrap_err().contains("an array"));
@@ -285,9 +305,17 @@ mod tests {
             unique: vec![],
         };
         let mut m = maria("k", "varchar", "varchar(10)");
+        let pg_table = TableInfo { columns: vec![pg("k", "character varying(10)", "varchar")], ..pg_table };
         m.collation = Some("utf8mb4_general_ci".into());
-        let maria_table =
-            Table { name, database: "shop".into(), columns: vec![m], key: vec!["k".into()], unique: vec![] };
+        let maria_table = Table {
+            name,
+            database: "shop".into(),
+            columns: vec![m],
+            key: vec!["k".into()],
+            unique: vec![],
+            cascades: vec![],
+            foreign_triggers: vec![],
+        };
         let problems = problems(&pg_table, "seoul", &maria_table, "busan");
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(problems[0].contains("utf8mb4_general_ci") && problems[0].contains("nopad_bin"), "{problems:?}");

@@ -141,6 +141,12 @@ pub struct Table {
     pub key: Vec<String>,
     /// Unique indexes besides the primary key: (name, columns in index order).
     pub unique: Vec<(String, Vec<String>)>,
+    /// Foreign keys of this table whose actions cascade (`name ON DELETE CASCADE`):
+    /// InnoDB's cascades fire no trigger, so what they change is never sent.
+    pub cascades: Vec<String>,
+    /// The application's own triggers on this table that do not tell
+    /// mmsync's applier apart (they fire on its writes too).
+    pub foreign_triggers: Vec<String>,
 }
 
 impl Table {
@@ -197,7 +203,28 @@ impl Table {
                 ));
             }
         }
+        for fk in &self.cascades {
+            out.push(format!(
+                "{}: foreign key {fk} cascades, and InnoDB's cascades fire no trigger, so the rows they change would \
+                 never reach the other masters; use RESTRICT or NO ACTION (delete or update the children first)",
+                self.name
+            ));
+        }
+        for trigger in &self.foreign_triggers {
+            out.push(format!(
+                "{}: trigger {trigger} fires on mmsync's applier too (MariaDB has no session_replication_role), and \
+                 would change replicated rows or write rows nobody sends; wrap its body in \
+                 IF NOT (@mmsync_applier <=> 1) THEN ... END IF",
+                self.name
+            ));
+        }
         for c in self.data_columns() {
+            if matches!(c.data_type.as_str(), "uuid" | "inet4" | "inet6") {
+                out.push(format!(
+                    "{}: column {} is {}, which the binlog holds as raw bytes mmsync cannot read as text yet; use char(36) (uuid) or varchar(45) (inet)",
+                    self.name, c.name, c.column_type
+                ));
+            }
             if let Some(charset) =
                 c.charset.as_deref().filter(|cs| !matches!(*cs, "utf8mb4" | "utf8mb3" | "utf8" | "ascii"))
             {
@@ -258,7 +285,32 @@ pub async fn describe(conn: &mut Conn, master: &str, table: &TableName, url_db: 
             _ => unique.push((index, vec![column])),
         }
     }
+    let cascades: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT constraint_name, delete_rule, update_rule FROM information_schema.referential_constraints
+             WHERE constraint_schema = ? AND table_name = ?
+               AND (delete_rule IN ('CASCADE', 'SET NULL', 'SET DEFAULT') OR update_rule IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))",
+            (&database, &table.name),
+        )
+        .await
+        .map_err(Error::mariadb(master, format!("reading the foreign keys of {table}")))?;
+    let cascades = cascades
+        .into_iter()
+        .map(|(name, on_delete, on_update)| format!("{name} (ON DELETE {on_delete} ON UPDATE {on_update})"))
+        .collect();
+    let triggers: Vec<(String, String)> = conn
+        .exec(
+            "SELECT trigger_name, action_statement FROM information_schema.triggers
+             WHERE event_object_schema = ? AND event_object_table = ? AND trigger_name NOT LIKE 'mmsync\\_%'",
+            (&database, &table.name),
+        )
+        .await
+        .map_err(Error::mariadb(master, format!("reading the triggers of {table}")))?;
+    let foreign_triggers =
+        triggers.into_iter().filter(|(_, body)| !body.contains("@mmsync_applier")).map(|(name, _)| name).collect();
     Ok(Some(Table {
+        cascades,
+        foreign_triggers,
         unique,
         name: table.clone(),
         database,

@@ -272,10 +272,10 @@ pub async fn check_master(topology: &Topology, master: &Master) -> Result<(Strin
     let offset: i64 = variable(&mut conn, name, "auto_increment_offset").await?.parse().unwrap_or(1);
     let n = topology.masters.len() as i64;
     let place = topology.masters.iter().position(|m| m.name == master.name).unwrap_or(0) as i64 + 1;
-    if increment < n {
+    if (increment, offset) != (n, place) {
         problems.push(format!(
             "master {name:?}: auto_increment_increment is {increment} and auto_increment_offset {offset}, so two masters can mint the same id; \
-             set auto_increment_increment = {n} and auto_increment_offset = {place} in its configuration (SET GLOBAL for the running server)"
+             set auto_increment_increment = {n} and auto_increment_offset = {place} (its place in topology.toml) in its configuration (SET GLOBAL for the running server)"
         ));
     }
     let grants: Vec<String> = conn.query("SHOW GRANTS").await.map_err(Error::mariadb(name, "reading grants"))?;
