@@ -47,6 +47,13 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// reads them again, and drops them again.
 const STORE_IDLE_EVERY: Duration = Duration::from_secs(5);
 
+/// How often the server sends a heartbeat event when it has nothing else.
+const SERVER_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A binlog stream silent this long (three server heartbeats) is taken for
+/// a dead connection, and the source reconnects.
+const SILENT_FOR: Duration = Duration::from_secs(15);
+
 /// MariaDB's own event types, which the MySQL event parser does not know.
 const MARIADB_GTID_EVENT: u8 = 0xa2;
 /// A GTID event's flag: the transaction is one statement, without BEGIN and COMMIT (DDL).
@@ -127,6 +134,13 @@ impl crate::produce::Source for Capture {
                     }
                 }
                 _ = tick.tick() => {
+                    if self.last_event.elapsed() > SILENT_FOR {
+                        return Err(Error::Mariadb {
+                            master: name.clone(),
+                            context: format!("the binlog stream sent nothing, not even a heartbeat, for {SILENT_FOR:?}"),
+                            source: mysql_async::Error::Io(mysql_async::IoError::Io(std::io::ErrorKind::TimedOut.into())),
+                        });
+                    }
                     if beat.due(topology.sync.heartbeat_interval) {
                         self.beat().await?;
                     }
@@ -193,6 +207,8 @@ struct Capture {
     suppressed: u64,
     progressed: bool,
     crash_after_produce: bool,
+    /// When the stream last sent anything.
+    last_event: Instant,
 }
 
 /// The server id mmsync's binlog connection registers with: one per master
@@ -232,6 +248,9 @@ impl Capture {
         for sql in [
             // MariaDB's own events (GTIDs) rather than their MySQL stand-ins.
             "SET @mariadb_slave_capability = 4".to_string(),
+            // The server says it is there when it has nothing to send: a
+            // stream silent for longer is a dead connection.
+            format!("SET @master_heartbeat_period = {}", SERVER_HEARTBEAT.as_nanos()),
             format!("SET @slave_connect_state = {}", quote_literal(&stored.to_string())),
             "SET @slave_gtid_strict_mode = 0".into(),
             "SET @slave_gtid_ignore_duplicates = 0".into(),
@@ -258,6 +277,7 @@ impl Capture {
             suppressed: 0,
             progressed: false,
             crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
+            last_event: Instant::now(),
         })
     }
 
@@ -368,6 +388,7 @@ impl Capture {
                 })
             }
         };
+        self.last_event = Instant::now();
         let read_at = self.read.to_string();
         let stream_error = |reason: String| Error::Stream { master: name.clone(), lsn: read_at.clone(), reason };
         let header = event.header();
@@ -379,6 +400,16 @@ impl Capture {
             }
             let seq = u64::from_le_bytes(data[0..8].try_into().expect("8 bytes"));
             let domain = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+            if !self.txn.changes.is_empty() {
+                // A transaction that never committed in the binlog (an XA
+                // transaction PREPAREd, say): dropping it would lose rows.
+                return Err(stream_error(format!(
+                    "transaction {:?} ended without a commit before GTID {domain}-{}-{seq}; XA transactions on synced \
+                     tables are not supported",
+                    self.txn.gtid,
+                    header.server_id()
+                )));
+            }
             self.txn = Transaction {
                 gtid: Some((domain, header.server_id(), seq)),
                 standalone: data[12] & GTID_STANDALONE != 0,
