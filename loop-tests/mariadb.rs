@@ -942,3 +942,45 @@ async fn prometheus_has_data_for_every_panel_with_a_mariadb_master_in_the_mesh()
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_a_mariadb_master_refuses_waits_as_a_dead_letter_and_applies_once_retried() {
+    let kv = Sql {
+        pg: KV.pg,
+        maria: "CREATE TABLE kv (id INT PRIMARY KEY, val VARCHAR(40) NOT NULL, n INT NOT NULL,
+                CONSTRAINT small CHECK (n < 100)) ENGINE = InnoDB",
+    };
+    let mut mesh = Mesh::new(&[("seoul", Kind::Pg), ("busan", Kind::Maria)], kv, &["public.kv"]).await;
+    mesh.start();
+    let write = "INSERT INTO kv (id, val, n) VALUES (1, 'fine', 1), (2, 'large', 500), (3, 'fine', 3)";
+    mesh.exec("seoul", Sql { pg: write, maria: "" }).await;
+    let dead = mmsync::testbed::wait_for("busan's dead letter", DEADLINE, || async {
+        Some(mesh.dead_letters().await).filter(|d| !d.is_empty())
+    })
+    .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].starts_with("busan: ") && dead[0].contains("small"), "{dead:?}");
+    let sql = "SELECT CONCAT_WS('|', id, val, n) FROM kv ORDER BY id";
+    mmsync::testbed::wait_for("the other rows on busan", DEADLINE, || async {
+        (mesh.rows("busan", Sql { pg: "", maria: sql }).await == ["1|fine|1", "3|fine|3"]).then_some(())
+    })
+    .await;
+    let (code, out) = mmsync(&mesh.topology, &["dead-letters", "list"]).await;
+    assert_eq!(code, 1, "{out}");
+    let line = out.lines().find(|l| l.starts_with("master \"busan\": #")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("small"), "{out}");
+    let id = line["master \"busan\": #".len()..].split(' ').next().unwrap().to_string();
+    // Still refused: retried, it stays, with the reason.
+    let (code, out) = mmsync(&mesh.topology, &["dead-letters", "--master", "busan", "retry"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains(&format!("dead letter {id} still fails")) && out.contains("small"), "{out}");
+    // Fixed, it applies.
+    mesh.maria("busan").sql("ALTER TABLE shop.kv DROP CONSTRAINT small").await.unwrap();
+    let (code, out) = mmsync(&mesh.topology, &["dead-letters", "--master", "busan", "retry"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("master \"busan\": 1 dead letter(s) applied"), "{out}");
+    let rows = mesh.converged(Sql { pg: sql, maria: sql }).await;
+    assert_eq!(rows, ["1|fine|1", "2|large|500", "3|fine|3"]);
+    let (code, out) = mmsync(&mesh.topology, &["dead-letters", "list"]).await;
+    assert_eq!(code, 0, "{out}");
+}

@@ -20,8 +20,8 @@ const EXIT_USAGE: u8 = 2;
 Every master takes writes. Each master's changes are read from its log (PostgreSQL: logical decoding, \
 pgoutput; MariaDB: the binlog, read as a replica), produced to Kafka, and applied to every other master \
 by last-writer-wins on a per-row version stamp. Changes that arrived by replication are never captured \
-again. A url of mariadb:// or mysql:// makes a MariaDB master; adopt, join, remove and dead-letters \
-work on PostgreSQL masters only so far.\n\n\
+again. A url of mariadb:// or mysql:// makes a MariaDB master; adopt, join and remove work on \
+PostgreSQL masters only so far.\n\n\
 Typical use: `mmsync check`, then `mmsync init` once (and again after adding tables), then `mmsync run`.\n\n\
 Exit codes: 0 ok, 1 a failed check or a difference, 2 bad usage or a bad topology file."
 )]
@@ -254,7 +254,7 @@ fn main() -> ExitCode {
         Command::Adopt { .. } => Some("adopt"),
         Command::Join { .. } => Some("join"),
         Command::Remove { .. } => Some("remove"),
-        Command::DeadLetters { .. } => Some("dead-letters"),
+        Command::DeadLetters { .. } => None,
         Command::Verify { .. } => None,
         Command::Status { .. } => None,
     };
@@ -393,6 +393,24 @@ async fn dead_letters(topology: &Topology, action: DeadLetterAction, only: Optio
 
 /// Prints a master's pending dead letters; `Ok(true)` when there are none.
 async fn list_dead_letters(master: &mmsync::topology::Master) -> mmsync::error::Result<bool> {
+    let rows = if master.database() == mmsync::topology::Database::Mariadb {
+        mmsync::mariadb::apply::pending_dead_letters(master).await?
+    } else {
+        postgres_dead_letters(master).await?
+    };
+    for (id, at, topic, partition, offset, reason) in &rows {
+        println!("master {:?}: #{id} {at} {topic}[{partition}]@{offset}: {reason}", master.name);
+    }
+    if rows.is_empty() {
+        println!("master {:?}: no dead letters", master.name);
+    }
+    Ok(rows.is_empty())
+}
+
+/// A PostgreSQL master's pending dead letters.
+async fn postgres_dead_letters(
+    master: &mmsync::topology::Master,
+) -> mmsync::error::Result<Vec<(i64, String, String, i32, i64, String)>> {
     let mut conn = mmsync::postgres::db::connect(master).await?;
     let rows: Vec<(i64, String, String, i32, i64, String)> = sqlx::query_as(
         "SELECT id, to_char(logged_at, 'YYYY-MM-DD HH24:MI:SS'), topic, partition, kafka_offset, reason
@@ -401,13 +419,7 @@ async fn list_dead_letters(master: &mmsync::topology::Master) -> mmsync::error::
     .fetch_all(&mut conn)
     .await
     .map_err(mmsync::error::Error::db(&master.name, "reading dead letters"))?;
-    for (id, at, topic, partition, offset, reason) in &rows {
-        println!("master {:?}: #{id} {at} {topic}[{partition}]@{offset}: {reason}", master.name);
-    }
-    if rows.is_empty() {
-        println!("master {:?}: no dead letters", master.name);
-    }
-    Ok(rows.is_empty())
+    Ok(rows)
 }
 
 async fn verify(topology: &Topology, table: Option<&str>, max_keys: usize) -> ExitCode {

@@ -709,24 +709,17 @@ pub struct RetryReport {
     pub still_dead: Vec<(i64, String)>,
 }
 
-/// Applies a master's dead letters again (once the schema is fixed, say),
-/// except those its own source could not produce (partition -1), which
-/// stay listed until their row is written again,
-/// by the same last-writer-wins rules, in one transaction. The ones that now
-/// apply are marked `retried_at`; the others keep their row with the new reason.
-pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<RetryReport> {
-    let name = target.name.as_str();
-    let mut conn = crate::postgres::db::connect(target).await?;
-    /// id, topic, partition, offset, key, value.
-    type Letter = (i64, String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
-    let rows: Vec<Letter> = sqlx::query_as(
-        "SELECT id, topic, partition, kafka_offset, record_key, record_value FROM mmsync.dead_letters
-         WHERE retried_at IS NULL AND partition >= 0 ORDER BY id",
-    )
-    .fetch_all(&mut conn)
-    .await
-    .map_err(Error::db(name, "reading dead letters"))?;
-    let mut report = RetryReport::default();
+/// A stored dead letter: id, topic, partition, offset, key, value.
+pub(crate) type Letter = (i64, String, i32, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Reads stored dead letters back as changes, grouped by table; the ones
+/// that cannot be applied as they stand go to `report.still_dead` with the
+/// reason. The same for every kind of master.
+pub(crate) fn group_dead_letters(
+    topology: &Topology,
+    rows: Vec<Letter>,
+    report: &mut RetryReport,
+) -> BTreeMap<TableName, Vec<(i64, Rec)>> {
     let mut groups: BTreeMap<TableName, Vec<(i64, Rec)>> = BTreeMap::new();
     let topic_master: HashMap<String, String> =
         crate::kafka::all_topics(topology).into_iter().map(|(m, _, t)| (t, m)).collect();
@@ -752,6 +745,44 @@ pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<
                 .push((id, format!("{e}; not mmsync's record, so it cannot be applied: delete it once checked"))),
         }
     }
+    groups
+}
+
+/// Which of a table's dead letters (`entries`) applied: their ids, with
+/// the ones refused again added to `report.still_dead`.
+pub(crate) fn applied_ids(entries: &[(i64, Rec)], refused: Vec<DeadLetter>, report: &mut RetryReport) -> Vec<i64> {
+    let ids: HashMap<(&str, i32, i64), i64> =
+        entries.iter().map(|(id, r)| ((r.at.topic.as_str(), r.at.partition, r.at.offset), *id)).collect();
+    let mut refused_ids = std::collections::HashSet::new();
+    for d in refused {
+        if let Some(id) = ids.get(&(d.at.topic.as_str(), d.at.partition, d.at.offset)) {
+            refused_ids.insert(*id);
+            report.still_dead.push((*id, d.reason));
+        }
+    }
+    ids.values().filter(|id| !refused_ids.contains(id)).copied().collect()
+}
+
+/// Applies a master's dead letters again (once the schema is fixed, say),
+/// except those its own source could not produce (partition -1), which
+/// stay listed until their row is written again,
+/// by the same last-writer-wins rules, in one transaction. The ones that now
+/// apply are marked `retried_at`; the others keep their row with the new reason.
+pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<RetryReport> {
+    if target.database() == crate::topology::Database::Mariadb {
+        return crate::mariadb::apply::retry_dead_letters(topology, target).await;
+    }
+    let name = target.name.as_str();
+    let mut conn = crate::postgres::db::connect(target).await?;
+    let rows: Vec<Letter> = sqlx::query_as(
+        "SELECT id, topic, partition, kafka_offset, record_key, record_value FROM mmsync.dead_letters
+         WHERE retried_at IS NULL AND partition >= 0 ORDER BY id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(Error::db(name, "reading dead letters"))?;
+    let mut report = RetryReport::default();
+    let groups = group_dead_letters(topology, rows, &mut report);
     let mut tx = sqlx::Connection::begin(&mut conn).await.map_err(Error::db(name, "beginning a transaction"))?;
     sqlx::query(APPLIER_SESSION).execute(&mut *tx).await.map_err(Error::db(name, "marking the applier"))?;
     let mut applied_ids: Vec<i64> = Vec::new();
@@ -760,19 +791,10 @@ pub async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<
             report.still_dead.extend(entries.iter().map(|(id, _)| (*id, format!("table {table} does not exist here"))));
             continue;
         };
-        let ids: HashMap<(String, i32, i64), i64> =
-            entries.iter().map(|(id, r)| ((r.at.topic.clone(), r.at.partition, r.at.offset), *id)).collect();
-        let recs: Vec<Rec> = entries.into_iter().map(|(_, r)| r).collect();
+        let recs: Vec<Rec> = entries.iter().map(|(_, r)| Rec { change: r.change.clone(), at: r.at.clone() }).collect();
         let (_, refused) =
             TableSql::new(info, topology.sync.max_clock_skew).apply_isolated(&mut tx, name, recs).await?;
-        let mut refused_ids = std::collections::HashSet::new();
-        for d in refused {
-            if let Some(id) = ids.get(&(d.at.topic, d.at.partition, d.at.offset)) {
-                refused_ids.insert(*id);
-                report.still_dead.push((*id, d.reason));
-            }
-        }
-        applied_ids.extend(ids.values().filter(|id| !refused_ids.contains(id)));
+        applied_ids.extend(crate::sink::applied_ids(&entries, refused, &mut report));
     }
     sqlx::query("UPDATE mmsync.dead_letters SET retried_at = now() WHERE id = ANY($1)")
         .bind(&applied_ids)

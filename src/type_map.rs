@@ -283,8 +283,8 @@ mod tests {
             (pg("a", "text", "text"), maria("a", "longtext", "longtext"), true),
         ];
         for (p, m, ok) in pairs {
-            let same =
-                matches!((postgres_family(&p), mariadb_family(&m)), (Ok(a), Ok(b)) if same(&a, &b)) && same_length(&p, &m);
+            let same = matches!((postgres_family(&p), mariadb_family(&m)), (Ok(a), Ok(b)) if same(&a, &b))
+                && same_length(&p, &m);
             assert_eq!(same, ok, "{} vs {}", p.sql_type, m.column_type);
         }
         assert!(postgres_family(&pg("a", "integer[]", "_int4")).unwrap_err().contains("an array"));

@@ -138,6 +138,88 @@ pub(crate) async fn keep_dead_letter(conn: &mut Conn, master: &str, d: &DeadLett
     Ok(())
 }
 
+/// `mmsync dead-letters retry` on a MariaDB master: as
+/// [`crate::sink::retry_dead_letters`] does on PostgreSQL, in one
+/// transaction, as the applier.
+pub(crate) async fn retry_dead_letters(topology: &Topology, target: &Master) -> Result<crate::sink::RetryReport> {
+    let name = target.name.as_str();
+    let mut db = crate::mariadb::db::connect(target).await?;
+    for sql in APPLIER_SESSION {
+        db.query_drop(*sql).await.map_err(Error::mariadb(name, "marking the applier session"))?;
+    }
+    let rows: Vec<mysql_async::Row> = db
+        .query(
+            "SELECT id, topic, `partition`, kafka_offset, record_key, record_value FROM mmsync.dead_letters
+             WHERE retried_at IS NULL AND `partition` >= 0 ORDER BY id",
+        )
+        .await
+        .map_err(Error::mariadb(name, "reading dead letters"))?;
+    let rows: Vec<crate::sink::Letter> = rows
+        .into_iter()
+        .map(|mut r| {
+            let id: i64 = r.take(0).unwrap_or(0);
+            let topic: String = r.take(1).unwrap_or_default();
+            let partition: i32 = r.take(2).unwrap_or(0);
+            let offset: i64 = r.take(3).unwrap_or(0);
+            (id, topic, partition, offset, r.take(4).flatten(), r.take(5).flatten())
+        })
+        .collect();
+    let mut report = crate::sink::RetryReport::default();
+    let groups = crate::sink::group_dead_letters(topology, rows, &mut report);
+    let url_db = url_database(target)?;
+    exec(&mut db, name, "beginning a transaction", "START TRANSACTION").await?;
+    let mut applied: Vec<i64> = Vec::new();
+    for (table, entries) in groups {
+        let Some(info) = describe(&mut db, name, &table, &url_db).await? else {
+            report.still_dead.extend(entries.iter().map(|(id, _)| (*id, format!("table {table} does not exist here"))));
+            continue;
+        };
+        let recs: Vec<Rec> = entries.iter().map(|(_, r)| Rec { change: r.change.clone(), at: r.at.clone() }).collect();
+        let (_, refused) =
+            TableSql::new(info, topology.sync.max_clock_skew).apply_isolated(&mut db, name, recs).await?;
+        applied.extend(crate::sink::applied_ids(&entries, refused, &mut report));
+    }
+    for id in &applied {
+        db.exec_drop("UPDATE mmsync.dead_letters SET retried_at = CURRENT_TIMESTAMP(6) WHERE id = ?", (id,))
+            .await
+            .map_err(Error::mariadb(name, "marking dead letters retried"))?;
+    }
+    for (id, reason) in &report.still_dead {
+        db.exec_drop("UPDATE mmsync.dead_letters SET reason = ? WHERE id = ?", (reason, id))
+            .await
+            .map_err(Error::mariadb(name, "updating a dead letter"))?;
+    }
+    exec(&mut db, name, "committing the retry", "COMMIT").await?;
+    report.applied = applied.len();
+    Ok(report)
+}
+
+/// `mmsync dead-letters list` on a MariaDB master: (id, logged at, topic,
+/// partition, offset, reason) of each pending one.
+pub async fn pending_dead_letters(target: &Master) -> Result<Vec<(i64, String, String, i32, i64, String)>> {
+    let mut conn = crate::mariadb::db::connect(target).await?;
+    let rows: Vec<mysql_async::Row> = conn
+        .query(
+            "SELECT id, DATE_FORMAT(logged_at, '%Y-%m-%d %H:%i:%s'), topic, `partition`, kafka_offset, reason
+             FROM mmsync.dead_letters WHERE retried_at IS NULL ORDER BY id",
+        )
+        .await
+        .map_err(Error::mariadb(&target.name, "reading dead letters"))?;
+    Ok(rows
+        .into_iter()
+        .map(|mut r| {
+            (
+                r.take(0).unwrap_or(0),
+                r.take(1).unwrap_or_default(),
+                r.take(2).unwrap_or_default(),
+                r.take(3).unwrap_or(0),
+                r.take(4).unwrap_or(0),
+                r.take(5).unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
 /// Stores where the sinks of `target` go on, in the caller's transaction,
 /// with the commit time of the last change taken from each partition
 /// (a partition without one keeps the time it had).
