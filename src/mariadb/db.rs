@@ -108,6 +108,9 @@ pub fn quote_literal(s: &str) -> String {
     out
 }
 
+/// The characters of `mmsync.tombstones.key_text` (see [`crate::mariadb::schema`]).
+pub const TOMBSTONE_KEY_CHARS: usize = 512;
+
 /// One column of a MariaDB table.
 #[derive(Debug, Clone)]
 pub struct Column {
@@ -202,6 +205,31 @@ impl Table {
                     self.name, c.column_type
                 ));
             }
+        }
+        // The key as JSON text must fit mmsync.tombstones.key_text, or a
+        // delete of that key fails in the trigger.
+        let key_chars: usize = 2 + self
+            .key
+            .iter()
+            .filter_map(|k| self.column(k))
+            .map(|c| {
+                let n = c.column_type.split_once('(').and_then(|(_, r)| r.split([')', ',']).next()?.parse().ok());
+                let value = match c.data_type.as_str() {
+                    "char" | "varchar" => n.unwrap_or(255),
+                    "decimal" => n.unwrap_or(10) + 2,
+                    "date" => 10,
+                    "datetime" => 26,
+                    _ => 20,
+                };
+                c.name.len() + 6 + value
+            })
+            .sum::<usize>();
+        if key_chars > TOMBSTONE_KEY_CHARS {
+            out.push(format!(
+                "{}: its key can be {key_chars} characters as JSON text, more than mmsync.tombstones.key_text holds \
+                 ({TOMBSTONE_KEY_CHARS}), so deleting such a row would fail; use a shorter key",
+                self.name
+            ));
         }
         for fk in &self.cascades {
             out.push(format!(
@@ -336,6 +364,33 @@ mod tests {
     fn a_literal_cannot_be_closed_by_a_quote_or_a_backslash_in_it() {
         assert_eq!(quote_literal(r"it's \' x"), r"'it''s \\'' x'");
         assert_eq!(quote_ident("a`b"), "`a``b`");
+    }
+
+    #[test]
+    fn a_key_too_long_for_the_tombstones_is_refused_before_a_delete_fails_on_it() {
+        let column = |name: &str, data_type: &str, column_type: &str| Column {
+            name: name.into(),
+            data_type: data_type.into(),
+            column_type: column_type.into(),
+            charset: None,
+            collation: None,
+        };
+        let mut t = Table {
+            name: TableName { schema: "public".into(), name: "t".into() },
+            database: "shop".into(),
+            columns: vec![column("id", "bigint", "bigint(20)"), column("code", "varchar", "varchar(600)")],
+            key: vec!["id".into()],
+            unique: vec![],
+            cascades: vec![],
+            foreign_triggers: vec![],
+        };
+        assert!(t.problems().is_empty(), "{:?}", t.problems());
+        t.key = vec!["id".into(), "code".into()];
+        let problems = t.problems();
+        assert!(
+            problems.iter().any(|p| p.contains("more than mmsync.tombstones.key_text holds (512)")),
+            "{problems:?}"
+        );
     }
 
     #[test]
