@@ -170,15 +170,11 @@ async fn bad_records_and_drift_become_dead_letters_while_good_changes_flow() {
         );
         assert_eq!(count(&s, m, r#"SELECT count(*) FROM "Order Items" WHERE id = 3"#).await, 0, "{m}");
     }
-    assert_eq!(
-        count(
-            &s,
-            "seoul",
-            "SELECT count(*) FROM mmsync.conflicts WHERE kind = 'unique_value_lost' AND loser_row->>'id' = '3'"
-        )
-        .await,
-        1
-    );
+    // Logged where the clash was seen, which depends on arrival order: on
+    // one master or both, never on neither.
+    let lost = "SELECT count(*) FROM mmsync.conflicts WHERE kind = 'unique_value_lost' AND loser_row->>'id' = '3'";
+    let logged = count(&s, "seoul", lost).await + count(&s, "busan", lost).await;
+    assert!(logged >= 1, "busan's row 3 was not logged as the loser on either master");
 
     // Fix the drift, re-apply: the drifted row arrives; records that are not
     // mmsync's still cannot, and say so.
