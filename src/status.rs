@@ -185,8 +185,7 @@ async fn read_mariadb(
         .exec_first("SELECT gtid_pos FROM mmsync.capture_position WHERE master = ?", (&m.name,))
         .await
         .map_err(|e| format!("{e} (has `mmsync init` run?)"))?;
-    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.unwrap_or_default();
-    let retained = logs.into_iter().filter_map(|mut r| r.take::<i64, _>(1)).sum::<i64>();
+    let retained = crate::mariadb::db::binlog_bytes(&mut conn, &m.name).await.ok();
     let offsets: Vec<(String, i32, i64)> = conn
         .query("SELECT topic, `partition`, next_offset FROM mmsync.applied_offsets")
         .await
@@ -196,7 +195,7 @@ async fn read_mariadb(
         .await
         .map_err(|e| e.to_string())?;
     Ok((
-        SourceState { position: position.map(|p| format!("GTID {p}")), retained: Some(retained) },
+        SourceState { position: position.map(|p| format!("GTID {p}")), retained },
         offsets.into_iter().map(|(t, p, o)| ((t, p), o)).collect(),
         beats.into_iter().collect(),
     ))

@@ -257,13 +257,7 @@ mod tests {
     }
 
     fn maria(name: &str, data_type: &str, column_type: &str) -> Column {
-        Column {
-            name: name.into(),
-            data_type: data_type.into(),
-            column_type: column_type.into(),
-            charset: None,
-            collation: Some("utf8mb4_nopad_bin".into()),
-        }
+        Column::new(name, data_type, column_type, None, Some("utf8mb4_nopad_bin".into()))
     }
 
     #[test]

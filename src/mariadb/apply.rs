@@ -16,7 +16,7 @@ use mysql_async::{Conn, Params, Value};
 
 use crate::change::{encode_key, Change, Key};
 use crate::error::{Error, Result};
-use crate::mariadb::db::{describe, quote_ident, url_database, Table};
+use crate::mariadb::db::{describe, quote_ident, url_database, Table, TextForm};
 use crate::mariadb::schema::TOMBSTONE_UPSERT;
 use crate::metrics as m;
 use crate::sink::{DeadLetter, Rec};
@@ -258,6 +258,7 @@ use crate::sink::Outcome;
 #[derive(Debug)]
 pub(crate) struct Refusal {
     code: Option<u16>,
+    /// What the server said, as it said it (the dead letter's reason).
     message: String,
 }
 
@@ -269,8 +270,7 @@ impl Refusal {
             return None;
         }
         let rest = self.message.rsplit_once(" for key '")?.1;
-        // The driver's message closes with its own quote after the server's.
-        let name = rest.trim_end_matches(['\'', '`']);
+        let name = rest.strip_suffix('\'').unwrap_or(rest);
         // MySQL 8 writes `table.index`.
         Some(name.rsplit('.').next().unwrap_or(name))
     }
@@ -281,6 +281,8 @@ pub(crate) struct TableSql {
     pub(crate) info: Table,
     /// The data columns' names, sorted: what a record's row must have.
     columns: Vec<String>,
+    /// Each column's text form, looked up per value.
+    forms: HashMap<String, TextForm>,
     pub(crate) max_clock_skew: std::time::Duration,
 }
 
@@ -295,7 +297,8 @@ impl TableSql {
     pub(crate) fn new(info: Table, max_clock_skew: std::time::Duration) -> TableSql {
         let mut columns: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
         columns.sort_unstable();
-        TableSql { info, columns, max_clock_skew }
+        let forms = info.columns.iter().map(|c| (c.name.clone(), c.form)).collect();
+        TableSql { info, columns, forms, max_clock_skew }
     }
 
     pub(crate) fn shape_problem(&self, change: &Change) -> Option<String> {
@@ -472,7 +475,11 @@ impl TableSql {
                 if crate::mariadb::errors::code(&source).is_some_and(crate::mariadb::errors::refuses_the_data) =>
             {
                 exec(conn, target, "savepoint", "ROLLBACK TO SAVEPOINT mmsync_table").await?;
-                Ok(Err(Refusal { code: crate::mariadb::errors::code(&source), message: source.to_string() }))
+                let message = match &source {
+                    mysql_async::Error::Server(e) => format!("{} ({})", e.message, e.code),
+                    other => other.to_string(),
+                };
+                Ok(Err(Refusal { code: crate::mariadb::errors::code(&source), message }))
             }
             Err(e) => Err(e),
         }
@@ -509,36 +516,41 @@ impl TableSql {
     /// booleans are `t`/`f` there, and instants carry their UTC offset.
     fn value(&self, column: &str, text: &Option<String>) -> std::result::Result<Value, String> {
         let Some(text) = text else { return Ok(Value::NULL) };
-        let Some(c) = self.info.column(column) else { return Ok(Value::Bytes(text.as_bytes().to_vec())) };
-        if c.column_type.starts_with("tinyint(1)") {
-            let b = match text.as_str() {
-                "t" | "true" => "1",
-                "f" | "false" => "0",
-                other => other,
-            };
-            return Ok(Value::Bytes(b.as_bytes().to_vec()));
-        }
-        if matches!(c.data_type.as_str(), "datetime" | "timestamp") {
-            let local = ["+00:00", "+00", "Z"].iter().find_map(|z| text.strip_suffix(z)).unwrap_or(text);
-            if local.len() > 19 && local[19..].contains(['+', '-']) {
-                return Err(format!("column {column}: {text:?} is not in UTC"));
+        match self.forms.get(column).copied().unwrap_or(TextForm::Plain) {
+            TextForm::Plain | TextForm::Time(_) => Ok(Value::Bytes(text.as_bytes().to_vec())),
+            TextForm::Boolean => {
+                let b = match text.as_str() {
+                    "t" | "true" => "1",
+                    "f" | "false" => "0",
+                    other => other,
+                };
+                Ok(Value::Bytes(b.as_bytes().to_vec()))
             }
-            return Ok(Value::Bytes(local.as_bytes().to_vec()));
+            TextForm::Instant(_) => {
+                let local = ["+00:00", "+00", "Z"].iter().find_map(|z| text.strip_suffix(z)).unwrap_or(text);
+                if local.len() > 19 && local[19..].contains(['+', '-']) {
+                    return Err(format!("column {column}: {text:?} is not in UTC"));
+                }
+                Ok(Value::Bytes(local.as_bytes().to_vec()))
+            }
+            TextForm::Binary => unhex(column, text),
         }
-        if !c.is_binary() {
-            return Ok(Value::Bytes(text.as_bytes().to_vec()));
-        }
-        let hex = text
-            .strip_prefix("\\x")
-            .ok_or_else(|| format!("column {column} is binary, and {text:?} is not \\x hex"))?;
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
-            .collect::<std::result::Result<Vec<u8>, _>>()
-            .map(Value::Bytes)
-            .map_err(|_| format!("column {column}: {text:?} is not \\x hex"))
     }
+}
 
+/// A binary column's `\x` hex text as its bytes.
+fn unhex(column: &str, text: &str) -> std::result::Result<Value, String> {
+    let hex =
+        text.strip_prefix("\\x").ok_or_else(|| format!("column {column} is binary, and {text:?} is not \\x hex"))?;
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<std::result::Result<Vec<u8>, _>>()
+        .map(Value::Bytes)
+        .map_err(|_| format!("column {column}: {text:?} is not \\x hex"))
+}
+
+impl TableSql {
     /// Last-writer-wins for one table's records: validated, planned by
     /// [`crate::lww::plan`] against the target's rows (locked) and
     /// tombstones of their keys, and written as the plan says.
@@ -683,12 +695,21 @@ impl TableSql {
             .await
             .map_err(db("updating rows"))?;
         }
-        for &j in &plan.deletes {
-            let c = changes[j];
-            let (cond, mut params) = self.keys_in(&[&c.key]);
-            params.extend([Value::from(c.version), Value::from(c.origin.as_str())]);
+        // One statement per chunk of deletes: each key goes only if its row
+        // is older than that delete.
+        let per_delete = self.info.key.len() + 2;
+        for part in plan.deletes.chunks(MAX_PARAMS / per_delete) {
+            let mut params: Vec<Value> = Vec::with_capacity(part.len() * per_delete);
+            let mut each = Vec::with_capacity(part.len());
+            for &j in part {
+                let c = changes[j];
+                let (cond, key_params) = self.keys_in(&[&c.key]);
+                each.push(format!("({cond} AND ({v}, {o}) < (?, ?))"));
+                params.extend(key_params);
+                params.extend([Value::from(c.version), Value::from(c.origin.as_str())]);
+            }
             conn.exec_drop(
-                format!("DELETE FROM {} WHERE {cond} AND ({v}, {o}) < (?, ?)", self.info.quoted()),
+                format!("DELETE FROM {} WHERE {}", self.info.quoted(), each.join(" OR ")),
                 Params::Positional(params),
             )
             .await
@@ -761,8 +782,7 @@ mod tests {
     #[test]
     fn a_duplicate_entry_names_the_unique_index_it_was_refused_by() {
         let refusal = |code, message: &str| Refusal { code: Some(code), message: message.into() };
-        let e = refusal(1062, "Server error: `ERROR 23000 (1062): Duplicate entry 'a@x' for key 'email''");
-        assert_eq!(e.unique_index(), Some("email"));
+        assert_eq!(refusal(1062, "Duplicate entry 'a@x' for key 'email'").unique_index(), Some("email"));
         assert_eq!(refusal(1062, "Duplicate entry 'x' for key 'users.email'").unique_index(), Some("email"));
         assert_eq!(refusal(1366, "Incorrect integer value").unique_index(), None);
     }

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use crate::change::{Change, Key, LogPosition, Op, Position, Row};
 use crate::error::{Error, Result};
-use crate::mariadb::db::{connect, describe, options, quote_literal, table_of, url_database, Column, Table};
+use crate::mariadb::db::{connect, describe, options, quote_literal, table_of, url_database, Column, Table, TextForm};
 use crate::metrics as m;
 use crate::produce::Every;
 use crate::topology::{Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
@@ -316,11 +316,7 @@ impl Capture {
 
     /// Sets the gauge of the binlog the server keeps.
     async fn measure_binlog(&mut self) -> Result<()> {
-        let logs: Vec<mysql_async::Row> = self.conn.query("SHOW BINARY LOGS").await.map_err(Error::mariadb(
-            &self.master.name,
-            "measuring the binlog (SHOW BINARY LOGS needs BINLOG MONITOR)",
-        ))?;
-        let bytes: i64 = logs.into_iter().filter_map(|mut r| r.take::<i64, _>(1)).sum();
+        let bytes = crate::mariadb::db::binlog_bytes(&mut self.conn, &self.master.name).await?;
         gauge!(m::BINLOG_KEPT, m::MASTER => self.master.name.clone()).set(bytes as f64);
         Ok(())
     }
@@ -521,7 +517,8 @@ impl Capture {
                     "the binlog has no column names for {table}; set binlog_row_metadata = FULL on this master"
                 ));
             }
-            let Some(c) = info.column(&name) else {
+            // Binlog columns come in table order: the same place first.
+            let Some(c) = info.columns.get(i).filter(|c| c.name == name).or_else(|| info.column(&name)) else {
                 return Err(format!(
                     "{table} has a column {name:?} the source did not see when it connected; restart mmsync after changing a table"
                 ));
@@ -616,13 +613,11 @@ fn binlog_error(master: &str, stored: &Gtids, e: mysql_async::Error) -> Error {
 /// binary strings, which travel as `\x` and hex digits (PostgreSQL's bytea
 /// text), and `TIMESTAMP`, in UTC.
 fn text(v: &Value, column: &Column) -> std::result::Result<Option<String>, String> {
-    let fraction = |us: u32| {
-        let digits = precision(&column.column_type);
-        if digits == 0 {
+    let fraction = |us: u32| match column.form {
+        TextForm::Instant(0) | TextForm::Time(0) | TextForm::Plain | TextForm::Boolean | TextForm::Binary => {
             String::new()
-        } else {
-            format!(".{:06}", us)[..digits + 1].to_string()
         }
+        TextForm::Instant(digits) | TextForm::Time(digits) => format!(".{us:06}")[..digits + 1].to_string(),
     };
     Ok(Some(match v {
         Value::NULL => return Ok(None),
@@ -630,7 +625,7 @@ fn text(v: &Value, column: &Column) -> std::result::Result<Option<String>, Strin
         Value::UInt(n) => n.to_string(),
         Value::Float(f) => f.to_string(),
         Value::Double(f) => f.to_string(),
-        Value::Bytes(b) if column.is_binary() => {
+        Value::Bytes(b) if column.form == TextForm::Binary => {
             let mut s = String::with_capacity(2 + b.len() * 2);
             s.push_str("\\x");
             for byte in b {
@@ -665,16 +660,6 @@ fn text(v: &Value, column: &Column) -> std::result::Result<Option<String>, Strin
     }))
 }
 
-/// The fractional digits of a temporal column type: `datetime(6)` has 6.
-fn precision(column_type: &str) -> usize {
-    column_type
-        .split_once('(')
-        .and_then(|(_, rest)| rest.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0)
-        .min(6)
-}
-
 /// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -694,13 +679,7 @@ mod tests {
     use super::*;
 
     fn column(data_type: &str, column_type: &str) -> Column {
-        Column {
-            name: "c".into(),
-            data_type: data_type.into(),
-            column_type: column_type.into(),
-            charset: None,
-            collation: None,
-        }
+        Column::new("c", data_type, column_type, None, None)
     }
 
     #[test]

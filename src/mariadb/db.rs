@@ -65,6 +65,16 @@ pub async fn connect(master: &Master) -> Result<Conn> {
     }
 }
 
+/// The bytes of every binlog file the server keeps (`SHOW BINARY LOGS`,
+/// which needs BINLOG MONITOR).
+pub async fn binlog_bytes(conn: &mut Conn, master: &str) -> Result<i64> {
+    let logs: Vec<mysql_async::Row> = conn
+        .query("SHOW BINARY LOGS")
+        .await
+        .map_err(Error::mariadb(master, "measuring the binlog (SHOW BINARY LOGS needs BINLOG MONITOR)"))?;
+    Ok(logs.into_iter().filter_map(|mut r| r.take::<i64, _>(1)).sum())
+}
+
 /// The MariaDB database that holds `table` on a master whose URL names `url_db`.
 pub fn database_of(table: &TableName, url_db: &str) -> String {
     if table.schema == "public" {
@@ -123,13 +133,63 @@ pub struct Column {
     pub charset: Option<String>,
     /// Its collation (`utf8mb4_general_ci`...).
     pub collation: Option<String>,
+    /// How its values are written as text (from the types above, once).
+    pub form: TextForm,
+}
+
+/// How a column's value is written as a record's text, and read back:
+/// decided once per column, not per value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TextForm {
+    /// As MariaDB prints it.
+    Plain,
+    /// `tinyint(1)`: PostgreSQL's `t`/`f` arrive as `1`/`0`.
+    Boolean,
+    /// `datetime(p)`/`timestamp(p)`, in UTC, with `p` fractional digits.
+    Instant(usize),
+    /// `time(p)`, with `p` fractional digits.
+    Time(usize),
+    /// Binary strings: `\x` and hex digits (PostgreSQL's bytea text).
+    Binary,
 }
 
 impl Column {
-    /// Values of these columns travel as `\x` and hex digits (PostgreSQL's
-    /// bytea text), since a record's values are text.
-    pub fn is_binary(&self) -> bool {
-        matches!(self.data_type.as_str(), "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob")
+    /// A column as information_schema describes it (types in lower case).
+    pub fn new(
+        name: &str,
+        data_type: &str,
+        column_type: &str,
+        charset: Option<String>,
+        collation: Option<String>,
+    ) -> Column {
+        let mut c = Column {
+            name: name.to_string(),
+            data_type: data_type.to_lowercase(),
+            column_type: column_type.to_lowercase(),
+            charset,
+            collation,
+            form: TextForm::Plain,
+        };
+        c.form = c.text_form();
+        c
+    }
+
+    fn text_form(&self) -> TextForm {
+        let digits = || {
+            self.column_type
+                .split_once('(')
+                .and_then(|(_, rest)| rest.split(')').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0usize)
+                .min(6)
+        };
+        match self.data_type.as_str() {
+            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => TextForm::Binary,
+            "tinyint" if self.column_type.starts_with("tinyint(1)") => TextForm::Boolean,
+            "datetime" | "timestamp" => TextForm::Instant(digits()),
+            "time" => TextForm::Time(digits()),
+            _ => TextForm::Plain,
+        }
     }
 }
 
@@ -344,12 +404,8 @@ pub async fn describe(conn: &mut Conn, master: &str, table: &TableName, url_db: 
         database,
         columns: rows
             .into_iter()
-            .map(|(name, data_type, column_type, charset, collation)| Column {
-                name,
-                data_type: data_type.to_lowercase(),
-                column_type: column_type.to_lowercase(),
-                charset,
-                collation,
+            .map(|(name, data_type, column_type, charset, collation)| {
+                Column::new(&name, &data_type, &column_type, charset, collation)
             })
             .collect(),
         key,
@@ -368,13 +424,8 @@ mod tests {
 
     #[test]
     fn a_key_too_long_for_the_tombstones_is_refused_before_a_delete_fails_on_it() {
-        let column = |name: &str, data_type: &str, column_type: &str| Column {
-            name: name.into(),
-            data_type: data_type.into(),
-            column_type: column_type.into(),
-            charset: None,
-            collation: None,
-        };
+        let column =
+            |name: &str, data_type: &str, column_type: &str| Column::new(name, data_type, column_type, None, None);
         let mut t = Table {
             name: TableName { schema: "public".into(), name: "t".into() },
             database: "shop".into(),

@@ -26,7 +26,7 @@ use mysql_async::Conn;
 
 use crate::error::{Error, Result};
 use crate::mariadb::db::{connect, describe, quote_ident, quote_literal, url_database, user, Table};
-use crate::topology::{Database, Master, TableName, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
+use crate::topology::{Database, Master, Topology, ORIGIN_COLUMN, VERSION_COLUMN};
 
 /// mmsync's own tables. `IF NOT EXISTS` throughout: init runs again safely.
 const OWN_TABLES: &[&str] = &[
@@ -434,9 +434,4 @@ async fn install_table(
     }
     done.push(format!("stamping triggers on {}", table.name));
     Ok(done)
-}
-
-/// Whether `table` names one of mmsync's own tables in database `mmsync`.
-pub fn is_tombstones(table: &TableName) -> bool {
-    table.schema == "mmsync" && table.name == "tombstones"
 }
