@@ -263,6 +263,15 @@ pub(crate) struct Refusal {
 }
 
 impl Refusal {
+    /// The server's own message, with its error number.
+    fn of(source: &mysql_async::Error) -> Refusal {
+        let message = match source {
+            mysql_async::Error::Server(e) => format!("{} ({})", e.message, e.code),
+            other => other.to_string(),
+        };
+        Refusal { code: crate::mariadb::errors::code(source), message }
+    }
+
     /// The unique index a duplicate entry was refused by: MariaDB names it
     /// last in its message, "Duplicate entry '...' for key 'email'".
     fn unique_index(&self) -> Option<&str> {
@@ -270,7 +279,7 @@ impl Refusal {
             return None;
         }
         let rest = self.message.rsplit_once(" for key '")?.1;
-        let name = rest.strip_suffix('\'').unwrap_or(rest);
+        let name = rest.split('\'').next()?;
         // MySQL 8 writes `table.index`.
         Some(name.rsplit('.').next().unwrap_or(name))
     }
@@ -475,11 +484,7 @@ impl TableSql {
                 if crate::mariadb::errors::code(&source).is_some_and(crate::mariadb::errors::refuses_the_data) =>
             {
                 exec(conn, target, "savepoint", "ROLLBACK TO SAVEPOINT mmsync_table").await?;
-                let message = match &source {
-                    mysql_async::Error::Server(e) => format!("{} ({})", e.message, e.code),
-                    other => other.to_string(),
-                };
-                Ok(Err(Refusal { code: crate::mariadb::errors::code(&source), message }))
+                Ok(Err(Refusal::of(&source)))
             }
             Err(e) => Err(e),
         }
@@ -782,7 +787,14 @@ mod tests {
     #[test]
     fn a_duplicate_entry_names_the_unique_index_it_was_refused_by() {
         let refusal = |code, message: &str| Refusal { code: Some(code), message: message.into() };
-        assert_eq!(refusal(1062, "Duplicate entry 'a@x' for key 'email'").unique_index(), Some("email"));
+        let server = |code, message: &str| {
+            Refusal::of(&mysql_async::Error::Server(mysql_async::ServerError {
+                code,
+                message: message.into(),
+                state: "23000".into(),
+            }))
+        };
+        assert_eq!(server(1062, "Duplicate entry 'a@x' for key 'email'").unique_index(), Some("email"));
         assert_eq!(refusal(1062, "Duplicate entry 'x' for key 'users.email'").unique_index(), Some("email"));
         assert_eq!(refusal(1366, "Incorrect integer value").unique_index(), None);
     }
