@@ -33,10 +33,17 @@ pub(crate) struct TableSql {
     pub(crate) info: TableInfo,
     /// The data columns' names, sorted: what a record's row and unchanged columns must be.
     columns: Vec<String>,
+    /// The data columns' names in table order: the upsert's arrays.
+    data: Vec<String>,
+    /// Rows of whole changes: the data columns' arrays, origins, versions.
     upsert: String,
+    /// Deletes by key, where older: the key columns' arrays, versions, origins.
     delete: String,
+    /// Tombstones recorded or raised: canonical keys, versions, origins.
     tombstone: String,
+    /// The row of each key, locked: the key columns' arrays.
     lock_rows: String,
+    /// The tombstone of each key: canonical keys, the batch's newest version of each.
     read_tombstones: String,
     /// Per plain unique index besides the key: (index name, the statement
     /// that finds and locks the rows holding a record's values under another key).
@@ -49,13 +56,24 @@ impl TableSql {
     pub(crate) fn new(info: TableInfo, max_clock_skew: std::time::Duration) -> TableSql {
         let t = info.name.quoted();
         let (o, v) = (quote_ident(ORIGIN_COLUMN), quote_ident(VERSION_COLUMN));
-        let cast = |c: &str, from: &str| {
-            let ty = &info.column(c).expect("a column of the table").sql_type;
-            format!("({from}->>{})::{ty}", quote_literal(c))
-        };
+        let ty = |c: &str| &info.column(c).expect("a column of the table").sql_type;
+        let cast = |c: &str, from: &str| format!("({from}->>{})::{}", quote_literal(c), ty(c));
+        // A batch travels as one text array per column (the values' text
+        // form, cast to the column's type in SQL) and unnest() makes its
+        // rows: no JSON to build here or to parse there, per value.
         let data: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
+        let arrays = |n: usize, then: &[&str]| {
+            let mut a: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+            a.extend(then.iter().enumerate().map(|(j, ty)| format!("${}::{ty}[]", n + 1 + j)));
+            a.join(", ")
+        };
+        let aliases = |n: usize, then: &[&str]| {
+            let mut a: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+            a.extend(then.iter().map(|s| s.to_string()));
+            a.join(", ")
+        };
         let cols: Vec<String> = data.iter().map(|c| quote_ident(c)).collect();
-        let values: Vec<String> = data.iter().map(|c| cast(c, "(e->'row')")).collect();
+        let values: Vec<String> = data.iter().enumerate().map(|(i, c)| format!("e.c{i}::{}", ty(c))).collect();
         let keys: Vec<String> = info.key.iter().map(|k| quote_ident(k)).collect();
         let mut set: Vec<String> = data
             .iter()
@@ -66,11 +84,13 @@ impl TableSql {
         set.push(format!("{v} = EXCLUDED.{v}"));
         let upsert = format!(
             "INSERT INTO {t} AS t ({cols}, {o}, {v}) OVERRIDING SYSTEM VALUE
-             SELECT {values}, e->>'origin', (e->>'version')::int8 FROM jsonb_array_elements($1::jsonb) AS e
+             SELECT {values}, e.origin, e.version FROM unnest({arrays}) AS e({aliases})
              ON CONFLICT ({keys}) DO UPDATE SET {set}
              WHERE (t.{v}, t.{o}) < (EXCLUDED.{v}, EXCLUDED.{o})",
             cols = cols.join(", "),
             values = values.join(", "),
+            arrays = arrays(data.len(), &["text", "int8"]),
+            aliases = aliases(data.len(), &["origin", "version"]),
             keys = keys.join(", "),
             set = set.join(", "),
         );
@@ -78,38 +98,51 @@ impl TableSql {
         // primary key once per element (LATERAL ... LIMIT 1). Left to itself
         // the planner joins a batch against a whole table or against every
         // tombstone of it, which costs more the bigger they grow.
-        let probe = |from: &str| {
-            let m: Vec<String> = info.key.iter().map(|k| format!("t.{} = {}", quote_ident(k), cast(k, from))).collect();
-            m.join(" AND ")
-        };
+        let probe = info
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} = e.c{i}::{}", quote_ident(k), ty(k)))
+            .collect::<Vec<String>>()
+            .join(" AND ");
+        let n = info.key.len();
         let delete = format!(
             "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
-                SELECT t.ctid FROM jsonb_array_elements($1::jsonb) AS e
-                CROSS JOIN LATERAL (SELECT t.ctid, t.{v}, t.{o} FROM {t} AS t WHERE {} LIMIT 1) AS t
-                WHERE (t.{v}, t.{o}) < ((e->>'version')::int8, (e->>'origin') COLLATE \"C\")))",
-            probe("(e->'key')")
+                SELECT t.ctid FROM unnest({}) AS e({})
+                CROSS JOIN LATERAL (SELECT t.ctid, t.{v}, t.{o} FROM {t} AS t WHERE {probe} LIMIT 1) AS t
+                WHERE (t.{v}, t.{o}) < (e.version, e.origin COLLATE \"C\")))",
+            arrays(n, &["int8", "text"]),
+            aliases(n, &["version", "origin"]),
         );
+        let (schema, table) = (quote_literal(&info.name.schema), quote_literal(&info.name.name));
+        // Keys as mmsync.tombstones holds them: the canonical key JSON.
         let tombstone = format!(
             "INSERT INTO mmsync.tombstones AS tb (schema_name, table_name, key, version, origin)
-             SELECT {}, {}, e->'key', (e->>'version')::int8, e->>'origin' FROM jsonb_array_elements($1::jsonb) AS e
+             SELECT {schema}, {table}, e.key::jsonb, e.version, e.origin
+             FROM unnest($1::text[], $2::int8[], $3::text[]) AS e(key, version, origin)
              ON CONFLICT (schema_name, table_name, key) DO UPDATE
                 SET version = EXCLUDED.version, origin = EXCLUDED.origin, deleted_at = now()
-                WHERE (tb.version, tb.origin) < (EXCLUDED.version, EXCLUDED.origin)",
-            quote_literal(&info.name.schema),
-            quote_literal(&info.name.name)
+                WHERE (tb.version, tb.origin) < (EXCLUDED.version, EXCLUDED.origin)"
         );
+        // The row of each key, locked, by its place in the batch's list of keys.
         let lock_rows = format!(
-            "SELECT {}, t.{v}, t.{o}::text FROM jsonb_array_elements($1::jsonb) AS e
-             CROSS JOIN LATERAL (SELECT * FROM {t} AS t WHERE {} LIMIT 1 FOR UPDATE) AS t",
-            info.key_json_sql("t"),
-            probe("e")
+            "SELECT e.n, t.{v}, t.{o}::text FROM unnest({}) WITH ORDINALITY AS e({}, n)
+             CROSS JOIN LATERAL (SELECT t.{v}, t.{o} FROM {t} AS t WHERE {probe} LIMIT 1 FOR UPDATE) AS t",
+            arrays(n, &[]),
+            aliases(n, &[]),
         );
+        // The tombstone of each key, likewise. Only a tombstone at least as
+        // new as the batch's newest change of its key can change the plan,
+        // and every tombstone is older than `mmsync.tombstone_high` (its
+        // trigger keeps it so): a key whose newest change is not older than
+        // that has no tombstone worth the lookup, which is most keys while no
+        // delete is recent.
         let read_tombstones = format!(
-            "SELECT tb.key, tb.version, tb.origin::text FROM jsonb_array_elements($1::jsonb) AS e
-             CROSS JOIN LATERAL (SELECT key, version, origin FROM mmsync.tombstones
-                 WHERE schema_name = {} AND table_name = {} AND key = e LIMIT 1) AS tb",
-            quote_literal(&info.name.schema),
-            quote_literal(&info.name.name)
+            "SELECT e.n, tb.version, tb.origin::text
+             FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS e(key, newest, n)
+             CROSS JOIN LATERAL (SELECT version, origin FROM mmsync.tombstones
+                 WHERE schema_name = {schema} AND table_name = {table} AND key = e.key::jsonb LIMIT 1) AS tb
+             WHERE e.newest < (SELECT coalesce(pg_sequence_last_value('mmsync.tombstone_high'), 0))"
         );
         let same_key: Vec<String> =
             info.key.iter().map(|k| format!("t.{} = {}", quote_ident(k), cast(k, "($1->'row')"))).collect();
@@ -143,11 +176,12 @@ impl TableSql {
                 (u.name.clone(), sql)
             })
             .collect();
-        let mut columns: Vec<String> = info.data_columns().map(|c| c.name.clone()).collect();
+        let mut columns = data.clone();
         columns.sort_unstable();
         TableSql {
             info,
             columns,
+            data,
             upsert,
             delete,
             tombstone,
@@ -242,25 +276,12 @@ impl TableSql {
         // arrival order (the winner may be deleted on some master before the
         // loser gets there, and then nothing clashes there), so every master
         // that sees the clash tells the others, and the loser goes everywhere.
-        let deletes: Vec<serde_json::Value> = losers
-            .iter()
-            .map(|(key, _)| serde_json::json!({"key": key, "version": winner.0, "origin": winner.1}))
-            .collect();
-        let deletes = serde_json::Value::Array(deletes);
-        sqlx::query(&self.delete)
-            .bind(&deletes)
-            .execute(&mut *conn)
-            .await
-            .map_err(db("removing a unique value's loser"))?;
-        let tombstones: Vec<serde_json::Value> = losers
-            .iter()
-            .map(|(key, _)| serde_json::json!({"key": key, "version": winner.0, "origin": target}))
-            .collect();
-        sqlx::query(&self.tombstone)
-            .bind(serde_json::Value::Array(tombstones))
-            .execute(&mut *conn)
-            .await
-            .map_err(db("recording tombstones"))?;
+        let keys: Vec<Key> =
+            losers.iter().map(|(key, _)| serde_json::from_value(key.clone()).unwrap_or_default()).collect();
+        let deletes: Vec<(&Key, i64, &str)> = keys.iter().map(|k| (k, winner.0, winner.1.as_str())).collect();
+        self.delete_rows(conn, &deletes).await.map_err(db("removing a unique value's loser"))?;
+        let tombstones: Vec<(&Key, i64, &str)> = keys.iter().map(|k| (k, winner.0, target)).collect();
+        self.record_tombstones(conn, &tombstones).await.map_err(db("recording tombstones"))?;
         let logged: Vec<serde_json::Value> = losers
             .iter()
             .map(|(key, row)| {
@@ -330,40 +351,52 @@ impl TableSql {
 
         // The target's current state of those keys; existing rows are locked
         // so that no local write slips between this read and the writes.
-        let mut seen = std::collections::HashSet::new();
-        let keys: Vec<serde_json::Value> = changes
-            .iter()
-            .filter(|c| seen.insert(c.kafka_key()))
-            .map(|c| serde_json::to_value(&c.key).expect("strings"))
-            .collect();
-        let keys = serde_json::Value::Array(keys);
-        let mut held: HashMap<String, crate::lww::Held> = HashMap::new();
-        for r in sqlx::query(&self.lock_rows).bind(&keys).fetch_all(&mut *conn).await.map_err(db("locking rows"))? {
-            held.entry(key_text(r.get(0))).or_default().row = Some((r.get(1), r.get(2)));
+        // Each key once, with the newest version the batch has of it.
+        let mut place: HashMap<String, usize> = HashMap::new();
+        let mut unique: Vec<(String, &Key, i64)> = Vec::new();
+        for c in &changes {
+            match place.entry(c.kafka_key()) {
+                std::collections::hash_map::Entry::Occupied(at) => {
+                    let newest = &mut unique[*at.get()].2;
+                    *newest = (*newest).max(c.version);
+                }
+                std::collections::hash_map::Entry::Vacant(at) => {
+                    unique.push((at.key().clone(), &c.key, c.version));
+                    at.insert(unique.len() - 1);
+                }
+            }
         }
-        for r in sqlx::query(&self.read_tombstones)
-            .bind(&keys)
+        // First the rows, locked, then (a statement later, so that its
+        // snapshot is taken once the locks are held) the tombstones: a local
+        // delete that the lock waited for has committed its tombstone by
+        // then, and this read sees it. One statement would read tombstones as
+        // of before the wait.
+        let mut query = sqlx::query(&self.lock_rows);
+        for column in self.key_arrays(unique.iter().map(|(_, k, _)| *k)) {
+            query = query.bind(column);
+        }
+        let mut held: HashMap<String, crate::lww::Held> = HashMap::new();
+        for r in query.fetch_all(&mut *conn).await.map_err(db("locking rows"))? {
+            let n: i64 = r.get(0);
+            held.entry(unique[n as usize - 1].0.clone()).or_default().row = Some((r.get(1), r.get(2)));
+        }
+        let rows = sqlx::query(&self.read_tombstones)
+            .bind(unique.iter().map(|(k, _, _)| k.as_str()).collect::<Vec<&str>>())
+            .bind(unique.iter().map(|(_, _, v)| *v).collect::<Vec<i64>>())
             .fetch_all(&mut *conn)
             .await
-            .map_err(db("reading tombstones"))?
-        {
-            held.entry(key_text(r.get(0))).or_default().tombstone = Some((r.get(1), r.get(2)));
+            .map_err(db("reading tombstones"))?;
+        for r in rows {
+            let n: i64 = r.get(0);
+            held.entry(unique[n as usize - 1].0.clone()).or_default().tombstone = Some((r.get(1), r.get(2)));
         }
-
         let plan = crate::lww::plan(&changes, &held);
         outcome.applied.extend(plan.applied.iter().map(|&j| valid[j]));
         outcome.dead.extend(plan.dead.iter().map(|(j, reason)| (valid[*j], reason.clone())));
-        let upserts: Vec<serde_json::Value> =
-            plan.upserts.iter().map(|&j| self.row_json(plan.whole(j, &changes))).collect();
+        let upserts: Vec<&Change> = plan.upserts.iter().map(|&j| plan.whole(j, &changes)).collect();
         let partial: Vec<&Change> = plan.partial.iter().map(|&j| changes[j]).collect();
-        let deletes: Vec<serde_json::Value> = plan
-            .deletes
-            .iter()
-            .map(|&j| {
-                let c = changes[j];
-                serde_json::json!({"key": c.key, "version": c.version, "origin": c.origin})
-            })
-            .collect();
+        let deletes: Vec<(&Key, i64, &str)> =
+            plan.deletes.iter().map(|&j| (&changes[j].key, changes[j].version, changes[j].origin.as_str())).collect();
         let table = self.info.name.to_string();
         let mut conflicts: Vec<serde_json::Value> = Vec::new();
         for conflict in &plan.conflicts {
@@ -381,23 +414,14 @@ impl TableSql {
         }
 
         if !upserts.is_empty() {
-            sqlx::query(&self.upsert)
-                .bind(serde_json::Value::Array(upserts))
-                .execute(&mut *conn)
-                .await
-                .map_err(db("upserting rows"))?;
+            self.upsert_rows(conn, &upserts).await.map_err(db("upserting rows"))?;
         }
         for change in partial {
             self.update_present_columns(conn, change).await.map_err(db("updating rows"))?;
         }
         if !deletes.is_empty() {
-            let deletes = serde_json::Value::Array(deletes);
-            sqlx::query(&self.delete).bind(&deletes).execute(&mut *conn).await.map_err(db("deleting rows"))?;
-            sqlx::query(&self.tombstone)
-                .bind(&deletes)
-                .execute(&mut *conn)
-                .await
-                .map_err(db("recording tombstones"))?;
+            self.delete_rows(conn, &deletes).await.map_err(db("deleting rows"))?;
+            self.record_tombstones(conn, &deletes).await.map_err(db("recording tombstones"))?;
         }
         if !conflicts.is_empty() {
             sqlx::query(
@@ -420,9 +444,65 @@ impl TableSql {
         crate::sink::shape_problem(change, &self.columns, &self.info.name)
     }
 
-    /// The JSON element for the upsert statement: the row plus the stamp.
+    /// One text array per key column, in key order.
+    fn key_arrays<'k>(&self, keys: impl Iterator<Item = &'k Key> + Clone) -> Vec<Vec<&'k str>> {
+        self.info.key.iter().map(|k| keys.clone().map(|key| key.get(k).map_or("", String::as_str)).collect()).collect()
+    }
+
+    /// Writes whole rows, each where the target's row of its key is older or missing.
+    async fn upsert_rows(&self, conn: &mut PgConnection, changes: &[&Change]) -> std::result::Result<(), sqlx::Error> {
+        let mut query = sqlx::query(&self.upsert);
+        for column in &self.data {
+            let values: Vec<Option<&str>> = changes
+                .iter()
+                .map(|c| c.row.as_ref().and_then(|row| row.get(column)).and_then(|v| v.as_deref()))
+                .collect();
+            query = query.bind(values);
+        }
+        query
+            .bind(changes.iter().map(|c| c.origin.as_str()).collect::<Vec<&str>>())
+            .bind(changes.iter().map(|c| c.version).collect::<Vec<i64>>())
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the rows of these (key, version, origin) that are older than them.
+    async fn delete_rows(
+        &self,
+        conn: &mut PgConnection,
+        deletes: &[(&Key, i64, &str)],
+    ) -> std::result::Result<(), sqlx::Error> {
+        let mut query = sqlx::query(&self.delete);
+        for column in self.key_arrays(deletes.iter().map(|(k, _, _)| *k)) {
+            query = query.bind(column);
+        }
+        query
+            .bind(deletes.iter().map(|(_, v, _)| *v).collect::<Vec<i64>>())
+            .bind(deletes.iter().map(|(_, _, o)| *o).collect::<Vec<&str>>())
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Records or raises the tombstones of these (key, version, origin).
+    async fn record_tombstones(
+        &self,
+        conn: &mut PgConnection,
+        tombstones: &[(&Key, i64, &str)],
+    ) -> std::result::Result<(), sqlx::Error> {
+        sqlx::query(&self.tombstone)
+            .bind(tombstones.iter().map(|(k, _, _)| encode_key(k)).collect::<Vec<String>>())
+            .bind(tombstones.iter().map(|(_, v, _)| *v).collect::<Vec<i64>>())
+            .bind(tombstones.iter().map(|(_, _, o)| *o).collect::<Vec<&str>>())
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The JSON of a change's row, as the unique-value statements read it.
     fn row_json(&self, change: &Change) -> serde_json::Value {
-        serde_json::json!({"row": change.row, "origin": change.origin, "version": change.version})
+        serde_json::json!({"row": change.row})
     }
 
     /// An update that left some (TOASTed) columns out: set only what it sent.
@@ -488,12 +568,6 @@ async fn savepoint(conn: &mut PgConnection, target: &str, sql: &'static str) -> 
 /// cannot set it: it takes a superuser or `GRANT SET ON PARAMETER
 /// session_replication_role`, which `mmsync check` asks for.
 pub const APPLIER_SESSION: &str = "SET LOCAL session_replication_role = replica";
-
-/// The canonical key text of a key object read back from the database.
-fn key_text(v: serde_json::Value) -> String {
-    let key: Key = serde_json::from_value(v).unwrap_or_default();
-    encode_key(&key)
-}
 
 /// Applies one batch of the sink and stores its offsets, in one
 /// transaction; returns the changes that took effect.
