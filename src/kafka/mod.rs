@@ -106,9 +106,14 @@ pub fn consumer<C: FromClientConfig>(kafka: &Kafka, group: &str) -> Result<C> {
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", "20")
         .set("fetch.min.bytes", "1")
-        // Ask for big fetches; a sink applies up to batch_max_changes at once.
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("fetch.max.bytes", "67108864")
+        // Fetches big enough to fill a batch at once, and at most 16 MiB
+        // read ahead per sink (librdkafka's default is 64 MiB per consumer,
+        // and mmsync runs one per table and worker): with the batch bounds,
+        // what bounds a sink's memory whatever the backlog. A record larger
+        // than these still comes, alone.
+        .set("max.partition.fetch.bytes", "8388608")
+        .set("fetch.max.bytes", "16777216")
+        .set("queued.max.messages.kbytes", "16384")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false");
     with_topology_settings(&mut c, kafka);
@@ -175,14 +180,28 @@ pub fn ends(consumer: &impl Consumer, topics: &[String]) -> Result<Vec<(String, 
     let mut ends = Vec::new();
     for topic in topics {
         for p in 0..partitions(consumer, topic)?.unwrap_or(0) {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, REQUEST_TIMEOUT)
-                .map_err(Error::kafka(format!("reading the end of {topic}[{p}]")))?;
+            // A partition between leaders (a topic just made, a broker
+            // restarting) answers again in a moment: that is waited out,
+            // within a bound, rather than failing a join or a remove.
+            let deadline = std::time::Instant::now() + PASSING_FOR;
+            let (_, high) = loop {
+                match consumer.fetch_watermarks(topic, p, REQUEST_TIMEOUT) {
+                    Err(rdkafka::error::KafkaError::MetadataFetch(code))
+                        if is_passing(code) && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                    other => break other.map_err(Error::kafka(format!("reading the end of {topic}[{p}]")))?,
+                }
+            };
             ends.push((topic.clone(), p, high));
         }
     }
     Ok(ends)
 }
+
+/// How long [`ends`] waits out a partition between leaders.
+const PASSING_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// [`ends`] with a client of its own, off the async threads.
 pub async fn topic_ends(kafka: &Kafka, topics: Vec<String>) -> Result<Vec<(String, i32, i64)>> {
