@@ -452,3 +452,31 @@ async fn a_second_mmsync_run_stops_and_names_the_first_which_goes_on() {
     assert_eq!(s.converged("kv").await.len(), 3, "{}", run.log());
     assert!(run.terminate().await.success());
 }
+
+/// What a sink holds is bounded by bytes as well as by changes: rows of
+/// about 3 KB with `batch_max_bytes = 5000` go at most two to a batch (the
+/// record that crosses the bound ends it), where the changes bound alone
+/// would take them all at once. The source's bound splits the one big
+/// transaction into many rounds, and the rows still arrive whole.
+#[tokio::test]
+async fn a_sink_batch_ends_at_its_byte_bound_and_big_rows_still_arrive_whole() {
+    let settings = "batch_max_bytes = 5000\ncapture_max_bytes = 4000\n";
+    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], settings).await;
+    const ROWS: i64 = 200;
+    let mut seoul = s.conn("seoul").await;
+    sqlx::query("INSERT INTO kv SELECT i, repeat(md5(i::text), 94), i FROM generate_series(1, $1::int) i")
+        .bind(ROWS as i32)
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    s.start();
+    let rows = s.converged("kv").await;
+    assert_eq!(rows.len() as i64, ROWS);
+    const BATCH: &str = "mmsync_apply_batch_changes_bucket";
+    let metrics = s.metrics().await;
+    let sum = |le: &str| crate::common::metric_sum(&metrics, BATCH, &[("target", "busan"), ("le", le)]);
+    let (small, all) = (sum("10"), sum("+Inf"));
+    assert!(all >= (ROWS / 2) as f64, "{ROWS} rows of 3 KB in only {all} batches: the byte bound did not hold");
+    assert_eq!(small, all, "every batch has at most 10 changes");
+    s.stop().await;
+}

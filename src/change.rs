@@ -171,6 +171,13 @@ pub enum DecodeError {
 
 impl Change {
     /// The Kafka key: the primary key as a JSON object, columns in name order.
+    /// About what the change holds in memory: its key's and row's text.
+    pub fn text_bytes(&self) -> usize {
+        let key: usize = self.key.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let row: usize = self.row.iter().flatten().map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len)).sum();
+        key + row
+    }
+
     pub fn kafka_key(&self) -> String {
         encode_key(&self.key)
     }

@@ -365,12 +365,18 @@ impl Apply {
                 _ = shutdown.wait_for(|s| *s) => return Ok(()),
                 msg = self.recv_new() => msg,
             };
-            let mut batch = Vec::new();
-            let mut stop = self.take(first, &mut batch).err();
+            // A batch ends at batch_max_changes or batch_max_bytes of
+            // records, whichever comes first: what a sink holds is bounded
+            // by configuration whatever the rows' size or the backlog.
+            let (mut batch, mut bytes) = (Vec::new(), 0);
+            let mut stop = self.take(first, &mut batch, &mut bytes).err();
             let deadline = tokio::time::Instant::now() + topology.sync.batch_max_wait;
-            while stop.is_none() && batch.len() < topology.sync.batch_max_changes {
+            while stop.is_none()
+                && batch.len() < topology.sync.batch_max_changes
+                && bytes < topology.sync.batch_max_bytes
+            {
                 match tokio::time::timeout_at(deadline, self.recv_new()).await {
-                    Ok(incoming) => stop = self.take(incoming, &mut batch).err(),
+                    Ok(incoming) => stop = self.take(incoming, &mut batch, &mut bytes).err(),
                     Err(_) => break,
                 }
             }
@@ -389,8 +395,10 @@ impl Apply {
     /// here: the consumer failed, or a record is of a newer format than this
     /// mmsync reads (good, only newer: not a dead letter; it waits in Kafka
     /// until mmsync is upgraded, and this link retries until then).
-    fn take(&self, incoming: Result<Incoming>, batch: &mut Vec<Incoming>) -> Result<()> {
-        match incoming? {
+    fn take(&self, incoming: Result<(Incoming, usize)>, batch: &mut Vec<Incoming>, bytes: &mut usize) -> Result<()> {
+        let (incoming, size) = incoming?;
+        *bytes += size;
+        match incoming {
             Incoming::Newer { at, format } => Err(Error::Missing {
                 master: self.target.clone(),
                 problem: format!(
@@ -412,11 +420,15 @@ impl Apply {
     }
 
     /// The next record: the consumer starts at the stored offsets, so every
-    /// record it hands out is one this sink has not applied yet.
-    async fn recv_new(&self) -> Result<Incoming> {
+    /// record it hands out is one this sink has not applied yet. With its
+    /// size (key and value bytes).
+    async fn recv_new(&self) -> Result<(Incoming, usize)> {
         loop {
             match self.consumer.recv().await {
-                Ok(msg) => return Ok(Incoming::read(&msg)),
+                Ok(msg) => {
+                    let size = msg.key_len() + msg.payload_len();
+                    return Ok((Incoming::read(&msg), size));
+                }
                 // librdkafka hands the consumer word of a broker it lost (one
                 // of three killed, say) and reconnects, or reads from the new
                 // leader, by itself: counted, not a reason to start over.

@@ -76,8 +76,12 @@ struct SyncFile {
     batch_max_changes: Spanned<i64>,
     #[serde(default = "default_batch_max_wait_ms")]
     batch_max_wait_ms: Spanned<i64>,
+    #[serde(default = "default_batch_max_bytes")]
+    batch_max_bytes: Spanned<i64>,
     #[serde(default = "default_capture_max_changes")]
     capture_max_changes: Spanned<i64>,
+    #[serde(default = "default_capture_max_bytes")]
+    capture_max_bytes: Spanned<i64>,
     /// Unset: [`DEFAULT_APPLY_WORKERS`], or fewer when there are fewer partitions.
     #[serde(default)]
     apply_workers: Option<Spanned<i64>>,
@@ -119,6 +123,12 @@ fn default_batch_max_wait_ms() -> Spanned<i64> {
 /// Sinks per (master, table) when the file does not say: at most this many,
 /// and never more than `kafka.partitions`.
 pub const DEFAULT_APPLY_WORKERS: i64 = 2;
+fn default_batch_max_bytes() -> Spanned<i64> {
+    unspanned(8 * 1024 * 1024)
+}
+fn default_capture_max_bytes() -> Spanned<i64> {
+    unspanned(16 * 1024 * 1024)
+}
 fn default_capture_max_changes() -> Spanned<i64> {
     unspanned(10_000)
 }
@@ -214,8 +224,15 @@ pub struct SyncSettings {
     pub batch_max_changes: usize,
     /// A sink waits at most this long for a batch to fill.
     pub batch_max_wait: Duration,
+    /// Nor more than this many bytes of records (the one that crosses it
+    /// ends the batch): with `batch_max_changes`, what bounds a sink's memory
+    /// whatever the rows' size.
+    pub batch_max_bytes: usize,
     /// A source produces at most this many changes before it waits for Kafka to acknowledge them.
     pub capture_max_changes: usize,
+    /// Nor more than this many bytes of values (PostgreSQL masters; a
+    /// MariaDB source holds one whole transaction).
+    pub capture_max_bytes: usize,
     /// Sinks per (master, table), each applying its share of the partitions
     /// on its own connection: a key's changes stay in one partition, so
     /// they stay in order.
@@ -775,7 +792,9 @@ impl Validator<'_> {
             batch_max_wait: Duration::from_millis(
                 self.positive(&s.batch_max_wait_ms, "sync.batch_max_wait_ms", 600_000) as u64,
             ),
+            batch_max_bytes: self.positive(&s.batch_max_bytes, "sync.batch_max_bytes", 1 << 30) as usize,
             capture_max_changes: self.positive(&s.capture_max_changes, "sync.capture_max_changes", 10_000_000) as usize,
+            capture_max_bytes: self.positive(&s.capture_max_bytes, "sync.capture_max_bytes", 1 << 30) as usize,
             apply_workers: {
                 let partitions = i64::from((*k.partitions.get_ref()).max(1));
                 match &s.apply_workers {
@@ -902,6 +921,8 @@ tables = ["public.users", "messages", 'public."Order Items"']
         assert_eq!(t.tables[2].quoted(), r#""public"."Order Items""#);
         assert_eq!(t.kafka.client["security.protocol"], "plaintext");
         assert_eq!(t.sync.batch_max_changes, 1000);
+        assert_eq!(t.sync.batch_max_bytes, 8 << 20);
+        assert_eq!(t.sync.capture_max_bytes, 16 << 20);
         assert_eq!(t.sync.batch_max_wait, Duration::from_millis(5));
         assert_eq!(t.sync.apply_workers, 2);
     }

@@ -43,6 +43,8 @@ pub struct Decoded {
     pub changes: Vec<Change>,
     /// Changes dropped because another master wrote them.
     pub suppressed: u64,
+    /// The text of `changes` ([`Change::text_bytes`]).
+    pub bytes: usize,
 }
 
 /// Runs the source of `master` until `shutdown` turns true (see
@@ -72,6 +74,7 @@ impl crate::produce::Source for Capture {
     ) -> Result<()> {
         let name = self.master.name.clone();
         let chunk = topology.sync.capture_max_changes;
+        let chunk_bytes = topology.sync.capture_max_bytes;
         let mut decoded = Decoded::default();
         let mut stream_state = StreamState::default();
         let mut tick = tokio::time::interval(TICK);
@@ -86,7 +89,7 @@ impl crate::produce::Source for Capture {
                 message = self.stream.recv() => {
                     self.take(message, &mut decoded, &mut stream_state)?;
                     // Everything that is already here, up to a chunk.
-                    while decoded.changes.len() < chunk {
+                    while decoded.changes.len() < chunk && decoded.bytes < chunk_bytes {
                         let Some(message) = self.stream.try_recv() else { break };
                         self.take(message, &mut decoded, &mut stream_state)?;
                     }
@@ -115,11 +118,13 @@ impl crate::produce::Source for Capture {
                     .increment(std::mem::take(&mut decoded.suppressed));
             }
             // A whole transaction, or a full chunk of a large one.
-            if !decoded.changes.is_empty() && (!stream_state.in_transaction || decoded.changes.len() >= chunk) {
+            let full = decoded.changes.len() >= chunk || decoded.bytes >= chunk_bytes;
+            if !decoded.changes.is_empty() && (!stream_state.in_transaction || full) {
                 // The failpoint waits for a round of the application's changes
                 // (not only mmsync's own heartbeat).
                 let crash = self.crash_after_produce && decoded.changes.iter().any(|c| c.table.schema != "mmsync");
                 let mut changes = std::mem::take(&mut decoded.changes);
+                decoded.bytes = 0;
                 self.read_unchanged(&mut changes).await?;
                 let refused = crate::produce::round(topology, producer, &name, changes).await?;
                 self.keep_dead_letters(topology, refused).await?;
@@ -618,7 +623,7 @@ impl Decoder {
             round.suppressed += 1;
             return Ok(());
         }
-        round.changes.push(Change {
+        let change = Change {
             table,
             op,
             key,
@@ -632,7 +637,9 @@ impl Decoder {
                 at: LogPosition::Postgres { lsn: self.lsn, txid: self.txid },
                 commit_ms: self.commit_ms,
             },
-        });
+        };
+        round.bytes += change.text_bytes();
+        round.changes.push(change);
         Ok(())
     }
 }
