@@ -456,20 +456,24 @@ async fn a_second_mmsync_run_stops_and_names_the_first_which_goes_on() {
 /// What a sink holds is bounded by bytes as well as by changes: rows of
 /// about 3 KB with `batch_max_bytes = 5000` go at most two to a batch (the
 /// record that crosses the bound ends it), where the changes bound alone
-/// would take them all at once. The source's bound splits the one big
-/// transaction into many rounds, and the rows still arrive whole.
+/// would take them all at once once they wait in Kafka.
 #[tokio::test]
 async fn a_sink_batch_ends_at_its_byte_bound_and_big_rows_still_arrive_whole() {
-    let settings = "batch_max_bytes = 5000\ncapture_max_bytes = 4000\n";
-    let mut s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], settings).await;
+    let mut s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "batch_max_bytes = 5000\n").await;
     const ROWS: i64 = 200;
-    let mut seoul = s.conn("seoul").await;
+    // busan's sink waits behind a lock until every row is in Kafka.
+    let mut hold = s.conn("busan").await;
+    sqlx::raw_sql("BEGIN; LOCK TABLE kv IN EXCLUSIVE MODE").execute(&mut hold).await.unwrap();
     sqlx::query("INSERT INTO kv SELECT i, repeat(md5(i::text), 94), i FROM generate_series(1, $1::int) i")
         .bind(ROWS as i32)
-        .execute(&mut seoul)
+        .execute(&mut s.conn("seoul").await)
         .await
         .unwrap();
     s.start();
+    let pending = [("source", "seoul"), ("target", "busan")];
+    s.wait_metric("mmsync_kafka_pending_records", &pending, ROWS as f64).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut hold).await.unwrap();
     let rows = s.converged("kv").await;
     assert_eq!(rows.len() as i64, ROWS);
     const BATCH: &str = "mmsync_apply_batch_changes_bucket";
