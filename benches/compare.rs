@@ -17,7 +17,13 @@
 //! 4. cost on the master: pgbench upserts on a synced table against a plain
 //!    one, with mmsync's triggers alone (mmsync stopped), and with each
 //!    replicator running;
-//! 5. peak resident memory of `mmsync run` (and of the Connect worker).
+//! 5. peak resident memory of `mmsync run` (and of the Connect worker);
+//! 6. single-row transactions: pgbench, 4 clients, N transactions of one row
+//!    each on `bench` (90% upserts, 10% deletes, on keys 40,000,001 to
+//!    40,200,000), with the replicator running: pgbench's rate (beside the
+//!    same pgbench on `bench_plain`, a table with no triggers, with no
+//!    replicator running), and the one-way throughput, from pgbench's start
+//!    until B holds what A holds.
 //!
 //! Native logical replication and Debezium replicate one way, A to B; their
 //! lag, where measured, is one way too.
@@ -30,6 +36,7 @@ use mmsync::testbed::{wait_for, Bed, BedKafka, MmsyncProcess, PgCluster};
 use sqlx::PgConnection;
 
 const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2), at timestamptz);
+                     CREATE TABLE bench_plain (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2), at timestamptz);
                      CREATE TABLE wc_plain (id int PRIMARY KEY, v int); CREATE TABLE wc_synced (id int PRIMARY KEY, v int);";
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -166,13 +173,18 @@ fn pgbench(cluster: &PgCluster, db: &str, table: &str, secs: u64, dir: &Path) ->
         format!("\\set id random(1, 100000)\nINSERT INTO {table} VALUES (:id, 1) ON CONFLICT (id) DO UPDATE SET v = {table}.v + 1;\n"),
     )
     .unwrap();
+    let secs = secs.to_string();
+    run_pgbench(cluster, db, &["-c", "2", "-j", "2", "-T", &secs, "-f", &script.to_string_lossy()])
+}
+
+/// Runs pgbench (no vacuum first) on `db` with `args`; transactions per second.
+fn run_pgbench(cluster: &PgCluster, db: &str, args: &[&str]) -> f64 {
     let bin = mmsync::testbed::pg_bin_dir().unwrap().join("pgbench");
     let out = std::process::Command::new(bin)
-        .args(["-n", "-c", "2", "-j", "2", "-T", &secs.to_string(), "-h", "127.0.0.1", "-U", "postgres"])
+        .args(["-n", "-h", "127.0.0.1", "-U", "postgres"])
         .arg("-p")
         .arg(cluster.port().to_string())
-        .arg("-f")
-        .arg(&script)
+        .args(args)
         .arg(db)
         .output()
         .unwrap();
@@ -199,6 +211,77 @@ fn cost_percent((plain, synced): (f64, f64)) -> f64 {
     (1.0 - synced / plain) * 100.0
 }
 
+/// The single-row workload's keys: 40,000,001 to 40,200,000, apart from the
+/// other phases' (from 1, 10,000,000, 20,000,000 and 30,000,000).
+const SINGLE_FIRST: i64 = 40_000_001;
+const SINGLE_KEYS: i64 = 200_000;
+/// pgbench clients of the single-row workload.
+const SINGLE_CLIENTS: i64 = 4;
+
+/// Transactions of the single-row workload for `n` changes: `n` split across
+/// the clients (`-t` is per client).
+fn single_row_transactions(n: i64) -> i64 {
+    (n / SINGLE_CLIENTS).max(1) * SINGLE_CLIENTS
+}
+
+/// The single-row workload on `table`: pgbench, 4 clients, each transaction
+/// one row, 90% upserts and 10% deletes of random keys; transactions per second.
+fn single_row_pgbench(cluster: &PgCluster, db: &str, table: &str, n: i64, dir: &Path) -> f64 {
+    let set = format!("\\set id random({SINGLE_FIRST}, {})\n", SINGLE_FIRST + SINGLE_KEYS - 1);
+    let upsert = dir.join(format!("single_upsert_{table}.sql"));
+    std::fs::write(
+        &upsert,
+        format!(
+            "{set}INSERT INTO {table} VALUES (:id, 'name', :id * 0.25, now()) \
+             ON CONFLICT (id) DO UPDATE SET amount = {table}.amount + 1, at = now();\n"
+        ),
+    )
+    .unwrap();
+    let delete = dir.join(format!("single_delete_{table}.sql"));
+    std::fs::write(&delete, format!("{set}DELETE FROM {table} WHERE id = :id;\n")).unwrap();
+    let per_client = (single_row_transactions(n) / SINGLE_CLIENTS).to_string();
+    let clients = SINGLE_CLIENTS.to_string();
+    let (upsert, delete) = (format!("{}@9", upsert.display()), format!("{}@1", delete.display()));
+    run_pgbench(cluster, db, &["-c", &clients, "-j", "2", "-t", &per_client, "-f", &upsert, "-f", &delete])
+}
+
+/// What the single-row workload measured of one system.
+#[derive(Clone, Copy)]
+struct SingleRow {
+    /// pgbench on `bench_plain`, no replicator running.
+    tps_plain: f64,
+    /// pgbench on `bench`, the replicator running.
+    tps_synced: f64,
+    /// From pgbench's start until B held what A held.
+    one_way_s: f64,
+}
+
+impl SingleRow {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"one_way_s": self.one_way_s, "tps_synced": self.tps_synced, "tps_plain": self.tps_plain})
+    }
+}
+
+/// The single-row workload on A's `bench` while the replicator runs: waits
+/// for A and B to agree (not timed), then runs pgbench; returns its
+/// transactions per second and the seconds from its start until B holds what
+/// A holds again.
+async fn single_row_synced(a: &PgCluster, b: &PgCluster, db: &str, n: i64, dir: &Path) -> (f64, f64) {
+    // Both read each time: after mmsync's steady phase, B's own writes may still be on their way to A.
+    wait_for(&format!("{db}: A and B to agree before the single-row load"), Duration::from_secs(3600), || async {
+        (state(a, db).await == state(b, db).await).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let tps = single_row_pgbench(a, db, "bench", n, dir);
+    let want = state(a, db).await;
+    wait_for(&format!("{db}: B to catch up with the single-row load"), Duration::from_secs(3600), || async {
+        (state(b, db).await == want).then_some(())
+    })
+    .await;
+    (tps, started.elapsed().as_secs_f64())
+}
+
 /// What Debezium measured: seconds, and tps for the write cost.
 struct Debezium {
     one_way_s: f64,
@@ -209,6 +292,7 @@ struct Debezium {
     lag_s: (f64, f64, f64),
     write_cost: (f64, f64),
     rss_peak_kib: u64,
+    single: SingleRow,
 }
 
 /// Debezium's PostgreSQL source on A and its JDBC sink into B, in one Kafka
@@ -264,6 +348,8 @@ async fn debezium(bed: &Bed, n: i64, secs: u64, dir: &Path) -> Result<Debezium, 
         .set("primary.key.mode", "record_key")
         .set("schema.evolution", "none")
         .set("collection.name.format", "${source.table}");
+    // The single-row workload's rate with no replicator running (nor its slot made yet).
+    let single_plain = single_row_pgbench(a, DB, "bench_plain", n, dir);
     let mut worker = KafkaConnect::new(&brokers, &[source, sink], &[]).map_err(|e| e.to_string())?;
     worker.start().await.map_err(|e| e.to_string())?;
     // The slot is made when the source starts; a change written before it is not streamed.
@@ -314,10 +400,12 @@ async fn debezium(bed: &Bed, n: i64, secs: u64, dir: &Path) -> Result<Debezium, 
     .await
     .map_err(|e| format!("the lag of the steady load: {e}"))?;
 
+    let (tps_synced, single_s) = single_row_synced(a, b, DB, n, dir).await;
+    let single = SingleRow { tps_plain: single_plain, tps_synced, one_way_s: single_s };
     let write_cost = write_cost(a, DB, secs, dir);
     let rss_peak_kib = worker.pid().map_or(0, rss_peak_kib);
     worker.stop().await.map_err(|e| e.to_string())?;
-    Ok(Debezium { one_way_s, catch_up_s, connect_start_s, lag_s, write_cost, rss_peak_kib })
+    Ok(Debezium { one_way_s, catch_up_s, connect_start_s, lag_s, write_cost, rss_peak_kib, single })
 }
 
 /// Whether the bed's `postgres` has a setting (`--describe-config` lists them,
@@ -395,9 +483,17 @@ async fn main() {
     let lag = |q| percentile(&before, &after, q);
     let (lag_p50, lag_p99, lag_max) = (lag(0.5), lag(0.99), lag(1.0));
     let rss_steady = rss_peak_kib(pid);
+    // single-row transactions on A, mmsync running.
+    let (mmsync_single_tps, mmsync_single_s) = single_row_synced(a, b, db, n, dir).await;
     // cost on the master, with mmsync running.
     let cost_running = write_cost(a, db, secs, dir);
     assert!(run.terminate().await.success());
+    // The single-row workload on a table without triggers, mmsync stopped.
+    let mmsync_single = SingleRow {
+        tps_plain: single_row_pgbench(a, db, "bench_plain", n, dir),
+        tps_synced: mmsync_single_tps,
+        one_way_s: mmsync_single_s,
+    };
     // Cost on the master of the triggers and columns alone, mmsync stopped.
     // Last: what it writes waits in A's slot, and a phase after it would
     // first drain that backlog (hundreds of thousands of changes).
@@ -409,6 +505,8 @@ async fn main() {
         let mut conn = c.connect("native").await.unwrap();
         exec(&mut conn, TABLE).await;
     }
+    // The single-row workload with no replicator (no publication, no slot yet).
+    let native_single_plain = single_row_pgbench(a, "native", "bench_plain", n, dir);
     exec(&mut a.connect("native").await.unwrap(), "CREATE PUBLICATION bench_pub FOR TABLE bench, wc_synced").await;
     exec(
         &mut b.connect("native").await.unwrap(),
@@ -435,10 +533,12 @@ async fn main() {
     })
     .await;
     let native_catch_up = started.elapsed().as_secs_f64();
+    let (tps_synced, one_way_s) = single_row_synced(a, b, "native", n, dir).await;
+    let native_single = SingleRow { tps_plain: native_single_plain, tps_synced, one_way_s };
     let native_cost = write_cost(a, "native", secs, dir);
 
     // pglogical 2, both ways, last_update_wins, forward_origins '{}'.
-    let mut pglogical = None;
+    let mut pglogical: Option<Pglogical> = None;
     if with_pglogical {
         let dsn = |c: &PgCluster| format!("host=127.0.0.1 port={} dbname=pgl user=postgres", c.port());
         for (name, c) in [("a", a), ("b", b)] {
@@ -450,6 +550,8 @@ async fn main() {
             exec(&mut conn, "SELECT pglogical.replication_set_add_table('default', 'bench')").await;
             exec(&mut conn, "SELECT pglogical.replication_set_add_table('default', 'wc_synced')").await;
         }
+        // The single-row workload with no replicator (no subscription, no slot yet).
+        let single_plain = single_row_pgbench(a, "pgl", "bench_plain", n, dir);
         for (name, sub, provider) in [("b_from_a", b, a), ("a_from_b", a, b)] {
             let mut conn = sub.connect("pgl").await.unwrap();
             exec(
@@ -483,8 +585,11 @@ async fn main() {
             (state(b, "pgl").await == want).then_some(())
         })
         .await;
-        let catch_up = started.elapsed().as_secs_f64();
-        pglogical = Some((one, catch_up, write_cost(a, "pgl", secs, dir)));
+        let catch_up_s = started.elapsed().as_secs_f64();
+        let (tps_synced, single_s) = single_row_synced(a, b, "pgl", n, dir).await;
+        let single = SingleRow { tps_plain: single_plain, tps_synced, one_way_s: single_s };
+        let write_cost = write_cost(a, "pgl", secs, dir);
+        pglogical = Some(Pglogical { changes: n, one_way_s: one, catch_up_s, write_cost, single });
     }
 
     // Debezium, one way, in Kafka Connect.
@@ -499,15 +604,15 @@ async fn main() {
     let dbz = debezium.as_ref().ok();
 
     let rate = |s: f64| n as f64 / s;
+    let single_n = single_row_transactions(n);
+    let single_rate = |s: &SingleRow| single_n as f64 / s.one_way_s;
     println!("\nmmsync beside the anchors, {n} changes (40% inserts, 50% updates, 10% deletes), this machine\n");
     println!(
         "| figure | mmsync | native logical replication | pglogical 2 | Debezium (PostgreSQL source, JDBC sink) \
          | mmsync / native | mmsync / pglogical | mmsync / Debezium |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    /// pglogical's figures: (one way, catch-up seconds, write cost).
-    type Figures = (f64, f64, (f64, f64));
-    let pgl = |f: fn(Figures) -> f64| pglogical.map(f);
+    let pgl = |f: fn(&Pglogical) -> f64| pglogical.as_ref().map(f);
     let row = |name: &str, m: f64, nat: f64, p: Option<f64>, d: Option<f64>, unit: &str| {
         let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} {unit}"));
         let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", m / v));
@@ -524,7 +629,7 @@ async fn main() {
         "one-way throughput",
         rate(mmsync_one_way),
         rate(native_one_way),
-        pgl(|(o, _, _)| n_rate(o)),
+        pgl(|p| p.rate(p.one_way_s)),
         dbz.map(|d| rate(d.one_way_s)),
         "changes/s",
     );
@@ -532,8 +637,18 @@ async fn main() {
         "catch-up of a backlog",
         rate(mmsync_catch_up),
         rate(native_catch_up),
-        pgl(|(_, c, _)| n_rate(c)),
+        pgl(|p| p.rate(p.catch_up_s)),
         dbz.map(|d| rate(d.catch_up_s)),
+        "changes/s",
+    );
+    row(
+        &format!(
+            "one-way throughput, single-row transactions (pgbench, {SINGLE_CLIENTS} clients, {single_n} transactions)"
+        ),
+        single_rate(&mmsync_single),
+        single_rate(&native_single),
+        pgl(|p| single_row_transactions(p.changes) as f64 / p.single.one_way_s),
+        dbz.map(|d| single_rate(&d.single)),
         "changes/s",
     );
     let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("≤ {:.0} ms", v * 1000.0));
@@ -557,8 +672,25 @@ async fn main() {
         "| master write cost, same, replicator running on this machine | {} | {} | {} | {} | | | |",
         tps(cost_running),
         tps(native_cost),
-        pglogical.map_or("-".into(), |(_, _, c)| tps(c)),
+        pglogical.as_ref().map_or("-".into(), |p| tps(p.write_cost)),
         dbz.map_or("-".into(), |d| tps(d.write_cost))
+    );
+    let while_syncing = |s: &SingleRow| {
+        format!("{:.0} vs {:.0} tps ({:+.1}%)", s.tps_synced, s.tps_plain, (s.tps_synced / s.tps_plain - 1.0) * 100.0)
+    };
+    let tps_ratio = |s: Option<&SingleRow>| {
+        s.map_or("-".to_string(), |s| format!("{:.2}", mmsync_single.tps_synced / s.tps_synced))
+    };
+    println!(
+        "| master write rate while syncing, single-row (tps), vs no replication (mmsync: a table without triggers) \
+         | {} | {} | {} | {} | {:.2} | {} | {} |",
+        while_syncing(&mmsync_single),
+        while_syncing(&native_single),
+        pglogical.as_ref().map_or("-".into(), |p| while_syncing(&p.single)),
+        dbz.map_or("-".into(), |d| while_syncing(&d.single)),
+        mmsync_single.tps_synced / native_single.tps_synced,
+        tps_ratio(pglogical.as_ref().map(|p| &p.single)),
+        tps_ratio(dbz.map(|d| &d.single)),
     );
     println!(
         "| peak RSS of mmsync run (Debezium: of the Connect worker) | {} MiB (one-way), {} MiB (steady) | | | {} | | | |",
@@ -579,16 +711,20 @@ async fn main() {
     let json = serde_json::json!({
         "changes": n,
         "seconds_per_load_phase": secs,
+        "single_row": {"transactions": single_n, "clients": SINGLE_CLIENTS, "upserts_percent": 90, "deletes_percent": 10,
+                       "first_key": SINGLE_FIRST, "keys": SINGLE_KEYS},
         "mmsync": {"one_way_s": mmsync_one_way, "catch_up_s": mmsync_catch_up, "lag_p50_s": lag_p50, "lag_p99_s": lag_p99, "lag_max_s": lag_max,
-                   "rss_one_way_kib": rss_one_way, "rss_steady_kib": rss_steady},
-        "native": {"one_way_s": native_one_way, "catch_up_s": native_catch_up},
-        "pglogical": pglogical.map(|(o, c, w)| serde_json::json!({"one_way_s": o, "catch_up_s": c,
-                                   "write_cost": {"tps_plain": w.0, "tps_synced": w.1}})),
+                   "rss_one_way_kib": rss_one_way, "rss_steady_kib": rss_steady, "single_row": mmsync_single.json()},
+        "native": {"one_way_s": native_one_way, "catch_up_s": native_catch_up, "single_row": native_single.json()},
+        "pglogical": pglogical.as_ref().map(|p| serde_json::json!({"one_way_s": p.one_way_s, "catch_up_s": p.catch_up_s,
+                                   "write_cost": {"tps_plain": p.write_cost.0, "tps_synced": p.write_cost.1},
+                                   "single_row": p.single.json()})),
         "debezium": match &debezium {
             Ok(d) => serde_json::json!({"version": connect::DEBEZIUM_VERSION, "connect_version": connect::CONNECT_VERSION,
                 "one_way_s": d.one_way_s, "catch_up_s": d.catch_up_s, "connect_start_s": d.connect_start_s,
                 "lag_p50_s": d.lag_s.0, "lag_p99_s": d.lag_s.1, "lag_max_s": d.lag_s.2,
-                "write_cost": {"tps_plain": d.write_cost.0, "tps_synced": d.write_cost.1}, "rss_peak_kib": d.rss_peak_kib}),
+                "write_cost": {"tps_plain": d.write_cost.0, "tps_synced": d.write_cost.1}, "rss_peak_kib": d.rss_peak_kib,
+                "single_row": d.single.json()}),
             Err(why) => serde_json::json!({"measured": false, "why": why}),
         },
         "master_cost": {
@@ -601,6 +737,19 @@ async fn main() {
     std::fs::write("target/bench/compare.json", serde_json::to_string_pretty(&json).unwrap()).unwrap();
 }
 
-fn n_rate(secs: f64) -> f64 {
-    env_num("MMSYNC_BENCH_CHANGES", 1_000_000) as f64 / secs
+/// What pglogical measured.
+struct Pglogical {
+    /// The bulk phases' changes.
+    changes: i64,
+    one_way_s: f64,
+    catch_up_s: f64,
+    write_cost: (f64, f64),
+    single: SingleRow,
+}
+
+impl Pglogical {
+    /// The bulk phases' changes per second, over `secs`.
+    fn rate(&self, secs: f64) -> f64 {
+        self.changes as f64 / secs
+    }
 }
