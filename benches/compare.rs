@@ -32,7 +32,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mmsync::testbed::connect::{self, Connector, KafkaConnect};
-use mmsync::testbed::{wait_for, Bed, BedKafka, MmsyncProcess, PgCluster};
+use mmsync::testbed::{Bed, BedKafka, MmsyncProcess, PgCluster};
 use sqlx::PgConnection;
 
 const TABLE: &str = "CREATE TABLE bench (id bigint PRIMARY KEY, name text NOT NULL, amount numeric(12,2), at timestamptz);
@@ -84,10 +84,40 @@ async fn workload(conn: &mut PgConnection, first: i64, n: i64) {
     }
 }
 
-/// (rows, sum of amounts) of `bench`.
+/// (rows, sum of amounts) of `bench`, on one kept connection per database:
+/// a new backend on every poll would tax the two cores that every system
+/// measured here shares.
 async fn state(cluster: &PgCluster, db: &str) -> (i64, String) {
-    let mut conn = cluster.connect(db).await.unwrap();
-    sqlx::query_as("SELECT count(*), coalesce(sum(amount), 0)::text FROM bench").fetch_one(&mut conn).await.unwrap()
+    static POOLS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, sqlx::PgPool>>> =
+        std::sync::OnceLock::new();
+    let url = cluster.url(db);
+    let pool = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(url.clone())
+        .or_insert_with(|| {
+            sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(&url).expect("a database url")
+        })
+        .clone();
+    sqlx::query_as("SELECT count(*), coalesce(sum(amount), 0)::text FROM bench").fetch_one(&pool).await.unwrap()
+}
+
+/// [`mmsync::testbed::wait_for`], polling every 100 ms: the polls' own
+/// work stays small beside what is measured (at most 0.1 s on a phase).
+async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Writes the workload on A and returns the seconds until B holds the same rows.
