@@ -512,6 +512,12 @@ async fn main() {
     let after = buckets(&metrics_text(metrics_addr).await, LAG);
     let lag = |q| percentile(&before, &after, q);
     let (lag_p50, lag_p99, lag_max) = (lag(0.5), lag(0.99), lag(1.0));
+    // and at 10,000 changes/s per master.
+    let before = buckets(&metrics_text(metrics_addr).await, LAG);
+    tokio::join!(steady(a, db, 10_000, secs, 20_000_000), steady(b, db, 10_000, secs, 30_000_000));
+    let after = buckets(&metrics_text(metrics_addr).await, LAG);
+    let lag = |q| percentile(&before, &after, q);
+    let lag_10k = (lag(0.5), lag(0.99), lag(1.0));
     let rss_steady = rss_peak_kib(pid);
     // single-row transactions on A, mmsync running.
     let (mmsync_single_tps, mmsync_single_s) = single_row_synced(a, b, db, n, dir).await;
@@ -692,6 +698,12 @@ async fn main() {
         fmt(lag_p99),
         fmt(lag_max)
     );
+    println!(
+        "| lag p50 / p99 / max at 10,000 changes/s per master | {} / {} / {} | | | | | | |",
+        fmt(lag_10k.0),
+        fmt(lag_10k.1),
+        fmt(lag_10k.2)
+    );
     let tps =
         |(plain, synced): (f64, f64)| format!("{:.1}% ({synced:.0} vs {plain:.0} tps)", cost_percent((plain, synced)));
     println!(
@@ -744,6 +756,7 @@ async fn main() {
         "single_row": {"transactions": single_n, "clients": SINGLE_CLIENTS, "upserts_percent": 90, "deletes_percent": 10,
                        "first_key": SINGLE_FIRST, "keys": SINGLE_KEYS},
         "mmsync": {"one_way_s": mmsync_one_way, "catch_up_s": mmsync_catch_up, "lag_p50_s": lag_p50, "lag_p99_s": lag_p99, "lag_max_s": lag_max,
+                   "lag_10k": {"p50_s": lag_10k.0, "p99_s": lag_10k.1, "max_s": lag_10k.2},
                    "rss_one_way_kib": rss_one_way, "rss_steady_kib": rss_steady, "single_row": mmsync_single.json()},
         "native": {"one_way_s": native_one_way, "catch_up_s": native_catch_up, "single_row": native_single.json()},
         "pglogical": pglogical.as_ref().map(|p| serde_json::json!({"one_way_s": p.one_way_s, "catch_up_s": p.catch_up_s,

@@ -558,6 +558,21 @@ impl Decoder {
                 rel.columns.len()
             ));
         }
+        // Another master's change (applied here by mmsync's sink) is
+        // dropped before its row is built: in a mesh, about as many rows
+        // arrive here to be dropped as to be sent.
+        let origin_column = match kind {
+            Kind::Other => return Ok(()),
+            Kind::Synced(_) => ORIGIN_COLUMN,
+            Kind::Tombstones => "origin",
+        };
+        let origin_at = rel.columns.iter().position(|c| c.name == origin_column);
+        if let Some(Value::Text(origin)) = origin_at.map(|i| &tuple[i]) {
+            if *origin != self.master {
+                round.suppressed += 1;
+                return Ok(());
+            }
+        }
         let mut row = Row::new();
         let mut unchanged = Vec::new();
         for (column, value) in rel.columns.iter().zip(tuple) {
