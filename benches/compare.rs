@@ -105,19 +105,12 @@ async fn state(cluster: &PgCluster, db: &str) -> (i64, String) {
 
 /// [`mmsync::testbed::wait_for`], polling every 100 ms: the polls' own
 /// work stays small beside what is measured (at most 0.1 s on a phase).
-async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    mmsync::testbed::wait_every(what, deadline, Duration::from_millis(100), check).await
 }
 
 /// Writes the workload on A and returns the seconds until B holds the same rows.

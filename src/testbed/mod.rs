@@ -100,7 +100,17 @@ pub fn free_port() -> u16 {
 
 /// Polls `check` until it returns `Some`, or fails after `deadline`.
 /// The bed's and the tests' only way to wait: on a condition, never a fixed sleep.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    wait_every(what, deadline, Duration::from_millis(50), check).await
+}
+
+/// [`wait_for`], checking every `interval` (a benchmark polls less often,
+/// so that its checks cost little beside what it measures).
+pub async fn wait_every<T, F, Fut>(what: &str, deadline: Duration, interval: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -111,7 +121,7 @@ where
             return v;
         }
         assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
