@@ -334,6 +334,27 @@ pub struct PgCluster {
     child: Option<process::ServerProcess>,
 }
 
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        // The server dies with its wrapper (SIGKILL), which leaves its small
+        // System V shared memory segment behind (the interlock the postmaster
+        // names in postmaster.pid); with its folder gone nothing would remove
+        // it, and a machine that runs the tests all day runs out of segments
+        // (kernel.shmmni: initdb then fails with "No space left on device").
+        // Marked for removal, it goes once the last dying process detaches.
+        let shmid = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok().and_then(|pid| {
+            pid.lines().nth(6).and_then(|l| l.split_whitespace().nth(1)).and_then(|id| id.parse::<i32>().ok())
+        });
+        drop(self.child.take());
+        if let Some(id) = shmid {
+            // SAFETY: IPC_RMID takes no buffer; an id that is gone or not ours only fails.
+            unsafe {
+                libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
 impl PgCluster {
     /// Makes and starts a cluster. Superuser `postgres`, trust authentication on 127.0.0.1.
     pub async fn start(opts: PgOptions) -> Result<PgCluster> {
