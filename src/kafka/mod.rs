@@ -110,9 +110,10 @@ pub fn consumer<C: FromClientConfig>(kafka: &Kafka, group: &str) -> Result<C> {
         // read ahead per sink (librdkafka's default is 64 MiB per consumer,
         // and mmsync runs one per table and worker): with the batch bounds,
         // what bounds a sink's memory whatever the backlog. A record larger
-        // than these still comes, alone.
+        // than these still comes, alone. fetch.max.bytes is left to
+        // librdkafka, which sizes it from these and from message.max.bytes
+        // (set above it, a consumer would refuse to start).
         .set("max.partition.fetch.bytes", "8388608")
-        .set("fetch.max.bytes", "16777216")
         .set("queued.max.messages.kbytes", "16384")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false");
@@ -431,5 +432,23 @@ mod tests {
         assert_eq!(topic_name("p", "m", &t("public", "Order Items")), "p.m.public.Order-20Items");
         assert_ne!(topic_name("p", "m", &t("a.b", "c")), topic_name("p", "m", &t("a", "b.c")));
         assert_ne!(topic_name("p", "m", &t("s", "a-20")), topic_name("p", "m", &t("s", "a ")));
+    }
+
+    #[test]
+    fn a_sink_consumer_builds_with_records_larger_than_its_read_ahead() {
+        // The README tells operators to raise message.max.bytes in
+        // [kafka.client] for big rows; librdkafka refuses a consumer whose
+        // fetch.max.bytes is below it, so mmsync must not pin that one.
+        let kafka = |client: &[(&str, &str)]| Kafka {
+            brokers: "127.0.0.1:9".into(),
+            topic_prefix: "t".into(),
+            partitions: 1,
+            replication_factor: 1,
+            client: client.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        for client in [&[][..], &[("message.max.bytes", "67108864")][..]] {
+            let built = consumer::<rdkafka::consumer::BaseConsumer>(&kafka(client), "g");
+            assert!(built.is_ok(), "{client:?}: {:?}", built.err());
+        }
     }
 }

@@ -444,9 +444,10 @@ impl TableSql {
         crate::sink::shape_problem(change, &self.columns, &self.info.name)
     }
 
-    /// One text array per key column, in key order.
-    fn key_arrays<'k>(&self, keys: impl Iterator<Item = &'k Key> + Clone) -> Vec<Vec<&'k str>> {
-        self.info.key.iter().map(|k| keys.clone().map(|key| key.get(k).map_or("", String::as_str)).collect()).collect()
+    /// One text array per key column, in key order; a key that lacks a
+    /// column has NULL there, which matches no row.
+    fn key_arrays<'k>(&self, keys: impl Iterator<Item = &'k Key> + Clone) -> Vec<Vec<Option<&'k str>>> {
+        self.info.key.iter().map(|k| keys.clone().map(|key| key.get(k).map(String::as_str)).collect()).collect()
     }
 
     /// Writes whole rows, each where the target's row of its key is older or missing.
