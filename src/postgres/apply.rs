@@ -136,7 +136,9 @@ impl TableSql {
         // and every tombstone is older than `mmsync.tombstone_high` (its
         // trigger keeps it so): a key whose newest change is not older than
         // that has no tombstone worth the lookup, which is most keys while no
-        // delete is recent.
+        // delete is recent. (Only a conflict's label can differ: a change that
+        // lost inside the batch to an earlier one whose stamp a skipped
+        // tombstone happens to share is logged as older than the row.)
         let read_tombstones = format!(
             "SELECT e.n, tb.version, tb.origin::text
              FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS e(key, newest, n)
