@@ -479,7 +479,9 @@ enum Kind {
 pub struct Decoder {
     master: String,
     tables: Vec<TableName>,
-    relations: HashMap<u32, (Relation, Kind)>,
+    /// Each relation with what it is to mmsync and where its origin column
+    /// is (found once per Relation message, not per row).
+    relations: HashMap<u32, (Relation, Kind, Option<usize>)>,
     /// Each synced table's primary key columns, as read when the source
     /// connected; a table missing here is keyed by pgoutput's key flags.
     keys: HashMap<TableName, Vec<String>>,
@@ -518,7 +520,13 @@ impl Decoder {
                 } else {
                     Kind::Other
                 };
-                self.relations.insert(rel.oid, (rel, kind));
+                let origin_column = match kind {
+                    Kind::Synced(_) => Some(ORIGIN_COLUMN),
+                    Kind::Tombstones => Some("origin"),
+                    Kind::Other => None,
+                };
+                let origin_at = origin_column.and_then(|o| rel.columns.iter().position(|c| c.name == o));
+                self.relations.insert(rel.oid, (rel, kind, origin_at));
             }
             Message::Insert { relation, new } => self.row(relation, Op::Insert, new, round)?,
             Message::Update { relation, new, .. } => self.row(relation, Op::Update, new, round)?,
@@ -526,7 +534,7 @@ impl Decoder {
             Message::Delete { .. } => {}
             Message::Truncate { relations, .. } => {
                 for oid in relations {
-                    if let Some((rel, Kind::Synced(table))) = self.relations.get(&oid) {
+                    if let Some((rel, Kind::Synced(table), _)) = self.relations.get(&oid) {
                         tracing::warn!(master = %self.master, "TRUNCATE of {table} is not replicated; truncate it on every master or delete rows instead");
                         counter!(m::TRUNCATES_IGNORED, m::MASTER => self.master.clone(), m::TABLE => format!("{}.{}", rel.schema, rel.name)).increment(1);
                     }
@@ -545,7 +553,7 @@ impl Decoder {
         tuple: Vec<Value>,
         round: &mut Decoded,
     ) -> std::result::Result<(), String> {
-        let (rel, kind) = self
+        let (rel, kind, origin_at) = self
             .relations
             .get(&relation)
             .ok_or_else(|| format!("a change of relation {relation} arrived before its Relation message"))?;
@@ -561,12 +569,9 @@ impl Decoder {
         // Another master's change (applied here by mmsync's sink) is
         // dropped before its row is built: in a mesh, about as many rows
         // arrive here to be dropped as to be sent.
-        let origin_column = match kind {
-            Kind::Other => return Ok(()),
-            Kind::Synced(_) => ORIGIN_COLUMN,
-            Kind::Tombstones => "origin",
-        };
-        let origin_at = rel.columns.iter().position(|c| c.name == origin_column);
+        if matches!(kind, Kind::Other) {
+            return Ok(());
+        }
         if let Some(Value::Text(origin)) = origin_at.map(|i| &tuple[i]) {
             if *origin != self.master {
                 round.suppressed += 1;
