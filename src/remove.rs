@@ -5,7 +5,7 @@
 //! remove refuses while its slot holds a change of its own that mmsync has
 //! not sent (read with mmsync's own decoder from a peek at the slot, which
 //! moves nothing), or while another master has not applied all of its
-//! topics. Then it drops the master's slot and publication (a slot nobody
+//! tables' topics (its heartbeats' topic aside: a beat carries no row). Then it drops the master's slot and publication (a slot nobody
 //! reads keeps WAL forever), forgets its heartbeat on the other masters
 //! (retention and `status` wait only for masters the topology names), and
 //! deletes its topics, and the offsets in them, if asked: kept, a master
@@ -110,6 +110,8 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
     let topics: Vec<String> =
         crate::kafka::all_topics(topology).into_iter().filter(|(m, _, _)| m == gone).map(|(_, _, t)| t).collect();
     let ends = crate::kafka::topic_ends(&topology.kafka, topics.clone()).await?;
+    let beats_topic =
+        crate::kafka::topic_name(&topology.kafka.topic_prefix, gone, &crate::topology::TableName::heartbeats());
     // Every other master is checked before any is changed: a refusal, or a
     // master that does not answer, leaves everything as it was.
     let mut others = Vec::new();
@@ -125,8 +127,14 @@ pub async fn remove(topology: &Topology, gone: &str, force: bool, delete_topics:
         .into_iter()
         .map(|(t, p, o)| ((t, p), o))
         .collect();
-        let pending: i64 =
-            ends.iter().map(|(t, p, end)| (end - applied.get(&(t.clone(), *p)).copied().unwrap_or(0)).max(0)).sum();
+        // Heartbeats are not counted: they carry no row, the removal forgets
+        // them anyway, and a stop of `mmsync run` can always leave the last
+        // one unapplied (a refusal for it would never go away).
+        let pending: i64 = ends
+            .iter()
+            .filter(|(t, _, _)| *t != beats_topic)
+            .map(|(t, p, end)| (end - applied.get(&(t.clone(), *p)).copied().unwrap_or(0)).max(0))
+            .sum();
         if pending > 0 && !force {
             return Err(Error::Setup {
                 master: other.name.clone(),
