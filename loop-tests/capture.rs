@@ -1,9 +1,9 @@
 //! `mmsync init` and the source: every committed change becomes a Kafka record
 //! with origin and version, nothing is lost, nothing loops.
 
-use mmsync::testbed::BedKafka;
+use mmsync::testbed::{wait_for, BedKafka};
 
-use crate::common::{mmsync, Synced, KV};
+use crate::common::{metric_sum, mmsync, Synced, DEADLINE, KV};
 
 const TYPES: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -167,6 +167,57 @@ async fn an_update_that_leaves_toasted_values_alone_reaches_kafka_with_them_as_p
     let there: Vec<Checked> = sqlx::query_as(check).fetch_all(&mut s.conn("busan").await).await.unwrap();
     assert_eq!(here, there);
     assert!(here.iter().all(|r| r.1 == "final" && r.3 == 320_000), "{here:?}");
+    s.stop().await;
+}
+
+/// A table whose `body` (50,000 bytes pglz cannot shrink below TOAST's
+/// threshold) is stored out of line.
+const BLOBS: &str = "CREATE TABLE blobs (id int PRIMARY KEY, note text NOT NULL, body text NOT NULL)";
+
+#[tokio::test]
+async fn a_source_sends_large_values_in_rounds_within_its_byte_bound_read_back_values_included() {
+    let mut s = Synced::new(
+        &["seoul", "busan"],
+        BedKafka::Shared,
+        BLOBS,
+        &["public.blobs"],
+        "capture_max_bytes = 262144
+",
+    )
+    .await;
+    s.start();
+    let mut seoul = s.conn("seoul").await;
+    // 40 rows of 50 KB in one transaction, then one transaction that updates
+    // `note` alone: its WAL leaves every body out, and the source reads all
+    // 2 MB of them back.
+    sqlx::raw_sql(
+        "INSERT INTO blobs SELECT i, 'first', left((SELECT string_agg(md5(i::text || ':' || g::text), '')
+                                                   FROM generate_series(1, 1563) g), 50000)
+         FROM generate_series(1, 40) i",
+    )
+    .execute(&mut seoul)
+    .await
+    .unwrap();
+    sqlx::raw_sql("UPDATE blobs SET note = 'second'").execute(&mut seoul).await.unwrap();
+    s.wait_metric("mmsync_unchanged_values_read_total", &[("kind", "found")], 40.0).await;
+    let check = "SELECT id, note, md5(body), length(body) FROM blobs ORDER BY id";
+    let here: Vec<(i32, String, String, i32)> = sqlx::query_as(check).fetch_all(&mut seoul).await.unwrap();
+    assert!(here.iter().all(|r| r.1 == "second" && r.3 == 50_000), "{here:?}");
+    wait_for("busan to hold every row whole", DEADLINE, || async {
+        let there: Vec<(i32, String, String, i32)> =
+            sqlx::query_as(check).fetch_all(&mut s.conn("busan").await).await.ok()?;
+        (there == here).then_some(())
+    })
+    .await;
+
+    // 4 MB went out in rounds of at most 256 KiB.
+    let metrics = s.metrics().await;
+    let seoul_label = [("master", "seoul")];
+    let rounds = metric_sum(&metrics, "mmsync_source_round_bytes_count", &seoul_label);
+    let bytes = metric_sum(&metrics, "mmsync_source_round_bytes_sum", &seoul_label);
+    let within = metric_sum(&metrics, "mmsync_source_round_bytes_bucket", &[("master", "seoul"), ("le", "262144")]);
+    assert!(bytes > 4_000_000.0, "{bytes} bytes in {rounds} rounds\n{metrics}");
+    assert_eq!(within, rounds, "every round within capture_max_bytes\n{metrics}");
     s.stop().await;
 }
 

@@ -21,6 +21,8 @@ pub const RECORDS_PRODUCED: &str = "mmsync_records_produced_total";
 pub const LOOP_SUPPRESSED: &str = "mmsync_loop_suppressed_total";
 pub const TRUNCATES_IGNORED: &str = "mmsync_truncates_ignored_total";
 pub const UNCHANGED_READ: &str = "mmsync_unchanged_values_read_total";
+/// Values a source holds at once, per round it produces ([`crate::topology::SyncSettings::capture_max_bytes`]).
+pub const SOURCE_ROUND_BYTES: &str = "mmsync_source_round_bytes";
 pub const SLOT_CONFIRMED_LSN: &str = "mmsync_slot_confirmed_lsn_bytes";
 pub const SLOT_RETAINED_WAL: &str = "mmsync_slot_retained_wal_bytes";
 /// A MariaDB master's binlog on disk, all of it: mmsync has no slot there.
@@ -66,6 +68,12 @@ pub fn install(listen: SocketAddr) -> Result<(), String> {
                 &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0],
             )
         })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(SOURCE_ROUND_BYTES.into()),
+                &[65536.0, 262144.0, 1048576.0, 4194304.0, 8388608.0, 16777216.0, 33554432.0, 67108864.0, 268435456.0],
+            )
+        })
         .and_then(|b| b.install())
         .map_err(|e| format!("cannot serve metrics on {listen}: {e}; change [metrics] listen in topology.toml"))?;
     describe();
@@ -83,6 +91,11 @@ fn describe() {
     describe_counter!(
         UNCHANGED_READ,
         "Updates whose unchanged TOASTed values the source read back from its master before producing (kind found), or could not because a newer delete had removed the row there (kind gone)."
+    );
+    describe_histogram!(
+        SOURCE_ROUND_BYTES,
+        Unit::Bytes,
+        "Bytes of values in one round a source produced before waiting for Kafka's acknowledgements, read-back TOASTed values included: what [sync] capture_max_bytes bounds on a PostgreSQL master (a MariaDB source sends a whole transaction in one round)."
     );
     describe_gauge!(SLOT_CONFIRMED_LSN, Unit::Bytes, "Position up to which the master's slot has been advanced.");
     describe_gauge!(

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, histogram};
 use rdkafka::producer::FutureProducer;
 use tokio::sync::watch;
 
@@ -127,6 +127,10 @@ pub async fn round(
     // still on its way).
     let (beats, data): (Vec<Change>, Vec<Change>) =
         changes.into_iter().partition(|c| c.table == TableName::heartbeats());
+    if !data.is_empty() {
+        histogram!(m::SOURCE_ROUND_BYTES, m::MASTER => master.to_string())
+            .record(data.iter().map(Change::text_bytes).sum::<usize>() as f64);
+    }
     refused.extend(produce(topology, producer, master, data).await?);
     refused.extend(produce(topology, producer, master, beats).await?);
     Ok(refused)

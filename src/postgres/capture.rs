@@ -123,11 +123,17 @@ impl crate::produce::Source for Capture {
                 // The failpoint waits for a round of the application's changes
                 // (not only mmsync's own heartbeat).
                 let crash = self.crash_after_produce && decoded.changes.iter().any(|c| c.table.schema != "mmsync");
-                let mut changes = std::mem::take(&mut decoded.changes);
+                let mut rest = std::mem::take(&mut decoded.changes).into_iter().peekable();
                 decoded.bytes = 0;
-                self.read_unchanged(&mut changes).await?;
-                let refused = crate::produce::round(topology, producer, &name, changes).await?;
-                self.keep_dead_letters(topology, refused).await?;
+                // In pieces whose values, read-back ones included, stay
+                // within the byte bound: an update that left a TOASTed value
+                // out of the WAL is small here and large once read back.
+                while rest.peek().is_some() {
+                    let mut piece = self.read_back.next_piece(&mut rest, chunk_bytes);
+                    self.read_unchanged(&mut piece).await?;
+                    let refused = crate::produce::round(topology, producer, &name, piece).await?;
+                    self.keep_dead_letters(topology, refused).await?;
+                }
                 if crash {
                     crate::failpoint::crash(crate::failpoint::CRASH_AFTER_PRODUCE);
                 }
@@ -172,6 +178,8 @@ pub struct Capture {
     connected_at: Lsn,
     /// Synced tables as this master has them, for reading back unchanged values.
     tables: HashMap<TableName, TableInfo>,
+    /// What reading back unchanged values adds, for bounding a round's bytes.
+    read_back: ReadBack,
     /// Failpoint [`crate::failpoint::CRASH_AFTER_PRODUCE`] (debug builds
     /// only): SIGKILL this process after Kafka acknowledged some changes and
     /// before the slot moves, the one moment where a crash must cost
@@ -236,6 +244,7 @@ impl Capture {
             confirmed,
             connected_at: confirmed,
             tables,
+            read_back: ReadBack::default(),
             crash_after_produce: crate::failpoint::armed(crate::failpoint::CRASH_AFTER_PRODUCE),
         })
     }
@@ -353,7 +362,7 @@ impl Capture {
     async fn read_unchanged(&mut self, changes: &mut [Change]) -> Result<()> {
         let mut by_table: HashMap<TableName, Vec<usize>> = HashMap::new();
         for (i, c) in changes.iter().enumerate() {
-            if c.op == Op::Update && !c.unchanged.is_empty() {
+            if needs_read_back(c) {
                 by_table.entry(c.table.clone()).or_default().push(i);
             }
         }
@@ -381,7 +390,7 @@ impl Capture {
                 let values = (1..=columns.len()).map(|c| r.get::<Option<String>, _>(c)).collect();
                 found.insert(n as usize - 1, values);
             }
-            let (mut read, mut gone) = (0u64, 0u64);
+            let (mut read, mut gone, mut bytes) = (0u64, 0u64, 0usize);
             for (n, &i) in at.iter().enumerate() {
                 let change = &mut changes[i];
                 let Some(values) = found.get(&n) else {
@@ -392,12 +401,14 @@ impl Capture {
                 let row = change.row.as_mut().expect("updates have rows");
                 for (column, value) in columns.iter().zip(values) {
                     if change.unchanged.contains(column) {
+                        bytes += value.as_ref().map_or(0, String::len);
                         row.insert(column.clone(), value.clone());
                     }
                 }
                 change.unchanged.clear();
                 read += 1;
             }
+            self.read_back.learn(&table, bytes, read as usize);
             let table = table.to_string();
             let name = self.master.name.clone();
             counter!(m::UNCHANGED_READ, m::MASTER => name.clone(), m::TABLE => table.clone(), m::KIND => "found")
@@ -442,6 +453,68 @@ impl Capture {
 /// that have a row. Values come from each type's output function
 /// (`concat`), as pgoutput sends them (a cast to text would differ for
 /// booleans, inet, char(n)...).
+/// An update whose WAL left out unchanged TOASTed values: the source reads
+/// them back from the table before sending it.
+fn needs_read_back(c: &Change) -> bool {
+    c.op == Op::Update && !c.unchanged.is_empty()
+}
+
+/// How many bytes reading back an update's unchanged values adds, per table,
+/// learned from what was read so far: a round goes out in pieces that stay
+/// within `capture_max_bytes` once read back.
+#[derive(Debug, Default)]
+struct ReadBack {
+    /// The bytes read back per update, the largest seen, by table.
+    per_update: HashMap<TableName, usize>,
+}
+
+impl ReadBack {
+    /// Before a table's size is known, a piece reads back at most this many
+    /// of its updates.
+    const FIRST_READS: usize = 1;
+
+    fn learn(&mut self, table: &TableName, bytes: usize, updates: usize) {
+        if updates > 0 {
+            let per = bytes.div_ceil(updates);
+            let seen = self.per_update.entry(table.clone()).or_default();
+            *seen = (*seen).max(per);
+        }
+    }
+
+    /// The next changes of a round, up to `max_bytes` of values with what
+    /// reading back is expected to add; at least one change.
+    fn next_piece(
+        &self,
+        rest: &mut std::iter::Peekable<impl Iterator<Item = Change>>,
+        max_bytes: usize,
+    ) -> Vec<Change> {
+        let mut piece = Vec::new();
+        let mut bytes = 0usize;
+        let mut unlearned: HashMap<TableName, usize> = HashMap::new();
+        while let Some(c) = rest.peek() {
+            let mut more = c.text_bytes();
+            if needs_read_back(c) {
+                match self.per_update.get(&c.table) {
+                    Some(per) => more += per,
+                    None => {
+                        let n = unlearned.entry(c.table.clone()).or_default();
+                        if *n >= Self::FIRST_READS {
+                            break;
+                        }
+                        *n += 1;
+                    }
+                }
+            }
+            if !piece.is_empty() && bytes + more > max_bytes {
+                break;
+            }
+            bytes += more;
+            piece.extend(rest.next());
+        }
+        piece
+    }
+}
+
 fn unchanged_sql(info: &TableInfo, columns: &[String]) -> String {
     let probe: Vec<String> = info
         .key
@@ -661,5 +734,62 @@ impl Decoder {
         round.bytes += change.text_bytes();
         round.changes.push(change);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::{Key, Position, Row};
+
+    /// A change of table `t` with `bytes` of value; an update that left a
+    /// TOASTed column out of the WAL when `read_back`.
+    fn change(t: &str, bytes: usize, read_back: bool) -> Change {
+        Change {
+            table: TableName { schema: "public".into(), name: t.into() },
+            op: if read_back { Op::Update } else { Op::Insert },
+            key: Key::new(),
+            row: Some(Row::from([("v".to_string(), Some("x".repeat(bytes)))])),
+            unchanged: if read_back { vec!["big".into()] } else { vec![] },
+            superseded: false,
+            origin: "a".into(),
+            version: 1,
+            position: Position::copied_from("a"),
+        }
+    }
+
+    fn pieces(read_back: &ReadBack, changes: Vec<Change>, max_bytes: usize) -> Vec<usize> {
+        let mut rest = changes.into_iter().peekable();
+        let mut sizes = Vec::new();
+        while rest.peek().is_some() {
+            sizes.push(read_back.next_piece(&mut rest, max_bytes).len());
+        }
+        sizes
+    }
+
+    #[test]
+    fn a_round_goes_out_in_pieces_within_the_byte_bound_counting_what_is_read_back() {
+        let mut read_back = ReadBack::default();
+        read_back.learn(&TableName { schema: "public".into(), name: "t".into() }, 1000 * 100_000, 1000);
+        // 1,000 updates of 11 bytes that read back 100,000 more, 1 MB at a time: 9 per piece.
+        let updates = (0..1000).map(|_| change("t", 10, true)).collect();
+        assert_eq!(pieces(&read_back, updates, 1_000_000), vec![9; 111].into_iter().chain([1]).collect::<Vec<_>>());
+        // Inserts count their own bytes only (1,001 each: a column name and 1,000 bytes).
+        let inserts = (0..1000).map(|_| change("t", 1000, false)).collect();
+        assert_eq!(pieces(&read_back, inserts, 100 * 1001), vec![100; 10]);
+    }
+
+    #[test]
+    fn updates_of_a_table_not_read_back_yet_go_one_at_a_time() {
+        let read_back = ReadBack::default();
+        let updates = (0..40).map(|_| change("t", 10, true)).collect();
+        assert_eq!(pieces(&read_back, updates, 1 << 30), vec![1; 40]);
+    }
+
+    #[test]
+    fn a_change_larger_than_the_bound_still_goes_alone() {
+        let read_back = ReadBack::default();
+        let changes = vec![change("t", 500, false), change("t", 5000, false), change("t", 500, false)];
+        assert_eq!(pieces(&read_back, changes, 1000), vec![1, 1, 1]);
     }
 }
