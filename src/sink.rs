@@ -316,6 +316,9 @@ impl Apply {
         let consumer: StreamConsumer = crate::kafka::consumer(
             &topology.kafka,
             &format!("{}-{}-{table}-{}", topology.kafka.topic_prefix, target.name, worker.index),
+            topology.sink_read_ahead_bytes(),
+            // Two batches: one being applied, the next one ready.
+            2 * topology.sync.batch_max_changes,
         )?;
         let mut tpl = TopicPartitionList::new();
         let mut sources = HashMap::new();

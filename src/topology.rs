@@ -78,6 +78,8 @@ struct SyncFile {
     batch_max_wait_ms: Spanned<i64>,
     #[serde(default = "default_batch_max_bytes")]
     batch_max_bytes: Spanned<i64>,
+    #[serde(default = "default_read_ahead_max_bytes")]
+    read_ahead_max_bytes: Spanned<i64>,
     #[serde(default = "default_capture_max_changes")]
     capture_max_changes: Spanned<i64>,
     #[serde(default = "default_capture_max_bytes")]
@@ -125,6 +127,12 @@ fn default_batch_max_wait_ms() -> Spanned<i64> {
 pub const DEFAULT_APPLY_WORKERS: i64 = 2;
 fn default_batch_max_bytes() -> Spanned<i64> {
     unspanned(8 * 1024 * 1024)
+}
+/// A sink reads ahead at least this much, however many sinks share
+/// `read_ahead_max_bytes`: below it, fetches get too small to keep up.
+pub const MIN_SINK_READ_AHEAD: usize = 1 << 20;
+fn default_read_ahead_max_bytes() -> Spanned<i64> {
+    unspanned(32 * 1024 * 1024)
 }
 fn default_capture_max_bytes() -> Spanned<i64> {
     unspanned(16 * 1024 * 1024)
@@ -228,6 +236,9 @@ pub struct SyncSettings {
     /// ends the batch): with `batch_max_changes`, what bounds a sink's memory
     /// whatever the rows' size.
     pub batch_max_bytes: usize,
+    /// What all sinks of one `mmsync run` read ahead from Kafka, together
+    /// (split evenly: [`Topology::sink_read_ahead_bytes`]).
+    pub read_ahead_max_bytes: usize,
     /// A source produces at most this many changes before it waits for Kafka to acknowledge them.
     pub capture_max_changes: usize,
     /// Nor more than this many bytes of values (PostgreSQL masters; a
@@ -514,6 +525,18 @@ impl Topology {
 
     /// The tables that flow between masters: `[sync] tables` and mmsync's own
     /// heartbeats.
+    /// The sinks one `mmsync run` starts: one per master, synced table
+    /// (heartbeats included) and worker.
+    pub fn sinks(&self) -> usize {
+        self.masters.len() * self.synced_tables().len() * self.sync.apply_workers
+    }
+
+    /// What one sink's Kafka consumer may read ahead: its share of
+    /// `read_ahead_max_bytes`, and at least [`MIN_SINK_READ_AHEAD`].
+    pub fn sink_read_ahead_bytes(&self) -> usize {
+        (self.sync.read_ahead_max_bytes / self.sinks().max(1)).max(MIN_SINK_READ_AHEAD)
+    }
+
     pub fn synced_tables(&self) -> Vec<TableName> {
         let mut all = self.tables.clone();
         all.push(TableName::heartbeats());
@@ -793,6 +816,7 @@ impl Validator<'_> {
                 self.positive(&s.batch_max_wait_ms, "sync.batch_max_wait_ms", 600_000) as u64,
             ),
             batch_max_bytes: self.positive(&s.batch_max_bytes, "sync.batch_max_bytes", 1 << 30) as usize,
+            read_ahead_max_bytes: self.positive(&s.read_ahead_max_bytes, "sync.read_ahead_max_bytes", 1 << 34) as usize,
             capture_max_changes: self.positive(&s.capture_max_changes, "sync.capture_max_changes", 10_000_000) as usize,
             capture_max_bytes: self.positive(&s.capture_max_bytes, "sync.capture_max_bytes", 1 << 30) as usize,
             apply_workers: {
@@ -925,6 +949,17 @@ tables = ["public.users", "messages", 'public."Order Items"']
         assert_eq!(t.sync.capture_max_bytes, 16 << 20);
         assert_eq!(t.sync.batch_max_wait, Duration::from_millis(5));
         assert_eq!(t.sync.apply_workers, 2);
+        assert_eq!(t.sync.read_ahead_max_bytes, 32 << 20);
+    }
+
+    #[test]
+    fn sinks_share_the_read_ahead_and_each_keeps_a_floor() {
+        // 2 masters, 3 tables and the heartbeats, 2 workers: 16 sinks.
+        let t = parse(GOOD).unwrap();
+        assert_eq!(t.sinks(), 16);
+        assert_eq!(t.sink_read_ahead_bytes(), 2 << 20);
+        let t = parse(&GOOD.replace("[sync]\n", "[sync]\nread_ahead_max_bytes = 1000\n")).unwrap();
+        assert_eq!(t.sink_read_ahead_bytes(), MIN_SINK_READ_AHEAD);
     }
 
     #[test]

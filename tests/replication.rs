@@ -25,7 +25,7 @@ async fn publish_a_row(cluster: &PgCluster) {
 async fn stream(url: String) -> Result<WalStream, ReplicationError> {
     let master = Master { name: "m".into(), url: DbUrl::new(url) };
     let options = mmsync::postgres::db::options(&master).unwrap().application_name("replication-test");
-    let mut stream = WalStream::start(&options, "s", "p", 0).await?;
+    let mut stream = WalStream::start(&options, "s", "p", 0, 16 << 20).await?;
     let first = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             if let WalMessage::Data(d) = stream.recv().await? {

@@ -189,7 +189,7 @@ async fn passwords_never_cross_a_network_in_clear_unless_the_url_says_sslmode_di
     // (Past authentication, it stops at the slot this cluster does not have.)
     let start = |master: Master| async move {
         let options = mmsync::postgres::db::options(&master).unwrap();
-        WalStream::start(&options, "no_slot", "no_publication", 0).await.err().expect("there is no slot")
+        WalStream::start(&options, "no_slot", "no_publication", 0, 16 << 20).await.err().expect("there is no slot")
     };
     for user in ["md5_user", "plain_user"] {
         let err = start(far(user, "")).await;

@@ -94,8 +94,15 @@ pub fn producer(kafka: &Kafka, client_id: &str) -> Result<FutureProducer> {
 }
 
 /// A consumer for explicit partition assignment; offsets are never committed
-/// to Kafka (they live in the target database).
-pub fn consumer<C: FromClientConfig>(kafka: &Kafka, group: &str) -> Result<C> {
+/// to Kafka (they live in the target database). It reads at most
+/// `read_ahead` bytes ahead ([`Topology::sink_read_ahead_bytes`]) and at most
+/// `read_ahead_records` records.
+pub fn consumer<C: FromClientConfig>(
+    kafka: &Kafka,
+    group: &str,
+    read_ahead: usize,
+    read_ahead_records: usize,
+) -> Result<C> {
     let mut c = ClientConfig::new();
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -106,15 +113,17 @@ pub fn consumer<C: FromClientConfig>(kafka: &Kafka, group: &str) -> Result<C> {
         .set("auto.offset.reset", "error")
         .set("fetch.wait.max.ms", "20")
         .set("fetch.min.bytes", "1")
-        // Fetches big enough to fill a batch at once, and at most 16 MiB
-        // read ahead per sink (librdkafka's default is 64 MiB per consumer,
-        // and mmsync runs one per table and worker): with the batch bounds,
-        // what bounds a sink's memory whatever the backlog. A record larger
-        // than these still comes, alone. fetch.max.bytes is left to
+        // What bounds a sink's memory whatever the backlog, with the batch
+        // bounds: librdkafka's defaults read 64 MiB and 100,000 records
+        // ahead per consumer, and mmsync runs one per master, table and
+        // worker (its queue holds each record with about 300 bytes of its
+        // own, so small records are bounded by their count). A record
+        // larger than these still comes, alone. fetch.max.bytes is left to
         // librdkafka, which sizes it from these and from message.max.bytes
         // (set above it, a consumer would refuse to start).
-        .set("max.partition.fetch.bytes", "8388608")
-        .set("queued.max.messages.kbytes", "16384")
+        .set("max.partition.fetch.bytes", read_ahead.min(8 << 20).to_string())
+        .set("queued.max.messages.kbytes", (read_ahead / 1024).max(1).to_string())
+        .set("queued.min.messages", read_ahead_records.max(1).to_string())
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false");
     with_topology_settings(&mut c, kafka);
@@ -447,8 +456,11 @@ mod tests {
             client: client.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         for client in [&[][..], &[("message.max.bytes", "67108864")][..]] {
-            let built = consumer::<rdkafka::consumer::BaseConsumer>(&kafka(client), "g");
-            assert!(built.is_ok(), "{client:?}: {:?}", built.err());
+            // The smallest read-ahead a sink gets, and the default's share of two masters.
+            for read_ahead in [crate::topology::MIN_SINK_READ_AHEAD, 2 << 20] {
+                let built = consumer::<rdkafka::consumer::BaseConsumer>(&kafka(client), "g", read_ahead, 2000);
+                assert!(built.is_ok(), "{client:?} {read_ahead}: {:?}", built.err());
+            }
         }
     }
 }

@@ -220,7 +220,8 @@ impl Capture {
         let starting = format!("starting replication from slot {slot}");
         let stream = tokio::time::timeout(
             crate::postgres::replication::START_TIMEOUT,
-            WalStream::start(&options, &slot, PUBLICATION, confirmed),
+            // The reader reads ahead at most one round's worth of the WAL.
+            WalStream::start(&options, &slot, PUBLICATION, confirmed, topology.sync.capture_max_bytes),
         )
         .await
         .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))

@@ -27,13 +27,8 @@ use crate::postgres::tls::Io;
 /// Messages the reader may hold before it stops reading the socket.
 const BUFFERED_MESSAGES: usize = 10_000;
 
-/// Bytes of messages the reader may hold before it stops reading the
-/// socket: a bound on memory whatever the rows' sizes (a message larger
-/// than this still passes, alone).
-const BUFFERED_BYTES: usize = 64 << 20;
-
-/// A message in the queue, holding its share of [`BUFFERED_BYTES`] until
-/// the source takes it.
+/// A message in the queue, holding its share of the reader's byte budget
+/// until the source takes it.
 type Queued = (Result<WalMessage>, Option<tokio::sync::OwnedSemaphorePermit>);
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
@@ -106,7 +101,16 @@ impl WalStream {
     /// Connects as a walsender and starts streaming `slot` from `from`,
     /// pgoutput protocol 1 (whole transactions, at commit) of `publication`.
     /// `options` are the connection options of the master, with its session settings.
-    pub async fn start(options: &PgConnectOptions, slot: &str, publication: &str, from: Lsn) -> Result<WalStream> {
+    /// The reader holds at most `buffered_bytes` of messages before it stops
+    /// reading the socket: a bound on memory whatever the rows' sizes (a
+    /// message larger than this still passes, alone).
+    pub async fn start(
+        options: &PgConnectOptions,
+        slot: &str,
+        publication: &str,
+        from: Lsn,
+        buffered_bytes: usize,
+    ) -> Result<WalStream> {
         let mut io = connect(options).await?;
         let command = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {})",
@@ -129,8 +133,8 @@ impl WalStream {
         }
         let (reader, writer) = tokio::io::split(io);
         let (tx, rx) = mpsc::channel(BUFFERED_MESSAGES);
-        let budget = Arc::new(tokio::sync::Semaphore::new(BUFFERED_BYTES));
-        let reader = tokio::spawn(read_stream(BufReader::with_capacity(1 << 16, reader), tx, budget, BUFFERED_BYTES));
+        let budget = Arc::new(tokio::sync::Semaphore::new(buffered_bytes));
+        let reader = tokio::spawn(read_stream(BufReader::with_capacity(1 << 16, reader), tx, budget, buffered_bytes));
         Ok(WalStream { rx, writer, reader })
     }
 
