@@ -5,14 +5,16 @@
 //! Kafka (KRaft), the release `mmsync` binary).
 //!
 //! `cargo bench --bench compare` (MMSYNC_BENCH_CHANGES changes, default
-//! 1,000,000; MMSYNC_BENCH_SECONDS per timed load phase, default 20). Prints a
+//! 1,000,000; MMSYNC_BENCH_BACKLOG changes for the catch-up, default the same;
+//! MMSYNC_BENCH_SECONDS per timed load phase, default 20). Prints a
 //! table and writes target/bench/compare.json. pglogical runs when Debian's
 //! postgresql-15-pglogical is installed, Debezium when its jars are in the
 //! cache (scripts/bench does both; MMSYNC_BENCH_DEBEZIUM=0 skips Debezium).
 //!
 //! 1. one-way throughput: N changes (40% inserts, 50% updates, 10% deletes)
 //!    written on A as fast as they go; time until B holds the same rows;
-//! 2. catch-up: the same backlog written while the replicator is stopped, then drained;
+//! 2. catch-up: a backlog of that many changes (or MMSYNC_BENCH_BACKLOG) written
+//!    while the replicator is stopped, then drained;
 //! 3. lag under steady load: both masters writing 2,000 changes/s each;
 //! 4. cost on the master: pgbench upserts on a synced table against a plain
 //!    one, with mmsync's triggers alone (mmsync stopped), and with each
@@ -335,7 +337,7 @@ struct Debezium {
 /// (`clock_timestamp()`), against the `now()` of the transaction that wrote
 /// it on A; one clock, one machine, so the difference is the lag itself,
 /// not a histogram bucket as mmsync's figure is.
-async fn debezium(bed: &Bed, n: i64, secs: u64, dir: &Path) -> Result<Debezium, String> {
+async fn debezium(bed: &Bed, n: i64, backlog: i64, secs: u64, dir: &Path) -> Result<Debezium, String> {
     const DB: &str = "dbz";
     let (a, b) = (bed.master("a"), bed.master("b"));
     for c in [a, b] {
@@ -390,7 +392,7 @@ async fn debezium(bed: &Bed, n: i64, secs: u64, dir: &Path) -> Result<Debezium, 
 
     // catch-up: the worker stopped as an operator would, the backlog written, the worker started.
     worker.stop().await.map_err(|e| e.to_string())?;
-    workload(&mut a.connect(DB).await.unwrap(), 10_000_000, n).await;
+    workload(&mut a.connect(DB).await.unwrap(), 10_000_000, backlog).await;
     let want = state(a, DB).await;
     let started = Instant::now();
     worker.start().await.map_err(|e| format!("{e}\n{}", worker.log_tail()))?;
@@ -448,6 +450,8 @@ fn pglogical_installed() -> bool {
 #[tokio::main]
 async fn main() {
     let n = env_num("MMSYNC_BENCH_CHANGES", 1_000_000) as i64;
+    // The catch-up's backlog, for every system (the is 1,000,000).
+    let backlog = env_num("MMSYNC_BENCH_BACKLOG", n as u64) as i64;
     let secs = env_num("MMSYNC_BENCH_SECONDS", 20);
     let with_pglogical = pglogical_installed();
     let mut extra = Vec::new();
@@ -488,7 +492,7 @@ async fn main() {
     // catch-up: a backlog written while mmsync is stopped.
     assert!(run.terminate().await.success());
     let mut conn = a.connect(db).await.unwrap();
-    workload(&mut conn, 10_000_000, n).await;
+    workload(&mut conn, 10_000_000, backlog).await;
     let want = state(a, db).await;
     let run = MmsyncProcess::spawn(bin, &topology, &["run"], &[], log.clone()).unwrap();
     let started = Instant::now();
@@ -553,7 +557,7 @@ async fn main() {
     .await;
     let native_one_way = one_way(a, b, "native", 1, n).await;
     exec(&mut b.connect("native").await.unwrap(), "ALTER SUBSCRIPTION bench_sub DISABLE").await;
-    workload(&mut a.connect("native").await.unwrap(), 10_000_000, n).await;
+    workload(&mut a.connect("native").await.unwrap(), 10_000_000, backlog).await;
     let want = state(a, "native").await;
     let started = Instant::now();
     exec(&mut b.connect("native").await.unwrap(), "ALTER SUBSCRIPTION bench_sub ENABLE").await;
@@ -606,7 +610,7 @@ async fn main() {
         let one = one_way(a, b, "pgl", 1, n).await;
         let mut conn = b.connect("pgl").await.unwrap();
         exec(&mut conn, "SELECT pglogical.alter_subscription_disable('b_from_a')").await;
-        workload(&mut a.connect("pgl").await.unwrap(), 10_000_000, n).await;
+        workload(&mut a.connect("pgl").await.unwrap(), 10_000_000, backlog).await;
         let want = state(a, "pgl").await;
         let started = Instant::now();
         exec(&mut conn, "SELECT pglogical.alter_subscription_enable('b_from_a')").await;
@@ -625,7 +629,7 @@ async fn main() {
     let debezium = match (std::env::var("MMSYNC_BENCH_DEBEZIUM").as_deref(), connect::connect_libs()) {
         (Ok("0"), _) => Err("skipped (MMSYNC_BENCH_DEBEZIUM=0)".to_string()),
         (_, Err(e)) => Err(format!("skipped: {e}")),
-        (_, Ok(_)) => debezium(&bed, n, secs, dir).await.map_err(|e| format!("failed: {e}")),
+        (_, Ok(_)) => debezium(&bed, n, backlog, secs, dir).await.map_err(|e| format!("failed: {e}")),
     };
     if let Err(why) = &debezium {
         eprintln!("compare: Debezium {why}");
@@ -633,6 +637,7 @@ async fn main() {
     let dbz = debezium.as_ref().ok();
 
     let rate = |s: f64| n as f64 / s;
+    let backlog_rate = |s: f64| backlog as f64 / s;
     let single_n = single_row_transactions(n);
     let single_rate = |s: &SingleRow| single_n as f64 / s.one_way_s;
     println!("\nmmsync beside the anchors, {n} changes (40% inserts, 50% updates, 10% deletes), this machine\n");
@@ -663,11 +668,11 @@ async fn main() {
         "changes/s",
     );
     row(
-        "catch-up of a backlog",
-        rate(mmsync_catch_up),
-        rate(native_catch_up),
-        pgl(|p| p.rate(p.catch_up_s)),
-        dbz.map(|d| rate(d.catch_up_s)),
+        &format!("catch-up of a backlog of {backlog} changes"),
+        backlog_rate(mmsync_catch_up),
+        backlog_rate(native_catch_up),
+        pgl(|p| p.catch_up_s).map(backlog_rate),
+        dbz.map(|d| backlog_rate(d.catch_up_s)),
         "changes/s",
     );
     row(
@@ -745,6 +750,7 @@ async fn main() {
     }
     let json = serde_json::json!({
         "changes": n,
+        "backlog": backlog,
         "seconds_per_load_phase": secs,
         "single_row": {"transactions": single_n, "clients": SINGLE_CLIENTS, "upserts_percent": 90, "deletes_percent": 10,
                        "first_key": SINGLE_FIRST, "keys": SINGLE_KEYS},
