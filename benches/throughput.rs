@@ -21,7 +21,10 @@
 //!   100): md5 text, which pglz cannot compress, so a value over about 2,000
 //!   bytes is stored out of line in TOAST (the output says how it was stored).
 //!   Updates change `amount` only, so an update of a row with a TOASTed value
-//!   leaves that value out of the WAL and the source reads it back.
+//!   leaves that value out of the WAL and the source reads it back;
+//! - MMSYNC_BENCH_COMPRESSION: the producer's `compression.type` (none, lz4,
+//!   zstd, ...; set in `[kafka.client]` as an operator would). The output
+//!   gives the bytes the records take in Kafka, per change.
 //!
 //! The workload: 60% inserts, 30% updates, 10% deletes, in transactions of
 //! 1,000 rows, all committed before either stage starts. The output also
@@ -77,7 +80,10 @@ async fn main() {
     let names = &NAMES[..masters];
     let bed = Bed::start(names, BedKafka::own()).await.expect("bed");
     bed.sql_everywhere(SCHEMA).await.unwrap();
-    let path = bed.write_topology(&["public.bench"], "");
+    // The producer's compression.type, as an operator sets it in [kafka.client].
+    let compression = std::env::var("MMSYNC_BENCH_COMPRESSION").ok();
+    let client = compression.as_ref().map_or(String::new(), |c| format!("\"compression.type\" = {c:?}"));
+    let path = bed.write_topology_as("topology.toml", &["public.bench"], "", &bed.broker.address(), &client);
     let topology = Topology::load(&path).unwrap();
     mmsync::postgres::schema::init(&topology).await.expect("init");
 
@@ -151,6 +157,7 @@ async fn main() {
     stop.send(true).unwrap();
     source.await.unwrap().unwrap();
     let rss_capture = mmsync::testbed::peak_rss_kib(std::process::id());
+    let kafka_bytes = bed.broker.topic_log_bytes(&bed.topic("a", "public.bench"));
 
     // End to end: reset nothing; the records are in Kafka, the sinks of every other master apply them.
     let rows = inserts - deletes;
@@ -229,6 +236,12 @@ async fn main() {
         );
     }
     println!(
+        "\nin Kafka: {:.1} MiB, {:.0} B a change (compression.type {})",
+        kafka_bytes as f64 / 1_048_576.0,
+        kafka_bytes as f64 / n as f64,
+        compression.as_deref().unwrap_or("librdkafka's default")
+    );
+    println!(
         "\npeak RSS of this process (source, then `mmsync run` for {masters} masters): {} MiB after capture, {} MiB at the end",
         rss_capture / 1024,
         rss_peak / 1024
@@ -247,6 +260,7 @@ async fn main() {
                       "master": name, "seconds": secs, "changes_per_second": n as f64 / secs}))
                       .collect::<Vec<_>>()},
         "peak_rss_kib": {"after_capture": rss_capture, "end": rss_peak},
+        "kafka": {"compression": compression, "bytes": kafka_bytes, "bytes_per_change": kafka_bytes as f64 / n as f64},
     });
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/throughput.json", serde_json::to_string_pretty(&json).unwrap()).unwrap();

@@ -124,6 +124,10 @@ pub fn consumer<C: FromClientConfig>(
         .set("max.partition.fetch.bytes", read_ahead.min(8 << 20).to_string())
         .set("queued.max.messages.kbytes", (read_ahead / 1024).max(1).to_string())
         .set("queued.min.messages", read_ahead_records.max(1).to_string())
+        // Past either bound librdkafka waits this long before it fetches
+        // again (1 s by default): with a read-ahead of a few batches, a
+        // sink would starve for most of that second.
+        .set("fetch.queue.backoff.ms", "10")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false");
     with_topology_settings(&mut c, kafka);

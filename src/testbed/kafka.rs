@@ -161,6 +161,26 @@ impl KafkaCluster {
         Ok(cluster)
     }
 
+    /// Bytes of record batches the first node holds for `topic` (its
+    /// partitions' `.log` segments): what the records take on the wire and on
+    /// disk, compressed or not.
+    pub fn topic_log_bytes(&self, topic: &str) -> u64 {
+        let data = self.node_dir(1).join("data");
+        let Ok(entries) = std::fs::read_dir(&data) else { return 0 };
+        entries
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .rsplit_once('-')
+                    .is_some_and(|(t, p)| t == topic && p.parse::<u32>().is_ok())
+            })
+            .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+            .filter(|f| f.path().extension().is_some_and(|x| x == "log"))
+            .map(|f| f.metadata().map_or(0, |m| m.len()))
+            .sum()
+    }
+
     fn node_dir(&self, id: usize) -> PathBuf {
         self.dir.path().join(format!("node-{id}"))
     }
