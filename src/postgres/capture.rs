@@ -3,10 +3,11 @@
 //! from other masters (loop suppression), produces the rest to Kafka, and lets
 //! the slot move only past what Kafka acknowledged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::TryStreamExt as _;
 use metrics::{counter, gauge};
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgConnection, Row as _};
@@ -123,14 +124,19 @@ impl crate::produce::Source for Capture {
                 // The failpoint waits for a round of the application's changes
                 // (not only mmsync's own heartbeat).
                 let crash = self.crash_after_produce && decoded.changes.iter().any(|c| c.table.schema != "mmsync");
-                let mut rest = std::mem::take(&mut decoded.changes).into_iter().peekable();
+                let mut rest: VecDeque<Change> = std::mem::take(&mut decoded.changes).into();
                 decoded.bytes = 0;
                 // In pieces whose values, read-back ones included, stay
                 // within the byte bound: an update that left a TOASTed value
                 // out of the WAL is small here and large once read back.
-                while rest.peek().is_some() {
+                while !rest.is_empty() {
                     let mut piece = self.read_back.next_piece(&mut rest, chunk_bytes);
-                    self.read_unchanged(&mut piece).await?;
+                    let own: usize = piece.iter().map(Change::text_bytes).sum();
+                    let done = self.read_unchanged(&mut piece, chunk_bytes.saturating_sub(own)).await?;
+                    // What did not fit once read back leads the next piece.
+                    for c in piece.drain(done..).rev() {
+                        rest.push_front(c);
+                    }
                     let refused = crate::produce::round(topology, producer, &name, piece).await?;
                     self.keep_dead_letters(topology, refused).await?;
                 }
@@ -352,7 +358,7 @@ impl Capture {
     /// value of that column (written by a third master, older than this
     /// update). Either way only the value this master had can make every
     /// master end alike, so it is read back here, by key, from the table
-    /// itself: one statement per table and round, and only for updates that
+    /// itself: one statement per table and piece of a round, and only for updates that
     /// left such a value out (others cost nothing).
     ///
     /// The value read may be newer than the change (the row was written
@@ -360,14 +366,30 @@ impl Capture {
     /// another's, reaches every master, and wins there. If the row is gone,
     /// a newer delete removed it, which also reaches every master: the
     /// change is marked `superseded`, and a target lacking the row skips it.
-    async fn read_unchanged(&mut self, changes: &mut [Change]) -> Result<()> {
-        let mut by_table: HashMap<TableName, Vec<usize>> = HashMap::new();
+    ///
+    /// At most `max_bytes` are read back (at least one value): the rows come
+    /// in the changes' order, and the read stops where the bound is reached.
+    /// Returns how many of `changes`, from the first, are complete; the rest
+    /// wait for the next piece.
+    async fn read_unchanged(&mut self, changes: &mut [Change], max_bytes: usize) -> Result<usize> {
+        // Tables in the order of their first such update.
+        let mut by_table: Vec<(TableName, Vec<usize>)> = Vec::new();
         for (i, c) in changes.iter().enumerate() {
             if needs_read_back(c) {
-                by_table.entry(c.table.clone()).or_default().push(i);
+                match by_table.iter_mut().find(|(t, _)| *t == c.table) {
+                    Some((_, at)) => at.push(i),
+                    None => by_table.push((c.table.clone(), vec![i])),
+                }
             }
         }
+        let mut complete = changes.len();
+        // Bytes read back so far, and whether anything was (the first value
+        // is read whatever its size).
+        let (mut bytes, mut taken) = (0usize, false);
         for (table, at) in by_table {
+            if at[0] >= complete {
+                break;
+            }
             let mut columns: Vec<String> = at.iter().flat_map(|&i| changes[i].unchanged.clone()).collect();
             columns.sort_unstable();
             columns.dedup();
@@ -380,43 +402,61 @@ impl Capture {
             };
             let keys: Vec<serde_json::Value> =
                 at.iter().map(|&i| serde_json::to_value(&changes[i].key).expect("strings")).collect();
-            let rows = sqlx::query(&unchanged_sql(info, &columns))
-                .bind(serde_json::Value::Array(keys))
-                .fetch_all(&mut self.conn)
-                .await
-                .map_err(Error::db(&self.master.name, format!("reading back unchanged values of {table}")))?;
-            let mut found: HashMap<usize, Vec<Option<String>>> = HashMap::new();
-            for r in rows {
-                let n: i64 = r.get(0);
-                let values = (1..=columns.len()).map(|c| r.get::<Option<String>, _>(c)).collect();
-                found.insert(n as usize - 1, values);
-            }
-            let (mut read, mut gone, mut bytes) = (0u64, 0u64, 0usize);
-            for (n, &i) in at.iter().enumerate() {
-                let change = &mut changes[i];
-                let Some(values) = found.get(&n) else {
-                    change.superseded = true;
+            let sql = unchanged_sql(info, &columns);
+            let reading = || Error::db(&self.master.name, format!("reading back unchanged values of {table}"));
+            let mut rows = sqlx::query(&sql).bind(serde_json::Value::Array(keys)).fetch(&mut self.conn);
+            // `at[..next]` are settled: read, or gone (no row came for them).
+            let (mut next, mut read, mut gone, mut table_bytes) = (0usize, 0u64, 0u64, 0usize);
+            let mut full = false;
+            while let Some(r) = rows.try_next().await.map_err(reading())? {
+                let n = r.get::<i64, _>(0) as usize - 1;
+                for &i in &at[next..n] {
+                    changes[i].superseded = true;
                     gone += 1;
-                    continue;
-                };
+                }
+                next = n;
+                let change = &mut changes[at[n]];
+                let values: Vec<(&String, Option<String>)> = columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, column)| change.unchanged.contains(column))
+                    .map(|(c, column)| (column, r.get(c + 1)))
+                    .collect();
+                let more: usize = values.iter().map(|(_, v)| v.as_ref().map_or(0, String::len)).sum();
+                if taken && bytes + table_bytes + more > max_bytes {
+                    full = true;
+                    break;
+                }
                 let row = change.row.as_mut().expect("updates have rows");
-                for (column, value) in columns.iter().zip(values) {
-                    if change.unchanged.contains(column) {
-                        bytes += value.as_ref().map_or(0, String::len);
-                        row.insert(column.clone(), value.clone());
-                    }
+                for (column, value) in values {
+                    row.insert(column.clone(), value);
                 }
                 change.unchanged.clear();
+                table_bytes += more;
+                taken = true;
                 read += 1;
+                next = n + 1;
             }
-            self.read_back.learn(&table, bytes, read as usize);
+            // Dropped before its end, the rest of the result is drained by
+            // the connection's next statement, a row at a time.
+            drop(rows);
+            if full {
+                complete = complete.min(at[next]);
+            } else {
+                for &i in &at[next..] {
+                    changes[i].superseded = true;
+                    gone += 1;
+                }
+            }
+            bytes += table_bytes;
+            self.read_back.learn(&table, table_bytes, read as usize);
             let table = table.to_string();
             let name = self.master.name.clone();
             counter!(m::UNCHANGED_READ, m::MASTER => name.clone(), m::TABLE => table.clone(), m::KIND => "found")
                 .increment(read);
             counter!(m::UNCHANGED_READ, m::MASTER => name, m::TABLE => table, m::KIND => "gone").increment(gone);
         }
-        Ok(())
+        Ok(complete)
     }
 
     /// The table's description, read again when it lacks `columns` (a
@@ -462,7 +502,8 @@ fn needs_read_back(c: &Change) -> bool {
 
 /// How many bytes reading back an update's unchanged values adds, per table,
 /// learned from what was read so far: a round goes out in pieces that stay
-/// within `capture_max_bytes` once read back.
+/// within `capture_max_bytes` once read back. The estimate only sizes the
+/// pieces; the read itself stops at the bound ([`Capture::read_unchanged`]).
 #[derive(Debug, Default)]
 struct ReadBack {
     /// The bytes read back per update, the largest seen, by table.
@@ -470,9 +511,10 @@ struct ReadBack {
 }
 
 impl ReadBack {
-    /// Before a table's size is known, a piece reads back at most this many
-    /// of its updates.
-    const FIRST_READS: usize = 1;
+    /// Before anything of a table was read back, a piece holds at most this
+    /// many of its updates that need it (most may find their row deleted
+    /// since, and read nothing).
+    const FIRST_READS: usize = 256;
 
     fn learn(&mut self, table: &TableName, bytes: usize, updates: usize) {
         if updates > 0 {
@@ -484,15 +526,11 @@ impl ReadBack {
 
     /// The next changes of a round, up to `max_bytes` of values with what
     /// reading back is expected to add; at least one change.
-    fn next_piece(
-        &self,
-        rest: &mut std::iter::Peekable<impl Iterator<Item = Change>>,
-        max_bytes: usize,
-    ) -> Vec<Change> {
+    fn next_piece(&self, rest: &mut VecDeque<Change>, max_bytes: usize) -> Vec<Change> {
         let mut piece = Vec::new();
         let mut bytes = 0usize;
         let mut unlearned: HashMap<TableName, usize> = HashMap::new();
-        while let Some(c) = rest.peek() {
+        while let Some(c) = rest.front() {
             let mut more = c.text_bytes();
             if needs_read_back(c) {
                 match self.per_update.get(&c.table) {
@@ -510,7 +548,7 @@ impl ReadBack {
                 break;
             }
             bytes += more;
-            piece.extend(rest.next());
+            piece.extend(rest.pop_front());
         }
         piece
     }
@@ -532,7 +570,7 @@ fn unchanged_sql(info: &TableInfo, columns: &[String]) -> String {
     let picked: Vec<String> = columns.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
     format!(
         "SELECT e.n, {} FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(k, n)
-         CROSS JOIN LATERAL (SELECT {} FROM {} AS t WHERE {} LIMIT 1) AS t",
+         CROSS JOIN LATERAL (SELECT {} FROM {} AS t WHERE {} LIMIT 1) AS t ORDER BY e.n",
         values.join(", "),
         picked.join(", "),
         info.name.quoted(),
@@ -760,9 +798,9 @@ mod tests {
     }
 
     fn pieces(read_back: &ReadBack, changes: Vec<Change>, max_bytes: usize) -> Vec<usize> {
-        let mut rest = changes.into_iter().peekable();
+        let mut rest: VecDeque<Change> = changes.into();
         let mut sizes = Vec::new();
-        while rest.peek().is_some() {
+        while !rest.is_empty() {
             sizes.push(read_back.next_piece(&mut rest, max_bytes).len());
         }
         sizes
@@ -781,10 +819,10 @@ mod tests {
     }
 
     #[test]
-    fn updates_of_a_table_not_read_back_yet_go_one_at_a_time() {
+    fn updates_of_a_table_not_read_back_yet_go_a_few_hundred_at_a_time() {
         let read_back = ReadBack::default();
-        let updates = (0..40).map(|_| change("t", 10, true)).collect();
-        assert_eq!(pieces(&read_back, updates, 1 << 30), vec![1; 40]);
+        let updates = (0..600).map(|_| change("t", 10, true)).collect();
+        assert_eq!(pieces(&read_back, updates, 1 << 30), vec![256, 256, 88]);
     }
 
     #[test]
