@@ -219,6 +219,31 @@ async fn a_source_sends_large_values_in_rounds_within_its_byte_bound_read_back_v
     assert!(bytes > 4_000_000.0, "{bytes} bytes in {rounds} rounds\n{metrics}");
     assert_eq!(within, rounds, "every round within capture_max_bytes\n{metrics}");
     s.stop().await;
+
+    // Updated again while mmsync is stopped, then half of the rows deleted:
+    // the source finds those rows gone when it reads back, and the other
+    // half's values still arrive whole, within the bound.
+    sqlx::raw_sql("UPDATE blobs SET note = 'third'; DELETE FROM blobs WHERE id <= 20")
+        .execute(&mut seoul)
+        .await
+        .unwrap();
+    s.start();
+    let here: Vec<(i32, String, String, i32)> = sqlx::query_as(check).fetch_all(&mut seoul).await.unwrap();
+    assert_eq!(here.len(), 20);
+    wait_for("busan to hold the 20 rows left, whole", DEADLINE, || async {
+        let there: Vec<(i32, String, String, i32)> =
+            sqlx::query_as(check).fetch_all(&mut s.conn("busan").await).await.ok()?;
+        (there == here).then_some(())
+    })
+    .await;
+    let metrics = s.metrics().await;
+    let read =
+        |kind| metric_sum(&metrics, "mmsync_unchanged_values_read_total", &[("master", "seoul"), ("kind", kind)]);
+    assert_eq!((read("gone"), read("found")), (20.0, 20.0), "{metrics}");
+    let rounds = metric_sum(&metrics, "mmsync_source_round_bytes_count", &seoul_label);
+    let within = metric_sum(&metrics, "mmsync_source_round_bytes_bucket", &[("master", "seoul"), ("le", "262144")]);
+    assert_eq!(within, rounds, "every round within capture_max_bytes\n{metrics}");
+    s.stop().await;
 }
 
 const USERS: &str = "CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL)";
