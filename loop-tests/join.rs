@@ -190,6 +190,28 @@ fn inserter(url: String, first: i32, stop: Arc<AtomicBool>) -> tokio::task::Join
 }
 
 #[tokio::test]
+async fn a_master_may_not_leave_while_a_record_of_its_rows_waits_in_kafka_and_its_heartbeats_do_not_count() {
+    let s = Synced::new(&["seoul", "busan"], BedKafka::Shared, KV, &["public.kv"], "").await;
+    // Records of busan that seoul has not applied (mmsync is not running):
+    // one of its rows, two of its heartbeats.
+    let producer: rdkafka::producer::FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", s.bed.broker.address()).create().unwrap();
+    for (table, n) in [("public.kv", 1), ("mmsync.heartbeats", 2)] {
+        let topic = s.bed.topic("busan", table);
+        for _ in 0..n {
+            let record = rdkafka::producer::FutureRecord::to(&topic).key("{}").payload("{}");
+            producer.send(record, std::time::Duration::from_secs(10)).await.unwrap();
+        }
+    }
+    let beats = s.bed.topic("busan", "mmsync.heartbeats");
+    let ends = mmsync::kafka::topic_ends(&s.topology().kafka, vec![beats]).await.unwrap();
+    assert_eq!(ends.iter().map(|(_, _, end)| end).sum::<i64>(), 2, "the heartbeats are in busan's topic");
+    let (code, out) = mmsync(&s.topology, &["remove", "--master", "busan"]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("1 record(s) of busan in Kafka are not applied here yet"), "{out}");
+}
+
+#[tokio::test]
 async fn a_master_leaves_only_once_what_it_wrote_reached_the_others_and_nothing_of_it_stays() {
     let mut s =
         Synced::new(&["seoul", "busan", "jeju"], BedKafka::Shared, KV, &["public.kv"], "tombstones_keep_seconds = 1")

@@ -122,7 +122,8 @@ pub fn consumer<C: FromClientConfig>(
         // librdkafka, which sizes it from these and from message.max.bytes
         // (set above it, a consumer would refuse to start).
         .set("max.partition.fetch.bytes", read_ahead.min(8 << 20).to_string())
-        .set("queued.max.messages.kbytes", (read_ahead / 1024).max(1).to_string())
+        // librdkafka takes at most 2,097,151 KiB here.
+        .set("queued.max.messages.kbytes", (read_ahead / 1024).clamp(1, 2_097_151).to_string())
         .set("queued.min.messages", read_ahead_records.max(1).to_string())
         // Past either bound librdkafka waits this long before it fetches
         // again (1 s by default): with a read-ahead of a few batches, a
@@ -460,8 +461,9 @@ mod tests {
             client: client.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         for client in [&[][..], &[("message.max.bytes", "67108864")][..]] {
-            // The smallest read-ahead a sink gets, and the default's share of two masters.
-            for read_ahead in [crate::topology::MIN_SINK_READ_AHEAD, 2 << 20] {
+            // The smallest share, the default's share of two masters, and a
+            // share above what librdkafka takes for a queue.
+            for read_ahead in [crate::topology::MIN_SINK_READ_AHEAD, 2 << 20, 4 << 30] {
                 let built = consumer::<rdkafka::consumer::BaseConsumer>(&kafka(client), "g", read_ahead, 2000);
                 assert!(built.is_ok(), "{client:?} {read_ahead}: {:?}", built.err());
             }

@@ -7,7 +7,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::TryStreamExt as _;
 use metrics::{counter, gauge};
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgConnection, Row as _};
@@ -367,10 +366,10 @@ impl Capture {
     /// a newer delete removed it, which also reaches every master: the
     /// change is marked `superseded`, and a target lacking the row skips it.
     ///
-    /// At most `max_bytes` are read back (at least one value): the rows come
-    /// in the changes' order, and the read stops where the bound is reached.
-    /// Returns how many of `changes`, from the first, are complete; the rest
-    /// wait for the next piece.
+    /// At most `max_bytes` are read back (at least one value), counted by
+    /// the server before it reads a value ([`unchanged_sql`]). Returns how
+    /// many of `changes`, from the first, are complete; the rest wait for
+    /// the next piece.
     async fn read_unchanged(&mut self, changes: &mut [Change], max_bytes: usize) -> Result<usize> {
         // Tables in the order of their first such update.
         let mut by_table: Vec<(TableName, Vec<usize>)> = Vec::new();
@@ -403,43 +402,43 @@ impl Capture {
             let keys: Vec<serde_json::Value> =
                 at.iter().map(|&i| serde_json::to_value(&changes[i].key).expect("strings")).collect();
             let sql = unchanged_sql(info, &columns);
-            let reading = || Error::db(&self.master.name, format!("reading back unchanged values of {table}"));
-            let mut rows = sqlx::query(&sql).bind(serde_json::Value::Array(keys)).fetch(&mut self.conn);
+            let budget = max_bytes.saturating_sub(bytes).min(i64::MAX as usize) as i64;
+            let rows = sqlx::query(&sql)
+                .bind(serde_json::Value::Array(keys))
+                .bind(budget)
+                .bind(!taken)
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(Error::db(&self.master.name, format!("reading back unchanged values of {table}")))?;
             // `at[..next]` are settled: read, or gone (no row came for them).
             let (mut next, mut read, mut gone, mut table_bytes) = (0usize, 0u64, 0u64, 0usize);
             let mut full = false;
-            while let Some(r) = rows.try_next().await.map_err(reading())? {
+            for r in rows {
                 let n = r.get::<i64, _>(0) as usize - 1;
                 for &i in &at[next..n] {
                     changes[i].superseded = true;
                     gone += 1;
                 }
                 next = n;
-                let change = &mut changes[at[n]];
-                let values: Vec<(&String, Option<String>)> = columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, column)| change.unchanged.contains(column))
-                    .map(|(c, column)| (column, r.get(c + 1)))
-                    .collect();
-                let more: usize = values.iter().map(|(_, v)| v.as_ref().map_or(0, String::len)).sum();
-                if taken && bytes + table_bytes + more > max_bytes {
+                if r.get::<bool, _>(1) {
+                    // Past the bound: this one and the rest wait.
                     full = true;
                     break;
                 }
+                let change = &mut changes[at[n]];
                 let row = change.row.as_mut().expect("updates have rows");
-                for (column, value) in values {
-                    row.insert(column.clone(), value);
+                for (c, column) in columns.iter().enumerate() {
+                    if change.unchanged.contains(column) {
+                        let value: Option<String> = r.get(c + 2);
+                        table_bytes += value.as_ref().map_or(0, String::len);
+                        row.insert(column.clone(), value);
+                    }
                 }
                 change.unchanged.clear();
-                table_bytes += more;
                 taken = true;
                 read += 1;
                 next = n + 1;
             }
-            // Dropped before its end, the rest of the result is drained by
-            // the connection's next statement, a row at a time.
-            drop(rows);
             if full {
                 complete = complete.min(at[next]);
             } else {
@@ -489,11 +488,6 @@ impl Capture {
     }
 }
 
-/// The statement that reads `columns` of the rows under a JSON array of
-/// keys: (1-based position in the array, each column's text) for the keys
-/// that have a row. Values come from each type's output function
-/// (`concat`), as pgoutput sends them (a cast to text would differ for
-/// booleans, inet, char(n)...).
 /// An update whose WAL left out unchanged TOASTed values: the source reads
 /// them back from the table before sending it.
 fn needs_read_back(c: &Change) -> bool {
@@ -503,10 +497,10 @@ fn needs_read_back(c: &Change) -> bool {
 /// How many bytes reading back an update's unchanged values adds, per table,
 /// learned from what was read so far: a round goes out in pieces that stay
 /// within `capture_max_bytes` once read back. The estimate only sizes the
-/// pieces; the read itself stops at the bound ([`Capture::read_unchanged`]).
+/// pieces; the read itself stops at the bound ([`unchanged_sql`]).
 #[derive(Debug, Default)]
 struct ReadBack {
-    /// The bytes read back per update, the largest seen, by table.
+    /// The bytes read back per update, on average in the last read, by table.
     per_update: HashMap<TableName, usize>,
 }
 
@@ -518,9 +512,7 @@ impl ReadBack {
 
     fn learn(&mut self, table: &TableName, bytes: usize, updates: usize) {
         if updates > 0 {
-            let per = bytes.div_ceil(updates);
-            let seen = self.per_update.entry(table.clone()).or_default();
-            *seen = (*seen).max(per);
+            self.per_update.insert(table.clone(), bytes.div_ceil(updates));
         }
     }
 
@@ -554,6 +546,14 @@ impl ReadBack {
     }
 }
 
+/// The statement that reads `columns` of the rows under a JSON array of keys `$1`: (1-based
+/// position in the array, cut, each column's text) for the keys that have a row, in that order.
+/// Values come from each type's output function (`concat`), as pgoutput sends them (a cast to text
+/// would differ for booleans, inet, char(n)...). A row whose values would take the running total
+/// past `$2` bytes, and every row after it, comes back marked `cut`, without its values (the first
+/// row is never cut when `$3`). The sizes come from what the table stores, without reading the
+/// values out of TOAST: a text or bytea column's full length, another type's stored size (an
+/// estimate of its text).
 fn unchanged_sql(info: &TableInfo, columns: &[String]) -> String {
     let probe: Vec<String> = info
         .key
@@ -563,18 +563,39 @@ fn unchanged_sql(info: &TableInfo, columns: &[String]) -> String {
             format!("t.{} = (e.k->>{})::{ty}", quote_ident(k), quote_literal(k))
         })
         .collect();
-    let values: Vec<String> = columns
+    let picked: Vec<String> =
+        columns.iter().enumerate().map(|(i, c)| format!("t.{} AS c{i}", quote_ident(c))).collect();
+    let sizes: Vec<String> = columns
         .iter()
-        .map(|c| format!("CASE WHEN t.{0} IS NULL THEN NULL ELSE concat(t.{0}) END", quote_ident(c)))
+        .enumerate()
+        .map(|(i, c)| {
+            let ty = &info.column(c).expect("a column of the table").sql_type;
+            let size = if ty == "bytea" {
+                format!("2 * octet_length(t.c{i}) + 2")
+            } else if ty == "text" || ty.starts_with("character") {
+                format!("octet_length(t.c{i})")
+            } else {
+                format!("pg_column_size(t.c{i})")
+            };
+            format!("coalesce({size}, 0)")
+        })
         .collect();
-    let picked: Vec<String> = columns.iter().map(|c| format!("t.{}", quote_ident(c))).collect();
+    let values: Vec<String> = (0..columns.len())
+        .map(|i| format!("CASE WHEN x.cut OR x.c{i} IS NULL THEN NULL ELSE concat(x.c{i}) END"))
+        .collect();
     format!(
-        "SELECT e.n, {} FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(k, n)
-         CROSS JOIN LATERAL (SELECT {} FROM {} AS t WHERE {} LIMIT 1) AS t ORDER BY e.n",
-        values.join(", "),
-        picked.join(", "),
-        info.name.quoted(),
-        probe.join(" AND ")
+        "SELECT x.n, x.cut, {values}
+         FROM (SELECT e.n, t.*,
+                      sum({sizes}) OVER (ORDER BY e.n) > $2
+                      AND NOT ($3 AND row_number() OVER (ORDER BY e.n) = 1) AS cut
+               FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(k, n)
+               CROSS JOIN LATERAL (SELECT {picked} FROM {table} AS t WHERE {probe} LIMIT 1) AS t) AS x
+         ORDER BY x.n",
+        values = values.join(", "),
+        sizes = sizes.join(" + "),
+        picked = picked.join(", "),
+        table = info.name.quoted(),
+        probe = probe.join(" AND "),
     )
 }
 
