@@ -174,17 +174,26 @@ async fn an_update_that_leaves_toasted_values_alone_reaches_kafka_with_them_as_p
 /// threshold) is stored out of line.
 const BLOBS: &str = "CREATE TABLE blobs (id int PRIMARY KEY, note text NOT NULL, body text NOT NULL)";
 
+/// Waits until busan holds seoul's rows of `blobs` (bodies by their md5);
+/// returns them.
+async fn blobs_on_busan_as_on_seoul(s: &Synced) -> Vec<(i32, String, String, i32)> {
+    let check = "SELECT id, note, md5(body), length(body) FROM blobs ORDER BY id";
+    let here: Vec<(i32, String, String, i32)> =
+        sqlx::query_as(check).fetch_all(&mut s.conn("seoul").await).await.unwrap();
+    wait_for("busan to hold seoul's rows whole", DEADLINE, || async {
+        let there: Vec<(i32, String, String, i32)> =
+            sqlx::query_as(check).fetch_all(&mut s.conn("busan").await).await.ok()?;
+        (there == here).then_some(())
+    })
+    .await;
+    here
+}
+
 #[tokio::test]
 async fn a_source_sends_large_values_in_rounds_within_its_byte_bound_read_back_values_included() {
-    let mut s = Synced::new(
-        &["seoul", "busan"],
-        BedKafka::Shared,
-        BLOBS,
-        &["public.blobs"],
-        "capture_max_bytes = 262144
-",
-    )
-    .await;
+    let mut s =
+        Synced::new(&["seoul", "busan"], BedKafka::Shared, BLOBS, &["public.blobs"], "capture_max_bytes = 262144\n")
+            .await;
     s.start();
     let mut seoul = s.conn("seoul").await;
     // 40 rows of 50 KB in one transaction, then one transaction that updates
@@ -200,15 +209,8 @@ async fn a_source_sends_large_values_in_rounds_within_its_byte_bound_read_back_v
     .unwrap();
     sqlx::raw_sql("UPDATE blobs SET note = 'second'").execute(&mut seoul).await.unwrap();
     s.wait_metric("mmsync_unchanged_values_read_total", &[("kind", "found")], 40.0).await;
-    let check = "SELECT id, note, md5(body), length(body) FROM blobs ORDER BY id";
-    let here: Vec<(i32, String, String, i32)> = sqlx::query_as(check).fetch_all(&mut seoul).await.unwrap();
+    let here = blobs_on_busan_as_on_seoul(&s).await;
     assert!(here.iter().all(|r| r.1 == "second" && r.3 == 50_000), "{here:?}");
-    wait_for("busan to hold every row whole", DEADLINE, || async {
-        let there: Vec<(i32, String, String, i32)> =
-            sqlx::query_as(check).fetch_all(&mut s.conn("busan").await).await.ok()?;
-        (there == here).then_some(())
-    })
-    .await;
 
     // 4 MB went out in rounds of at most 256 KiB.
     let metrics = s.metrics().await;
@@ -228,14 +230,18 @@ async fn a_source_sends_large_values_in_rounds_within_its_byte_bound_read_back_v
         .await
         .unwrap();
     s.start();
-    let here: Vec<(i32, String, String, i32)> = sqlx::query_as(check).fetch_all(&mut seoul).await.unwrap();
-    assert_eq!(here.len(), 20);
-    wait_for("busan to hold the 20 rows left, whole", DEADLINE, || async {
-        let there: Vec<(i32, String, String, i32)> =
-            sqlx::query_as(check).fetch_all(&mut s.conn("busan").await).await.ok()?;
-        (there == here).then_some(())
-    })
-    .await;
+    assert_eq!(blobs_on_busan_as_on_seoul(&s).await.len(), 20);
+    // As records: the updates of rows still there carry their whole body,
+    // the others say their row is gone.
+    let records = s.records(&s.bed.topic("seoul", "public.blobs"), 140);
+    let third: Vec<_> = records.iter().filter(|r| r.value["after"]["note"] == "third").collect();
+    assert_eq!(third.len(), 40);
+    for r in third {
+        let id: i32 = r.value["after"]["id"].as_str().unwrap().parse().unwrap();
+        let body = r.value["after"]["body"].as_str().map_or(0, str::len);
+        let superseded = r.value["superseded"] == true;
+        assert_eq!((body, superseded), if id <= 20 { (0, true) } else { (50_000, false) }, "row {id}");
+    }
     let metrics = s.metrics().await;
     let read =
         |kind| metric_sum(&metrics, "mmsync_unchanged_values_read_total", &[("master", "seoul"), ("kind", kind)]);
