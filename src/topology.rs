@@ -126,7 +126,7 @@ fn default_batch_max_wait_ms() -> Spanned<i64> {
 /// and never more than `kafka.partitions`.
 pub const DEFAULT_APPLY_WORKERS: i64 = 2;
 fn default_batch_max_bytes() -> Spanned<i64> {
-    unspanned(8 * 1024 * 1024)
+    unspanned(4 * 1024 * 1024)
 }
 /// A sink reads ahead at least this much, however many sinks share
 /// `read_ahead_max_bytes`: below it, fetches get too small to keep up.
@@ -945,7 +945,7 @@ tables = ["public.users", "messages", 'public."Order Items"']
         assert_eq!(t.tables[2].quoted(), r#""public"."Order Items""#);
         assert_eq!(t.kafka.client["security.protocol"], "plaintext");
         assert_eq!(t.sync.batch_max_changes, 1000);
-        assert_eq!(t.sync.batch_max_bytes, 8 << 20);
+        assert_eq!(t.sync.batch_max_bytes, 4 << 20);
         assert_eq!(t.sync.capture_max_bytes, 16 << 20);
         assert_eq!(t.sync.batch_max_wait, Duration::from_millis(5));
         assert_eq!(t.sync.apply_workers, 2);
