@@ -357,8 +357,8 @@ impl Capture {
     /// value of that column (written by a third master, older than this
     /// update). Either way only the value this master had can make every
     /// master end alike, so it is read back here, by key, from the table
-    /// itself: one statement per table and piece of a round, and only for updates that
-    /// left such a value out (others cost nothing).
+    /// itself: one statement per table and piece of a round, and only for
+    /// updates that left such a value out (others cost nothing).
     ///
     /// The value read may be newer than the change (the row was written
     /// again since); then that newer change follows in this master's log or
