@@ -5,7 +5,8 @@
 //! remove refuses while its slot holds a change of its own that mmsync has
 //! not sent (read with mmsync's own decoder from a peek at the slot, which
 //! moves nothing), or while another master has not applied all of its
-//! tables' topics (its heartbeats' topic aside: a beat carries no row). Then it drops the master's slot and publication (a slot nobody
+//! tables' topics (its heartbeats' topic aside: a beat carries no row).
+//! Then it drops the master's slot and publication (a slot nobody
 //! reads keeps WAL forever), forgets its heartbeat on the other masters
 //! (retention and `status` wait only for masters the topology names), and
 //! deletes its topics, and the offsets in them, if asked: kept, a master

@@ -129,8 +129,7 @@ impl crate::produce::Source for Capture {
                 // within the byte bound: an update that left a TOASTed value
                 // out of the WAL is small here and large once read back.
                 while !rest.is_empty() {
-                    let mut piece = self.read_back.next_piece(&mut rest, chunk_bytes);
-                    let own: usize = piece.iter().map(Change::text_bytes).sum();
+                    let (mut piece, own) = self.read_back.next_piece(&mut rest, chunk_bytes);
                     let done = self.read_unchanged(&mut piece, chunk_bytes.saturating_sub(own)).await?;
                     // What did not fit once read back leads the next piece.
                     for c in piece.drain(done..).rev() {
@@ -505,9 +504,9 @@ struct ReadBack {
 }
 
 impl ReadBack {
-    /// Before anything of a table was read back, a piece holds at most this
-    /// many of its updates that need it (most may find their row deleted
-    /// since, and read nothing).
+    /// A piece holds at most this many updates that need a read-back from
+    /// tables nothing was read back from yet (most may find their row
+    /// deleted since, and read nothing).
     const FIRST_READS: usize = 256;
 
     fn learn(&mut self, table: &TableName, bytes: usize, updates: usize) {
@@ -518,31 +517,29 @@ impl ReadBack {
 
     /// The next changes of a round, up to `max_bytes` of values with what
     /// reading back is expected to add; at least one change.
-    fn next_piece(&self, rest: &mut VecDeque<Change>, max_bytes: usize) -> Vec<Change> {
+    fn next_piece(&self, rest: &mut VecDeque<Change>, max_bytes: usize) -> (Vec<Change>, usize) {
         let mut piece = Vec::new();
-        let mut bytes = 0usize;
-        let mut unlearned: HashMap<TableName, usize> = HashMap::new();
+        // The piece's own bytes, and with what reading back should add.
+        let (mut own, mut expected) = (0usize, 0usize);
+        let mut unlearned = 0;
         while let Some(c) = rest.front() {
-            let mut more = c.text_bytes();
+            let size = c.text_bytes();
+            let mut more = size;
             if needs_read_back(c) {
                 match self.per_update.get(&c.table) {
                     Some(per) => more += per,
-                    None => {
-                        let n = unlearned.entry(c.table.clone()).or_default();
-                        if *n >= Self::FIRST_READS {
-                            break;
-                        }
-                        *n += 1;
-                    }
+                    None if unlearned >= Self::FIRST_READS => break,
+                    None => unlearned += 1,
                 }
             }
-            if !piece.is_empty() && bytes + more > max_bytes {
+            if !piece.is_empty() && expected + more > max_bytes {
                 break;
             }
-            bytes += more;
+            own += size;
+            expected += more;
             piece.extend(rest.pop_front());
         }
-        piece
+        (piece, own)
     }
 }
 
@@ -822,7 +819,9 @@ mod tests {
         let mut rest: VecDeque<Change> = changes.into();
         let mut sizes = Vec::new();
         while !rest.is_empty() {
-            sizes.push(read_back.next_piece(&mut rest, max_bytes).len());
+            let (piece, own) = read_back.next_piece(&mut rest, max_bytes);
+            assert_eq!(own, piece.iter().map(Change::text_bytes).sum::<usize>());
+            sizes.push(piece.len());
         }
         sizes
     }
